@@ -1,0 +1,27 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both (re)build .venv when it is
+# missing or older than pyproject.toml / constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+OUT ?= demo-out
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/memclean score --data examples/digits --model examples/model \
+		--out $(OUT)/scores.parquet --overwrite --solver heun --steps 50 --batch-size 64
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

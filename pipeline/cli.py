@@ -1,0 +1,156 @@
+"""The `memclean` command line: one verb per job (DESIGN.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .volume import DIVERGENCES, SOLVERS, ScorerSettings
+
+log = logging.getLogger("pipeline.cli")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path,
+                   help="local diffusers checkpoint folder (flat layout or save_pretrained pipeline)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle (.bin) weights; they can run code when loaded")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    p.add_argument("--batch-size", type=int, default=16, help="images decoded and solved together")
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    d = ScorerSettings()
+    g = p.add_argument_group("scoring (the probability-flow ODE solve)")
+    g.add_argument("--divergence", choices=DIVERGENCES, default=d.divergence,
+                   help="div f: exact (D backward passes, tiny images) or Hutchinson probes "
+                        f"(default {d.divergence})")
+    g.add_argument("--probes", type=int, default=d.probes, help=f"Hutchinson probes per image (default {d.probes})")
+    g.add_argument("--solver", choices=SOLVERS, default=d.solver,
+                   help=f"dopri5 is adaptive (rtol/atol); euler, heun, rk4 use --steps (default {d.solver})")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"fixed-grid steps (default {d.steps})")
+    g.add_argument("--rtol", type=float, default=d.rtol, help=f"dopri5 relative tolerance (default {d.rtol})")
+    g.add_argument("--atol", type=float, default=d.atol, help=f"dopri5 absolute tolerance (default {d.atol})")
+    g.add_argument("--eps", type=float, default=d.eps, help=f"start time of the solve (default {d.eps})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"probe seed, mixed with each image's content (default {d.seed})")
+
+
+def settings_from_args(args: argparse.Namespace) -> ScorerSettings:
+    return ScorerSettings(divergence=args.divergence, probes=args.probes, solver=args.solver,
+                          steps=args.steps, rtol=args.rtol, atol=args.atol, eps=args.eps,
+                          seed=args.seed)
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Validate what argparse cannot, before any work starts."""
+    if args.batch_size < 1:
+        raise SystemExit(f"memclean: --batch-size must be at least 1, got {args.batch_size}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("memclean: --device cuda was asked for, but torch sees no CUDA device")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import discover
+    from .models import load_model
+    from .scoring import score_items
+    from .store import SCORE_SCHEMA, AtomicParquetWriter
+
+    settings = settings_from_args(args)
+    check_common(args)
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
+    items = list(discover(args.data))
+    model = load_model(args.model, args.allow_pickle, args.device)
+    metadata = {"settings": settings.to_dict(), "model": {"path": str(args.model),
+                "fingerprint": model.fingerprint, "scheduler": model.scheduler_class},
+                "data": str(args.data), "batch_size": args.batch_size, "device": args.device,
+                "memclean_version": __version__}
+    rejected = 0
+    with AtomicParquetWriter(args.out, SCORE_SCHEMA, metadata) as writer, \
+            tqdm(total=len(items), desc="scoring", unit="img", file=sys.stderr) as bar:
+        for rows in score_items(model, items, settings, args.batch_size, args.device, bar.update):
+            writer.write(rows)
+            rejected += sum(r["status"] == "rejected" for r in rows)
+    print(f"scored {writer.count - rejected} images ({rejected} rejected) -> {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import ImageSpec, discover
+    from .train import TrainSettings, load_images, train
+
+    settings = TrainSettings(sample_size=args.sample_size, channels=args.channels,
+                             block_out_channels=tuple(args.block_out_channels), steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
+    images = load_images(discover(args.data), ImageSpec(settings.channels, (settings.sample_size,) * 2))
+    with tqdm(total=settings.steps, desc="training", unit="step", file=sys.stderr) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        train(images, args.out, settings, progress, recipe={"command": "memclean " + " ".join(sys.argv[2:])})
+    print(f"trained on {len(images)} images -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memclean", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"memclean {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score images by log volume growth, nothing else")
+    p.add_argument("--data", required=True, type=Path, help="folder of images (recursive)")
+    p.add_argument("--out", required=True, type=Path, help="output .parquet file, one row per image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_model_args(p)
+    add_scoring_args(p)
+    p.set_defaults(func=cmd_score)
+
+    from .train import TrainSettings
+
+    t = TrainSettings()
+    p = sub.add_parser("train", help="train a small DDPM (demo and proxy models)")
+    p.add_argument("--data", required=True, type=Path, help="folder of training images (recursive)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (save_pretrained layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--sample-size", type=int, default=t.sample_size, help="square image size")
+    p.add_argument("--channels", type=int, default=t.channels, choices=(1, 3), help="image channels")
+    p.add_argument("--block-out-channels", type=int, nargs="+", default=list(t.block_out_channels),
+                   help="UNet width per resolution level")
+    p.add_argument("--steps", type=int, default=t.steps, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=t.lr, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=t.seed, help="seed for initialisation and noise")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: models are local
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad settings or checkpoints: a clear message, no traceback
+        print(f"memclean: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

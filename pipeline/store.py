@@ -1,0 +1,105 @@
+"""Parquet outputs: the score table's schema and writers that never leave a partial file.
+
+A writer streams row groups into a hidden temporary file beside the target and renames it
+into place only when the caller commits; an exception removes the temporary file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = b"memclean"  # Parquet schema metadata: JSON of settings, model, versions
+
+SCORE_SCHEMA = pa.schema([
+    ("id", pa.string()),  # stable id within the source (relative path for folders)
+    ("path", pa.string()),  # where the image came from
+    ("sha256", pa.string()),  # of the file bytes; null if unreadable
+    ("status", pa.string()),  # ok | rejected
+    ("reject_reason", pa.string()),  # null when ok
+    ("log_volume_growth", pa.float64()),  # V(x) = integral_eps^1 div f dt (nats)
+    ("prior_logp", pa.float64()),  # log p_1(x_1)
+    ("logp", pa.float64()),  # prior_logp + log_volume_growth (nats)
+    ("bits_per_dim", pa.float64()),  # -logp / (D ln 2) + 7
+    ("nfe", pa.int64()),  # drift evaluations spent on this image
+    ("divergence", pa.string()),  # the settings that produced the score ...
+    ("probes", pa.int64()),
+    ("solver", pa.string()),
+    ("steps", pa.int64()),
+    ("rtol", pa.float64()),
+    ("atol", pa.float64()),
+    ("eps", pa.float64()),
+    ("seed", pa.int64()),
+    ("model_fingerprint", pa.string()),
+])
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def with_metadata(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
+    """`schema` with `metadata` stored as JSON under the memclean key (other keys kept)."""
+    merged = dict(schema.metadata or {})
+    merged[METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=str).encode()
+    return schema.with_metadata(merged)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The memclean metadata of a Parquet file written here."""
+    raw = pq.read_schema(path).metadata or {}
+    return json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+
+
+class AtomicParquetWriter:
+    """Stream rows to `path`, which appears only on `commit()` (or a clean `with` exit)."""
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, metadata: dict[str, Any],
+                 row_group_size: int = 1024):
+        self.path = Path(path)
+        self.schema = with_metadata(schema, metadata)
+        self.row_group_size = row_group_size  # rows buffered before a row group is written
+        self._tmp = _temporary(self.path)
+        self._rows: list[dict[str, Any]] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        self.count = 0  # rows written so far
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._rows.append(row)
+            self.count += 1
+            if len(self._rows) >= self.row_group_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def commit(self) -> Path:
+        self._flush()
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        log.info("wrote %d rows to %s", self.count, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

@@ -1,0 +1,106 @@
+"""A small DDPM trainer (diffusers UNet2DModel + DDPMScheduler) for the demo and proxy models.
+
+Loss: the epsilon-prediction objective E ||eps - eps_theta(sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps, k)||^2
+over uniform discrete steps k (Ho et al., 2020). The checkpoint is written with
+save_pretrained (model_index.json, unet/, scheduler/; safetensors) plus training.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .data import ImageSpec, Item, batched
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The whole training recipe: with the data it reproduces a checkpoint."""
+
+    sample_size: int = 32  # images are center-cropped and resized to this square size
+    channels: int = 1  # 1 (L) or 3 (RGB)
+    block_out_channels: tuple[int, ...] = (32, 64)  # UNet width per resolution level
+    layers_per_block: int = 1  # ResNet blocks per level
+    num_train_timesteps: int = 1000  # N of the DDPM schedule
+    beta_start: float = 1e-4  # linear beta schedule, as DDPM
+    beta_end: float = 0.02
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 64  # images per step
+    lr: float = 1e-3  # AdamW learning rate (cosine decay to 0)
+    seed: int = 0  # initialisation, batches and noise
+
+    def __post_init__(self) -> None:
+        for name in ("sample_size", "steps", "batch_size", "num_train_timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sample_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(f"sample_size {self.sample_size} must be divisible by "
+                             f"{2 ** (len(self.block_out_channels) - 1)} for {len(self.block_out_channels)} levels")
+
+
+def build_unet(s: TrainSettings) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    levels = len(s.block_out_channels)
+    return UNet2DModel(sample_size=s.sample_size, in_channels=s.channels, out_channels=s.channels,
+                       block_out_channels=s.block_out_channels, layers_per_block=s.layers_per_block,
+                       down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+                       norm_num_groups=min(8, s.block_out_channels[0]))
+
+
+def load_images(items: Iterable[Item], spec: ImageSpec) -> torch.Tensor:
+    """All decodable images as one tensor [N, C, H, W] (small training sets only)."""
+    kept, skipped = [], 0
+    for batch in batched(items, spec, 256):
+        kept += [d.pixels for d in batch if d.pixels is not None]
+        skipped += sum(d.pixels is None for d in batch)
+    if skipped:
+        log.warning("skipped %d undecodable training images", skipped)
+    if not kept:
+        raise ValueError("no decodable training images")
+    return torch.stack(kept)
+
+
+def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
+          progress: Callable[[int, float], None] | None = None, recipe: dict | None = None) -> Path:
+    """Train on images [N, C, H, W] in [-1, 1] and save the checkpoint to `out` atomically."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    g = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    unet = build_unet(settings).train()
+    scheduler = DDPMScheduler(num_train_timesteps=settings.num_train_timesteps,
+                              beta_start=settings.beta_start, beta_end=settings.beta_end,
+                              beta_schedule="linear", prediction_type="epsilon")
+    opt = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
+    for step in range(settings.steps):
+        idx = torch.randint(0, len(images), (settings.batch_size,), generator=g)
+        x0 = images[idx]
+        eps = torch.randn(x0.shape, generator=g)
+        k = torch.randint(0, settings.num_train_timesteps, (len(x0),), generator=g)
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, eps, k), k).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress:
+            progress(step, float(loss))
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training.json").write_text(json.dumps({"settings": asdict(settings), "images": len(images),
+                                                   **(recipe or {})}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

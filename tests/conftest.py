@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state: random inputs are reproducible."""
+    torch.manual_seed(1234)
+
+
+def save_checkpoint(unet, scheduler, path, layout="flat", safe=True):
+    """Write `unet` and `scheduler` as a diffusers checkpoint in the flat or pipeline layout."""
+    if layout == "flat":
+        unet.save_pretrained(path, safe_serialization=safe)
+        scheduler.save_pretrained(path)
+    else:
+        from diffusers import DDPMPipeline
+
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=safe)
+    return path
+
+
+@pytest.fixture
+def write_images(tmp_path):
+    """write_images(n, size, mode) -> folder of n random PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    def make(n=4, size=(8, 8), mode="L", folder="images", seed=0):
+        rng = np.random.default_rng(seed)
+        root = tmp_path / folder
+        root.mkdir(parents=True, exist_ok=True)
+        channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+        for i in range(n):
+            arr = rng.integers(0, 256, (size[0], size[1], channels), dtype=np.uint8)
+            Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(root / f"img{i:03d}.png")
+        return root
+
+    return make

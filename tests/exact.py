@@ -1,0 +1,73 @@
+"""Score functions with closed-form answers, and tiny smooth UNets, shared by the tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.schedules import VESchedule, VPSchedule
+
+
+class GaussianScore:
+    """The exact score of data x_0 ~ N(mu, diag(s^2)) diffused by a VP or VE schedule.
+
+    VP: x_t ~ N(sqrt(abar) mu, abar s^2 + sigma^2);  VE: x_t ~ N(mu, s^2 + sigma^2).
+    """
+
+    def __init__(self, mu: torch.Tensor, s: torch.Tensor, schedule: VPSchedule | VESchedule):
+        self.mu, self.s, self.schedule = mu.double(), s.double(), schedule
+
+    def mean_var(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.schedule.kind == "vp":
+            abar = self.schedule.abar(t)
+            return abar.sqrt() * self.mu, abar * self.s**2 + (1 - abar)
+        return self.mu, self.s**2 + self.schedule.sigma(t) ** 2
+
+    def score(self, x, t):
+        m, v = self.mean_var(t)
+        return -(x - m.to(x)) / v.to(x)
+
+    def log_volume_growth(self, eps: float) -> float:
+        """V = 1/2 sum_d log(var_d(1) / var_d(eps)), the same for every x."""
+        return 0.5 * float(torch.log(self.mean_var(1.0)[1] / self.mean_var(eps)[1]).sum())
+
+    def logp(self, x, eps: float) -> torch.Tensor:
+        """log N(x; mean(eps), var(eps)) per sample: [B, ...] -> [B]."""
+        m, v = self.mean_var(eps)
+        z = (x.double() - m) ** 2 / v + torch.log(2 * math.pi * v)
+        return -0.5 * z.flatten(1).sum(1)
+
+    def latent(self, x, eps: float) -> torch.Tensor:
+        """x_1: the standardised coordinate (x - mean) / std is constant along the flow."""
+        m0, v0 = self.mean_var(eps)
+        m1, v1 = self.mean_var(1.0)
+        return m1 + (v1 / v0).sqrt() * (x.double() - m0)
+
+
+class ZeroScore:
+    """score = 0 everywhere (a network that predicts eps = 0)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def score(self, x, t):
+        return torch.zeros_like(x)
+
+
+def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0, scale: float = 0.1):
+    """A small random UNet2DModel whose time embedding and output layer are scaled down, so
+    that it behaves like a smooth trained denoiser and keeps the ODE non-stiff."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                       layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    with torch.no_grad():
+        for p in unet.time_embedding.parameters():
+            p.mul_(scale)
+        for p in unet.conv_out.parameters():
+            p.mul_(scale)
+    return unet.eval().requires_grad_(False)
