@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/memclean score --data examples/digits --model examples/model \
-		--out $(OUT)/scores.parquet --overwrite --solver heun --steps 50 --batch-size 64
+	$(VENV)/bin/memclean clean --data examples/digits/train --model examples/model \
+		--out $(OUT) --overwrite --solver heun --steps 50 --batch-size 100
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .data import ImageSpec
 from .volume import DIVERGENCES, SOLVERS, ScorerSettings
 
 log = logging.getLogger("pipeline.cli")
@@ -39,6 +40,19 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help=f"probe seed, mixed with each image's content (default {d.seed})")
 
 
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--data", required=True, type=Path,
+                   help="a folder of images (recursive), a Parquet file or folder with an image "
+                        "column, or a text file listing image paths")
+    g.add_argument("--image-column", default=None,
+                   help="Parquet: the column holding images (default: 'image', or the only binary one)")
+    g.add_argument("--max-pixels", type=int, default=ImageSpec.max_pixels,
+                   help=f"reject larger images as decompression bombs (default {ImageSpec.max_pixels})")
+    g.add_argument("--min-size", type=int, default=ImageSpec.min_size,
+                   help=f"reject images whose shorter side is smaller (default {ImageSpec.min_size} px)")
+
+
 def settings_from_args(args: argparse.Namespace) -> ScorerSettings:
     return ScorerSettings(divergence=args.divergence, probes=args.probes, solver=args.solver,
                           steps=args.steps, rtol=args.rtol, atol=args.atol, eps=args.eps,
@@ -61,26 +75,49 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from .data import discover
     from .models import load_model
-    from .scoring import score_items
+    from .scoring import image_spec, score_items
     from .store import SCORE_SCHEMA, AtomicParquetWriter
 
     settings = settings_from_args(args)
     check_common(args)
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
-    items = list(discover(args.data))
+    source = discover(args.data, args.image_column)
     model = load_model(args.model, args.allow_pickle, args.device)
+    spec = image_spec(model, args.max_pixels, args.min_size)
     metadata = {"settings": settings.to_dict(), "model": {"path": str(args.model),
                 "fingerprint": model.fingerprint, "scheduler": model.scheduler_class},
                 "data": str(args.data), "batch_size": args.batch_size, "device": args.device,
                 "memclean_version": __version__}
     rejected = 0
     with AtomicParquetWriter(args.out, SCORE_SCHEMA, metadata) as writer, \
-            tqdm(total=len(items), desc="scoring", unit="img", file=sys.stderr) as bar:
-        for rows in score_items(model, items, settings, args.batch_size, args.device, bar.update):
+            tqdm(total=source.count(), desc="scoring", unit="img", file=sys.stderr) as bar:
+        for rows in score_items(model, source, settings, spec, args.batch_size, args.device, bar.update):
             writer.write(rows)
             rejected += sum(r["status"] == "rejected" for r in rows)
     print(f"scored {writer.count - rejected} images ({rejected} rejected) -> {args.out}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .clean import CleanSettings, run_clean
+    from .data import discover
+
+    scorer = settings_from_args(args)
+    check_common(args)
+    settings = CleanSettings(flag_quantile=args.flag_quantile, score=args.score,
+                             batch_size=args.batch_size, device=args.device,
+                             image_column=args.image_column, max_pixels=args.max_pixels,
+                             min_size=args.min_size)
+    total = discover(args.data, args.image_column).count()
+    with tqdm(total=total, desc="scoring", unit="img", file=sys.stderr) as bar:
+        result = run_clean(args.data, args.model, args.out, scorer, settings, args.allow_pickle,
+                           args.overwrite, bar.update)
+    c = result["counts"]
+    print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
+          f"{c['rejected']} rejected ({c['flagged']} flagged) -> {args.out}")
     return 0
 
 
@@ -102,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        train(images, args.out, settings, progress, recipe={"command": "memclean " + " ".join(sys.argv[2:])})
+        train(images, args.out, settings, progress, recipe={"command": "memclean " + " ".join(sys.argv[1:])})
     print(f"trained on {len(images)} images -> {args.out}")
     return 0
 
@@ -114,12 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score images by log volume growth, nothing else")
-    p.add_argument("--data", required=True, type=Path, help="folder of images (recursive)")
+    add_data_args(p)
     p.add_argument("--out", required=True, type=Path, help="output .parquet file, one row per image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_model_args(p)
     add_scoring_args(p)
     p.set_defaults(func=cmd_score)
+
+    from .clean import SCORE_CHOICES, CleanSettings
+
+    c = CleanSettings()
+    p = sub.add_parser("clean", help="the whole pipeline: score, flag, decide, write a cleaned dataset")
+    add_data_args(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder (see README: Outputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--flag-quantile", type=float, default=c.flag_quantile,
+                   help=f"flag images scoring above this quantile of the dataset (default {c.flag_quantile})")
+    p.add_argument("--score", choices=SCORE_CHOICES, default=c.score,
+                   help=f"the score that flagging judges (default {c.score})")
+    add_model_args(p)
+    add_scoring_args(p)
+    p.set_defaults(func=cmd_clean)
 
     from .train import TrainSettings
 
@@ -147,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: models are local
     try:
         return args.func(args)
-    except ValueError as e:  # bad settings or checkpoints: a clear message, no traceback
+    except (ValueError, FileExistsError) as e:  # bad settings, checkpoints, outputs: no traceback
         print(f"memclean: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,15 +6,21 @@ becomes a rejection with a reason, never a crash and never a silent drop.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
 import os
+import stat
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
@@ -37,20 +43,26 @@ class Item:
     """One input, not yet read."""
 
     id: str  # stable and unique within a source (relative path for folders)
-    path: str  # where it came from, for people
-    read: Callable[[], bytes]  # the file's bytes
+    path: str  # where it came from, for people (undecodable name bytes backslash-escaped)
+    read: Callable[[], bytes]  # the file's bytes; raises Rejected (or OSError) when it cannot
+    path_bytes: bytes | None = None  # the exact file-system path, when there is one
+    reject: str | None = None  # a reason known before reading, e.g. duplicate_path
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the model takes: channel count and (H, W)."""
+    """What the model takes, and what an input must be to be taken."""
 
     channels: int  # 1 (L), 3 (RGB) or 4 (RGBA)
     size: tuple[int, int]  # (H, W)
+    max_pixels: int = 89_478_485  # larger images are rejected as decompression bombs (Pillow's limit)
+    min_size: int = 8  # images whose shorter side is smaller are rejected as too_small
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3, 4):
             raise ValueError(f"models with {self.channels} channels are not supported: 1, 3 or 4")
+        if self.max_pixels < 1 or self.min_size < 1:
+            raise ValueError(f"max_pixels and min_size must be positive, got {self.max_pixels}, {self.min_size}")
 
 
 @dataclass
@@ -62,26 +74,162 @@ class Decoded:
     pixels: torch.Tensor | None  # [C, H, W] float32 in [-1, 1]
     reject_reason: str | None = None
     reject_detail: str = ""
+    pixel_sha256: str | None = None  # of the decoded full-size pixels in the model's mode
+    original_size: tuple[int, int] | None = None  # (W, H) after EXIF orientation
+
+
+def display_path(path: str | bytes) -> str:
+    """A printable str for any path: bytes that are not UTF-8 become backslash escapes."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def read_file(path: str) -> bytes:
+    """A regular file's bytes, or Rejected naming why not: broken_symlink, symlink_loop,
+    missing_file, unreadable (permissions, a folder, a FIFO or device: never opened, never hangs)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise Rejected("unreadable", "not a regular file")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Rejected("symlink_loop", str(e)) from e
+        if isinstance(e, FileNotFoundError):
+            raise Rejected("broken_symlink" if os.path.islink(path) else "missing_file", str(e)) from e
+        raise Rejected("unreadable", str(e)) from e
+
+
+def _file_item(id: str, path: str, reject: str | None = None) -> Item:
+    return Item(id, display_path(path), partial(read_file, path), os.fsencode(path), reject)
 
 
 def folder_items(root: str | os.PathLike) -> Iterator[Item]:
-    """Every image file below `root`, recursively, in sorted order (ids are relative paths)."""
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every image file below `root`, recursively and sorted; ids are relative paths.
+
+    Symlinked folders are followed once each (a folder loop is logged and not re-entered).
+    """
+    root = os.fspath(root)
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            log.warning("folder %s was already visited (symlink loop); not entered again", display_path(dirpath))
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                rel = path.relative_to(root).as_posix()
-                yield Item(rel, str(path), path.read_bytes)
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                path = os.path.join(dirpath, name)
+                yield _file_item(display_path(os.path.relpath(path, root)).replace(os.sep, "/"), path)
 
 
-def discover(path: str | os.PathLike) -> Iterator[Item]:
-    """The items of a data source; `path` is a folder of images."""
-    p = Path(path)
-    if p.is_dir():
-        return folder_items(p)
-    raise ValueError(f"data path {str(p)!r} is not a folder of images")
+def list_items(list_file: str | os.PathLike) -> Iterator[Item]:
+    """The paths in a text file, one a line (relative to the file's folder; # comments, blanks skipped).
+
+    A path listed twice is rejected the second time as duplicate_path.
+    """
+    base = os.path.dirname(os.path.abspath(list_file))
+    seen: set[str] = set()
+    with open(list_file, "rb") as f:
+        for raw in f:
+            line = os.fsdecode(raw.rstrip(b"\r\n"))
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(base, line))
+            yield _file_item(display_path(line), path, "duplicate_path" if path in seen else None)
+            seen.add(path)
+
+
+def _image_column(schema: pa.Schema, name: str | None, where: str) -> str:
+    """The column holding images: `name`, else `image`, else the only binary or bytes-struct column."""
+    def holds_images(t: pa.DataType) -> bool:
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
+            pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+
+    if name is not None:
+        if name not in schema.names:
+            raise ValueError(f"{where}: no column {name!r}; columns are {schema.names}")
+        return name
+    candidates = [f.name for f in schema if holds_images(f.type)]
+    if "image" in candidates or len(candidates) == 1:
+        return "image" if "image" in candidates else candidates[0]
+    raise ValueError(f"{where}: cannot tell which column holds images among {schema.names}; "
+                     "name it with --image-column")
+
+
+def _cell_reader(value: Any, base: str) -> Callable[[], bytes]:
+    """Bytes of one image cell: binary, or a Hugging Face Image struct (bytes, else path)."""
+    def read() -> bytes:
+        if value is None:
+            raise Rejected("empty_file", "null image cell")
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        if value.get("path"):
+            return read_file(os.path.join(base, value["path"]))
+        raise Rejected("empty_file", "image cell has neither bytes nor path")
+    return read
+
+
+def parquet_files(path: str | os.PathLike) -> list[str]:
+    p = os.fspath(path)
+    return [p] if os.path.isfile(p) else sorted(str(f) for f in Path(p).rglob("*.parquet"))
+
+
+def parquet_items(path: str | os.PathLike, image_column: str | None = None,
+                  rows_per_read: int = 256) -> Iterator[Item]:
+    """Rows of a Parquet file or folder, `rows_per_read` at a time; ids are `file:row`."""
+    root = os.fspath(path)
+    for file in parquet_files(root):
+        pf = pq.ParquetFile(file)
+        column = _image_column(pf.schema_arrow, image_column, file)
+        rel = os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
+        row = 0
+        for batch in pf.iter_batches(batch_size=rows_per_read, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                inner = value.get("path") if isinstance(value, dict) else None
+                yield Item(f"{rel}:{row}", inner or f"{file}:{row}", _cell_reader(value, os.path.dirname(file)))
+                row += 1
+
+
+class Source:
+    """A data source that can be iterated more than once: folder, Parquet, or list of paths."""
+
+    def __init__(self, path: str | os.PathLike, image_column: str | None = None):
+        self.path = os.fspath(path)  # what the user named with --data
+        self.image_column = image_column  # Parquet only
+        if os.path.isdir(self.path):
+            has_parquet = any(Path(self.path).rglob("*.parquet"))
+            self.kind = "parquet" if has_parquet and not any(self._images_in_folder()) else "folder"
+        elif os.path.isfile(self.path):
+            self.kind = "parquet" if self.path.endswith(".parquet") else "list"
+        else:
+            raise ValueError(f"data path {self.path!r} does not exist: expected a folder of images, "
+                             "a Parquet file or folder, or a text file listing image paths")
+
+    def _images_in_folder(self) -> Iterator[Item]:
+        return folder_items(self.path)
+
+    def __iter__(self) -> Iterator[Item]:
+        if self.kind == "folder":
+            return folder_items(self.path)
+        if self.kind == "parquet":
+            return parquet_items(self.path, self.image_column)
+        return list_items(self.path)
+
+    def count(self) -> int:
+        """How many items there are, without reading any image."""
+        if self.kind == "parquet":
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(self.path))
+        return sum(1 for _ in self)
+
+
+def discover(path: str | os.PathLike, image_column: str | None = None) -> Source:
+    """The data source at `path` (see Source)."""
+    return Source(path, image_column)
 
 
 def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -134,34 +282,60 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
 
 
-def decode_image(data: bytes, spec: ImageSpec) -> torch.Tensor:
-    """File bytes -> [C, H, W] in [-1, 1]; raises Rejected with the reason."""
+def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
+    """File bytes -> the full-size image, EXIF-oriented, in the model's mode; or Rejected."""
     if not data:
         raise Rejected("empty_file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)  # first frame of animations
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = to_model_mode(img, spec.channels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > spec.max_pixels:
+                    raise Rejected("decompression_bomb", f"{w}x{h} is over {spec.max_pixels} pixels")
+                img.seek(0)  # first frame of animations
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                if min(img.size) < spec.min_size:
+                    raise Rejected("too_small", f"{img.size[0]}x{img.size[1]} is under {spec.min_size} px")
+                return to_model_mode(img, spec.channels)
+    except Image.DecompressionBombError as e:
+        raise Rejected("decompression_bomb", str(e)) from e
     except Image.UnidentifiedImageError as e:
         raise Rejected("not_an_image", str(e)) from e
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise Rejected("corrupt_image", str(e)) from e
-    return to_tensor(center_crop_resize(img, spec.size))
+
+
+def pixel_sha256(img: Image.Image) -> str:
+    """sha256 of mode, size and pixels: equal for the same picture in any file format."""
+    h = hashlib.sha256(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def decode_image(data: bytes, spec: ImageSpec) -> torch.Tensor:
+    """File bytes -> [C, H, W] in [-1, 1]; raises Rejected with the reason."""
+    return to_tensor(center_crop_resize(open_image(data, spec), spec.size))
 
 
 def decode_item(item: Item, spec: ImageSpec) -> Decoded:
     """Read and decode one item; never raises for bad input."""
+    if item.reject:
+        return Decoded(item, None, None, item.reject)
     try:
         data = item.read()
+    except Rejected as e:
+        return Decoded(item, None, None, e.reason, e.detail)
     except OSError as e:
         return Decoded(item, None, None, "unreadable", str(e))
     sha = hashlib.sha256(data).hexdigest()
     try:
-        return Decoded(item, sha, decode_image(data, spec))
+        img = open_image(data, spec)
     except Rejected as e:
         return Decoded(item, sha, None, e.reason, e.detail)
+    pixels = to_tensor(center_crop_resize(img, spec.size))
+    return Decoded(item, sha, pixels, pixel_sha256=pixel_sha256(img), original_size=img.size)
 
 
 def batched(items: Iterable[Item], spec: ImageSpec, size: int) -> Iterator[list[Decoded]]:

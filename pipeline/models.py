@@ -119,7 +119,7 @@ def load_unet(paths: ModelPaths) -> torch.nn.Module:
         raise CheckpointError(f"{str(paths.unet)!r}: unknown model class {name!r}")
     try:
         model = cls.from_pretrained(paths.unet, use_safetensors=paths.weights.name == SAFE_WEIGHTS,
-                                    local_files_only=True)
+                                    local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many types for a broken file
         raise CheckpointError(f"cannot load {str(paths.weights)!r} as {name}: {e}") from e
     return model.eval().requires_grad_(False)

@@ -15,13 +15,17 @@ log = logging.getLogger(__name__)
 SCORE_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe")
 
 
-def image_spec(model: LoadedModel) -> ImageSpec:
-    return ImageSpec(model.channels, model.sample_size)
+def image_spec(model: LoadedModel, max_pixels: int = ImageSpec.max_pixels,
+               min_size: int = ImageSpec.min_size) -> ImageSpec:
+    """What `model` takes, with the input limits."""
+    return ImageSpec(model.channels, model.sample_size, max_pixels, min_size)
 
 
 def base_row(d: Decoded) -> dict:
     """The identity and status columns of one input."""
-    return {"id": d.item.id, "path": d.item.path, "sha256": d.sha256,
+    w, h = d.original_size or (None, None)
+    return {"id": d.item.id, "path": d.item.path, "sha256": d.sha256, "pixel_sha256": d.pixel_sha256,
+            "path_bytes": d.item.path_bytes, "width": w, "height": h,
             "status": "rejected" if d.reject_reason else "ok", "reject_reason": d.reject_reason}
 
 
@@ -48,8 +52,9 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
 
 
 def score_items(model: LoadedModel, items: Iterable[Item], settings: ScorerSettings,
-                batch_size: int = 16, device: str | torch.device = "cpu",
+                spec: ImageSpec | None = None, batch_size: int = 16,
+                device: str | torch.device = "cpu",
                 progress: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
     """Rows for every item, a batch at a time, in input order."""
-    for batch in batched(items, image_spec(model), batch_size):
+    for batch in batched(items, spec or image_spec(model), batch_size):
         yield score_batch(model, batch, settings, device, progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +23,10 @@ SCORE_SCHEMA = pa.schema([
     ("id", pa.string()),  # stable id within the source (relative path for folders)
     ("path", pa.string()),  # where the image came from
     ("sha256", pa.string()),  # of the file bytes; null if unreadable
+    ("pixel_sha256", pa.string()),  # of the decoded pixels (exact duplicates in any format)
+    ("path_bytes", pa.binary()),  # the exact file-system path (lossless for non-UTF-8 names)
+    ("width", pa.int64()),  # of the original image, after EXIF orientation
+    ("height", pa.int64()),
     ("status", pa.string()),  # ok | rejected
     ("reject_reason", pa.string()),  # null when ok
     ("log_volume_growth", pa.float64()),  # V(x) = integral_eps^1 div f dt (nats)
@@ -40,6 +45,28 @@ SCORE_SCHEMA = pa.schema([
     ("model_fingerprint", pa.string()),
 ])
 
+DECISION_SCHEMA = pa.schema([
+    ("flagged", pa.bool_()),  # score above the threshold
+    ("flag_reason", pa.string()),  # policy, threshold and score, for people
+    ("action", pa.string()),  # kept | augmented | dropped | rejected
+])
+
+CLEANED_SCHEMA = pa.schema([
+    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),  # datasets Image
+    ("id", pa.string()),  # the input's id in scores.parquet
+    ("sha256", pa.string()),  # of the source file
+    ("action", pa.string()),  # kept | augmented
+    ("log_volume_growth", pa.float64()),  # the score that was judged
+])
+HF_FEATURES = {"info": {"features": {
+    "image": {"_type": "Image"},
+    "id": {"dtype": "string", "_type": "Value"},
+    "sha256": {"dtype": "string", "_type": "Value"},
+    "action": {"dtype": "string", "_type": "Value"},
+    "log_volume_growth": {"dtype": "float64", "_type": "Value"},
+}}}
+COMPLETE_MARKER = "_COMPLETE"  # written last into a finished output folder
+
 
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -56,6 +83,59 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The memclean metadata of a Parquet file written here."""
     raw = pq.read_schema(path).metadata or {}
     return json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+
+
+def cleaned_schema() -> pa.Schema:
+    """CLEANED_SCHEMA with the Hugging Face features metadata that `datasets` reads."""
+    return CLEANED_SCHEMA.with_metadata({b"huggingface": json.dumps(HF_FEATURES).encode()})
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    path = Path(path)
+    tmp = _temporary(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def is_complete(out: str | os.PathLike) -> bool:
+    return (Path(out) / COMPLETE_MARKER).is_file()
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write into an existing output folder unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        state = "a complete memclean output" if is_complete(out) else "not a complete memclean output"
+        raise FileExistsError(f"{out} exists ({state}); pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh hidden folder beside `out` where a run builds its outputs."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def commit_dir(staging: Path, out: str | os.PathLike, overwrite: bool) -> Path:
+    """Mark `staging` complete and move it to `out` (replacing it only if `overwrite`)."""
+    out = Path(out)
+    (staging / COMPLETE_MARKER).write_text("")
+    old = None
+    if out.exists():
+        check_output_dir(out, overwrite)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 class AtomicParquetWriter:
@@ -78,6 +158,12 @@ class AtomicParquetWriter:
             self.count += 1
             if len(self._rows) >= self.row_group_size:
                 self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Write a whole table (after any buffered rows), in row groups of row_group_size."""
+        self._flush()
+        self._writer.write_table(table.cast(self.schema), row_group_size=self.row_group_size)
+        self.count += table.num_rows
 
     def _flush(self) -> None:
         if self._rows:

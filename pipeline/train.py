@@ -96,7 +96,9 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
         if progress:
             progress(step, float(loss))
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
     (tmp / "training.json").write_text(json.dumps({"settings": asdict(settings), "images": len(images),
                                                    **(recipe or {})}, indent=2))

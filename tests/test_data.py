@@ -18,7 +18,7 @@ def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
 
 def test_uint8_maps_to_minus_one_one():
     arr = np.array([[0, 255], [127, 128]], dtype=np.uint8)
-    x = decode_image(png_bytes(Image.fromarray(arr, "L")), ImageSpec(1, (2, 2)))
+    x = decode_image(png_bytes(Image.fromarray(arr, "L")), ImageSpec(1, (2, 2), min_size=1))
     assert x.shape == (1, 2, 2) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.tensor(arr, dtype=torch.float32) / 127.5 - 1)
 
@@ -48,7 +48,7 @@ def test_every_mode_converts(mode, channels):
 
 def test_alpha_is_composited_on_white():
     img = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
-    x = decode_image(png_bytes(img), ImageSpec(3, (2, 2)))
+    x = decode_image(png_bytes(img), ImageSpec(3, (2, 2), min_size=1))
     assert torch.all(x == 1.0)
 
 
@@ -69,7 +69,7 @@ def test_exif_orientation_is_applied():
     img = Image.fromarray(arr, "RGB")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    x = decode_image(png_bytes(img, "PNG", exif=exif.tobytes()), ImageSpec(1, (4, 2)))
+    x = decode_image(png_bytes(img, "PNG", exif=exif.tobytes()), ImageSpec(1, (4, 2), min_size=1))
     assert x.shape == (1, 4, 2)
     assert torch.all(x[0, :2] == 1.0) and torch.all(x[0, 2:] == -1.0)  # white on top after rotation
 
@@ -78,7 +78,7 @@ def test_gif_first_frame():
     frames = [Image.new("L", (4, 4), v) for v in (255, 0)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    assert torch.all(decode_image(buf.getvalue(), ImageSpec(1, (4, 4))) == 1.0)
+    assert torch.all(decode_image(buf.getvalue(), ImageSpec(1, (4, 4), min_size=1)) == 1.0)
 
 
 @pytest.mark.parametrize("data,reason", [(b"", "empty_file"), (b"hello", "not_an_image"),
@@ -87,7 +87,7 @@ def test_rejections(data, reason):
     if data is None:
         data = png_bytes(Image.new("RGB", (64, 64)))[:60]  # truncated
     with pytest.raises(Rejected) as e:
-        decode_image(data, ImageSpec(1, (8, 8)))
+        decode_image(data, ImageSpec(1, (8, 8), min_size=1))
     assert e.value.reason == reason
 
 
@@ -95,7 +95,7 @@ def test_unreadable_item_is_rejected_not_raised():
     def fail():
         raise PermissionError("denied")
 
-    d = decode_item(Item("a", "a.png", fail), ImageSpec(1, (8, 8)))
+    d = decode_item(Item("a", "a.png", fail), ImageSpec(1, (8, 8), min_size=1))
     assert d.reject_reason == "unreadable" and d.pixels is None and d.sha256 is None
 
 
@@ -104,5 +104,123 @@ def test_folder_discovery_is_recursive_sorted_and_filters_suffixes(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert [i.id for i in discover(tmp_path)] == ["a.JPG", "b.png", "sub/c.webp"]
-    with pytest.raises(ValueError, match="not a folder"):
-        list(discover(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="does not exist"):
+        discover(tmp_path / "missing")
+
+
+# ---- sources and a hostile corpus ----------------------------------------------------------
+
+def hostile_folder(root):
+    """Good images of every mode beside every kind of bad input; returns {id: expected reason}."""
+    import os
+
+    root.mkdir()
+    expected = {}
+    modes = {"L": "png", "LA": "png", "P": "png", "RGB": "jpg", "RGBA": "webp", "CMYK": "jpg",
+             "1": "bmp", "I;16": "tif"}
+    for mode, ext in modes.items():
+        img = Image.new("RGB", (20, 16), (10, 200, 90)).convert(mode) if mode != "I;16" else \
+            Image.fromarray(np.full((16, 20), 40000, dtype=np.uint16))
+        img.save(root / f"good_{mode.replace(';', '')}.{ext}")
+        expected[f"good_{mode.replace(';', '')}.{ext}"] = None
+    frames = [Image.new("P", (12, 12), i) for i in range(3)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    expected["anim.gif"] = None
+    (root / "zero.png").write_bytes(b"")
+    expected["zero.png"] = "empty_file"
+    (root / "truncated.png").write_bytes(png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:80])
+    expected["truncated.png"] = "corrupt_image"
+    (root / "text.jpg").write_text("hello, not an image")
+    expected["text.jpg"] = "not_an_image"
+    Image.new("L", (300, 300)).save(root / "bomb.png")  # over the test's max_pixels
+    expected["bomb.png"] = "decompression_bomb"
+    Image.new("L", (4, 40)).save(root / "small.png")
+    expected["small.png"] = "too_small"
+    os.symlink(root / "nowhere.png", root / "broken.png")
+    expected["broken.png"] = "broken_symlink"
+    os.symlink(root / "loop_b.png", root / "loop_a.png")
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+    expected["loop_a.png"] = expected["loop_b.png"] = "symlink_loop"
+    os.mkfifo(root / "fifo.png")
+    expected["fifo.png"] = "unreadable"
+    (root / "sub").mkdir()
+    Image.new("L", (10, 10), 7).save(os.fsdecode(os.path.join(os.fsencode(root / "sub"), b"caf\xe9.png")))
+    expected["sub/caf\\xe9.png"] = None
+    os.symlink(root, root / "sub" / "back")  # a folder loop
+    return expected
+
+
+def test_hostile_folder_every_input_accounted_for(tmp_path):
+    from pipeline.data import batched
+
+    expected = hostile_folder(tmp_path / "data")
+    spec = ImageSpec(3, (8, 8), max_pixels=50_000, min_size=8)
+    decoded = [d for batch in batched(discover(tmp_path / "data"), spec, 4) for d in batch]
+    got = {d.item.id: d.reject_reason for d in decoded}
+    assert got == expected
+    assert discover(tmp_path / "data").count() == len(expected)
+    for d in decoded:
+        if d.reject_reason is None:
+            assert d.pixels.shape == (3, 8, 8) and d.pixels.min() >= -1 and d.pixels.max() <= 1
+            assert len(d.pixel_sha256) == 64
+    odd = next(d for d in decoded if d.item.id.startswith("sub/caf"))
+    assert odd.item.path_bytes.endswith(b"sub/caf\xe9.png")
+
+
+def test_pixel_hash_is_format_independent():
+    from pipeline.data import open_image, pixel_sha256
+
+    img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
+    spec = ImageSpec(1, (8, 8))
+    a = pixel_sha256(open_image(png_bytes(img), spec))
+    b = pixel_sha256(open_image(png_bytes(img, "BMP"), spec))
+    c = pixel_sha256(open_image(png_bytes(img, "JPEG", quality=50), spec))
+    assert a == b != c
+
+
+def test_list_file_source_with_duplicates_and_missing(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("L", (10, 10)).save(tmp_path / name)
+    (tmp_path / "list.txt").write_text("# images\na.png\n\nb.png\n./a.png\nmissing.png\n")
+    src = discover(tmp_path / "list.txt")
+    assert src.kind == "list" and src.count() == 4
+    reasons = [decode_item(i, ImageSpec(1, (8, 8))).reject_reason for i in src]
+    assert reasons == [None, None, "duplicate_path", "missing_file"]
+
+
+@pytest.mark.parametrize("layout", ["hf_struct", "binary", "folder"])
+def test_parquet_sources(tmp_path, layout):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blobs = [png_bytes(Image.new("L", (10, 10), v)) for v in (0, 100, 200)] + [b""]
+    if layout == "binary":
+        table = pa.table({"id": ["a", "b", "c", "d"], "png": pa.array(blobs, pa.binary())})
+    else:
+        structs = [{"bytes": b, "path": f"x{i}.png"} for i, b in enumerate(blobs)]
+        table = pa.table({"image": structs, "label": [0, 1, 2, 3]})
+    target = tmp_path / "data"
+    target.mkdir()
+    if layout == "folder":
+        pq.write_table(table.slice(0, 2), target / "part-0.parquet")
+        pq.write_table(table.slice(2), target / "part-1.parquet")
+        src = discover(target)
+    else:
+        pq.write_table(table, target / "d.parquet", row_group_size=2)
+        src = discover(target / "d.parquet")
+    assert src.kind == "parquet" and src.count() == 4
+    decoded = [decode_item(i, ImageSpec(1, (8, 8))) for i in src]
+    assert [d.reject_reason for d in decoded] == [None, None, None, "empty_file"]
+    assert [round(float(d.pixels.mean()) * 127.5 + 127.5) for d in decoded[:3]] == [0, 100, 200]
+    assert len({d.item.id for d in decoded}) == 4
+
+
+def test_parquet_without_an_obvious_image_column_is_an_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": pa.array([b"x"], pa.binary()), "b": pa.array([b"y"], pa.binary())}),
+                   tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="--image-column"):
+        list(discover(tmp_path / "t.parquet"))
+    assert [i.id for i in discover(tmp_path / "t.parquet", image_column="b")] == ["t.parquet:0"]

@@ -1,0 +1,128 @@
+"""`memclean clean` end to end on a hostile corpus; the outputs opened by real readers."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.store import COMPLETE_MARKER
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+from tests.test_data import hostile_folder
+
+FAST = ["--solver", "euler", "--steps", "2", "--batch-size", "4"]
+
+
+@pytest.fixture
+def model(tmp_path):
+    return save_checkpoint(tiny_unet(channels=3, size=8), DDPMScheduler(), tmp_path / "model")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    expected = hostile_folder(tmp_path / "data")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "data" / f"rand{i:02d}.png")
+        expected[f"rand{i:02d}.png"] = None
+    return tmp_path / "data", expected
+
+
+def run(tmp_path, model, data, *extra):
+    return main(["clean", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "out"),
+                 "--max-pixels", "50000", *FAST, *extra])
+
+
+def test_hostile_corpus_is_fully_accounted_for(tmp_path, model, corpus):
+    data, expected = corpus
+    assert run(tmp_path, model, data) == 0
+    out = tmp_path / "out"
+    assert (out / COMPLETE_MARKER).is_file()
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    assert sorted(r["id"] for r in scores) == sorted(expected)
+    for r in scores:
+        assert r["reject_reason"] == expected[r["id"]], r["id"]
+        assert (r["action"] == "rejected") == (expected[r["id"]] is not None)
+    m = json.loads((out / "manifest.json").read_text())
+    c = m["counts"]
+    assert c["input"] == len(expected) == c["kept"] + c["augmented"] + c["dropped"] + c["rejected"]
+    assert c["rejected"] == sum(v is not None for v in expected.values())
+    assert c["scored"] == c["input"] - c["rejected"]
+    ok_scores = sorted(r["log_volume_growth"] for r in scores if r["status"] == "ok")
+    assert m["threshold"]["value"] == pytest.approx(np.quantile(ok_scores, 0.95))
+    assert c["flagged"] == c["dropped"] == sum(s > m["threshold"]["value"] for s in ok_scores) >= 1
+    flagged = pq.read_table(out / "flagged.parquet").to_pylist()
+    assert len(flagged) == c["flagged"] and all("quantile" in r["flag_reason"] for r in flagged)
+    assert m["model"]["fingerprint"] and m["versions"]["torch"] and set(m["timings_s"]) >= {"score", "flag"}
+    assert m["reject_reasons"]["symlink_loop"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
+
+
+def test_cleaned_output_opens_in_datasets_pyarrow_and_duckdb(tmp_path, model, corpus):
+    data, _ = corpus
+    assert run(tmp_path, model, data) == 0
+    cleaned = tmp_path / "out" / "cleaned"
+    files = sorted(str(p) for p in cleaned.glob("*.parquet"))
+    kept = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["kept"]
+
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert len(ds) == kept
+    assert isinstance(ds.features["image"], datasets.Image)
+    first = ds[0]["image"]
+    assert isinstance(first, Image.Image) and first.size[0] > 0
+
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(str(cleaned), format="parquet").to_table()
+    assert table.num_rows == kept and set(table.column("action").to_pylist()) == {"kept"}
+
+    import duckdb
+
+    n, distinct = duckdb.sql(f"select count(*), count(distinct id) from read_parquet('{cleaned}/*.parquet')").fetchall()[0]
+    assert n == distinct == kept
+    ids = {r[0] for r in duckdb.sql(f"select id from read_parquet('{tmp_path}/out/scores.parquet') "
+                                     "where action = 'kept'").fetchall()}
+    assert ids == set(table.column("id").to_pylist())
+
+
+def test_rerun_refuses_without_overwrite(tmp_path, model, corpus, capsys):
+    data, _ = corpus
+    assert run(tmp_path, model, data) == 0
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    assert run(tmp_path, model, data) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "manifest.json").read_text() == before
+    assert run(tmp_path, model, data, "--overwrite", "--flag-quantile", "0.5") == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["settings"]["clean"]["flag_quantile"] == 0.5
+
+
+def test_a_crash_leaves_no_output(tmp_path, model, corpus, monkeypatch):
+    import pipeline.clean
+
+    data, _ = corpus
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline.clean, "write_tables", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(tmp_path, model, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]
+
+
+def test_parquet_input_and_output_round_trip(tmp_path, model, corpus):
+    """A cleaned output is itself a valid input."""
+    data, _ = corpus
+    assert run(tmp_path, model, data) == 0
+    again = main(["clean", "--data", str(tmp_path / "out" / "cleaned"), "--model", str(model),
+                  "--out", str(tmp_path / "out2"), *FAST])
+    assert again == 0
+    m1 = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    m2 = json.loads((tmp_path / "out2" / "manifest.json").read_text())["counts"]
+    assert m2["input"] == m1["kept"] and m2["rejected"] == 0
