@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/memclean clean --data examples/digits/train --model examples/model \
-		--out $(OUT) --overwrite --solver heun --steps 50 --batch-size 100
+	$(VENV)/bin/memclean clean --data examples/digits/train --reference examples/digits/heldout \
+		--model examples/model --out $(OUT) --overwrite --solver heun --steps 50 --batch-size 100 \
+		--dup-threshold 0.99
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The clean run, library only: score -> flag -> decide -> write cleaned data, tables, manifest.
+"""The clean run, library only: score -> flag -> dedup -> remediate -> write outputs.
 
 Everything is built in a hidden staging folder beside OUT and moved into place at the end, so a
 crash leaves no partial output. Each step is a plain function; flows/ wraps them as tasks.
@@ -7,6 +7,7 @@ Every input ends in exactly one action: kept, augmented, dropped or rejected.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -21,12 +22,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from . import __version__
-from .data import ImageSpec, Rejected, Source, discover
-from .flagging import Threshold, flag, quantile_threshold
+from .data import ImageSpec, Rejected, Source, batched, decode_image, discover, open_image
+from .dedup import Clusters, build_index, find_clusters, near_matches
+from .embeddings import Embedder, make_embedder
+from .flagging import FlagSettings, Threshold, flag
 from .models import LoadedModel, load_model
-from .scoring import image_spec, score_items
+from .remediate import RemediationSettings, augment_and_rescore, plan, record_json
+from .scoring import image_spec, score_batch
 from .store import (DECISION_SCHEMA, SCORE_SCHEMA, AtomicParquetWriter, check_output_dir,
                     cleaned_schema, commit_dir, staging_dir, write_json_atomic)
 from .volume import ScorerSettings
@@ -35,14 +40,22 @@ log = logging.getLogger(__name__)
 
 SCORE_CHOICES = ("log_volume_growth", "logp")
 ACTIONS = ("kept", "augmented", "dropped", "rejected")
+EMBEDDINGS = "embeddings.parquet"  # id, action, embedding: what --against reads
 
 
 @dataclass(frozen=True)
 class CleanSettings:
     """The decisions and I/O of a clean run (the scorer has its own settings)."""
 
-    flag_quantile: float = 0.95  # flag scores above this quantile of the dataset's own
+    flag: FlagSettings = FlagSettings()  # which threshold policy flags
+    remediation: RemediationSettings = RemediationSettings()  # what happens to flagged/duplicates
     score: str = "log_volume_growth"  # the score column that is judged
+    reference: str | None = None  # held-out images for --flag-fpr calibration
+    embedder: str = "pixel"  # pixel | unet | torchscript:PATH
+    embed_size: int = 224  # torchscript embedders: input side
+    dup_threshold: float | None = None  # duplicate similarity; None = the embedder's default
+    dedup_flip: bool = False  # also match horizontally mirrored copies
+    against: str | None = None  # an earlier output folder to check new images against
     batch_size: int = 16  # images decoded and solved together
     device: str = "cpu"  # where the model runs
     image_column: str | None = None  # Parquet sources: the column holding images
@@ -54,10 +67,11 @@ class CleanSettings:
     def __post_init__(self) -> None:
         if self.score not in SCORE_CHOICES:
             raise ValueError(f"--score {self.score!r} is not one of {SCORE_CHOICES}")
-        if not 0 < self.flag_quantile < 1:
-            raise ValueError(f"--flag-quantile must lie in (0, 1), got {self.flag_quantile}")
         if self.batch_size < 1 or self.shard_rows < 1 or self.row_group_rows < 1:
             raise ValueError("batch_size, shard_rows and row_group_rows must be at least 1")
+        if self.dup_threshold is not None and not -1 <= self.dup_threshold <= 1:
+            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
+        self.flag.policy(self.reference is not None)  # validates the policy choice
 
 
 @dataclass
@@ -69,7 +83,17 @@ class RunContext:
     scorer: ScorerSettings
     settings: CleanSettings
     staging: Path
+    embedder: Embedder
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def spec(self) -> ImageSpec:
+        return image_spec(self.model, self.settings.max_pixels, self.settings.min_size)
+
+    @property
+    def dup_threshold(self) -> float:
+        t = self.settings.dup_threshold
+        return self.embedder.default_threshold if t is None else t
 
 
 class Stage:
@@ -86,81 +110,203 @@ class Stage:
         self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 3)
 
 
-def score_source(ctx: RunContext, progress: Callable[[int], None] | None = None) -> pa.Table:
-    """Score every input into staging/raw_scores.parquet; returns it as a table."""
-    spec = image_spec(ctx.model, ctx.settings.max_pixels, ctx.settings.min_size)
+@dataclass
+class Scored:
+    """Pass one over a source: score rows, and embeddings of the decodable rows in order."""
+
+    table: pa.Table
+    vectors: np.ndarray | None  # [n_ok, d]
+    flipped: np.ndarray | None  # [n_ok, d] of mirrored images, with --dedup-flip
+
+
+def score_source(ctx: RunContext, source: Source, name: str, embed: bool,
+                 progress: Callable[[int], None] | None = None) -> Scored:
+    """Score every input of `source` into staging/name; embed the decodable ones if asked."""
     metadata = {"settings": ctx.scorer.to_dict(), "model_fingerprint": ctx.model.fingerprint}
-    path = ctx.staging / "raw_scores.parquet"
-    with AtomicParquetWriter(path, SCORE_SCHEMA, metadata) as writer:
-        for rows in score_items(ctx.model, ctx.source, ctx.scorer, spec, ctx.settings.batch_size,
-                                ctx.settings.device, progress):
-            writer.write(rows)
-    return pq.read_table(path)
+    vectors, flipped = [], []
+    with AtomicParquetWriter(ctx.staging / name, SCORE_SCHEMA, metadata) as writer:
+        for batch in batched(source, ctx.spec, ctx.settings.batch_size):
+            writer.write(score_batch(ctx.model, batch, ctx.scorer, ctx.settings.device, progress))
+            pixels = [d.pixels for d in batch if d.pixels is not None]
+            if embed and pixels:
+                x = torch.stack(pixels).to(ctx.settings.device)
+                vectors.append(ctx.embedder(x).cpu().numpy())
+                if ctx.settings.dedup_flip:
+                    flipped.append(ctx.embedder(x, flip=True).cpu().numpy())
+    stack = lambda parts: np.concatenate(parts) if parts else None
+    return Scored(pq.read_table(ctx.staging / name), stack(vectors), stack(flipped))
 
 
-def decide(scores: pa.Table, settings: CleanSettings) -> tuple[pa.Table, Threshold]:
-    """Flag by threshold and choose each row's action: flagged -> dropped, others kept."""
-    ok = np.array([s == "ok" for s in scores.column("status").to_pylist()], dtype=bool)
-    values = scores.column(settings.score).to_numpy(zero_copy_only=False).astype(np.float64)
-    threshold = quantile_threshold(values[ok], settings.flag_quantile)
+def ok_mask(table: pa.Table) -> np.ndarray:
+    return np.array([s == "ok" for s in table.column("status").to_pylist()], dtype=bool)
+
+
+def score_values(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def previous_survivors(ctx: RunContext) -> tuple[list[str], np.ndarray]:
+    """Ids and embeddings of the kept and augmented images of an earlier output (--against)."""
+    prev = Path(ctx.settings.against)
+    try:
+        manifest = json.loads((prev / "manifest.json").read_text())
+        table = pq.read_table(prev / EMBEDDINGS)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--against {str(prev)!r} is not a memclean output with embeddings: {e}") from e
+    if manifest.get("dedup", {}).get("embedder") != ctx.embedder.name:
+        raise ValueError(f"--against {str(prev)!r} was embedded with {manifest.get('dedup', {}).get('embedder')!r}, "
+                         f"this run with {ctx.embedder.name!r}: they cannot be compared")
+    keep = np.isin(np.array(table.column("action").to_pylist(), dtype=object), ["kept", "augmented"])
+    ids = [i for i, k in zip(table.column("id").to_pylist(), keep) if k]
+    vecs = np.array(table.column("embedding").to_pylist(), dtype=np.float32)[keep] if keep.any() else np.zeros((0, 1), np.float32)
+    return ids, vecs
+
+
+def dedup(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray) -> dict[str, list]:
+    """Duplicate columns for every row: dup_cluster, dup_of, dup_similarity."""
+    n = scored.table.num_rows
+    cols = {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
+    rows = np.where(ok)[0]
+    if not ctx.settings.remediation.dedups or not len(rows):
+        return cols
+    ids = scored.table.column("id").to_pylist()
+    hashes = scored.table.column("pixel_sha256").to_pylist()
+    c = find_clusters(scored.vectors, [hashes[r] for r in rows], risk[rows], [ids[r] for r in rows],
+                      ctx.dup_threshold, ctx.embedder, scored.flipped)
+    for k, r in enumerate(rows):
+        if c.cluster[k] >= 0:
+            cols["dup_cluster"][r] = int(c.cluster[k])
+            cols["dup_similarity"][r] = float(c.best_similarity[k])
+            keeper = rows[c.keeper[k]]
+            cols["dup_of"][r] = ids[keeper] if keeper != r else None
+    if ctx.settings.against:
+        prev_ids, prev_vecs = previous_survivors(ctx)
+        match, sim = near_matches(scored.vectors, prev_vecs, ctx.dup_threshold, ctx.embedder)
+        for k, r in enumerate(rows):
+            if match[k] >= 0 and cols["dup_of"][r] is None:
+                cols["dup_of"][r] = f"{ctx.settings.against}:{prev_ids[match[k]]}"
+                cols["dup_similarity"][r] = float(sim[k])
+    return cols
+
+
+def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple[dict[str, list], Threshold, np.ndarray]:
+    """Threshold, flags, duplicates and first actions: the decision columns, and which rows
+    to augment."""
+    table, s = scored.table, ctx.settings
+    ok = ok_mask(table)
+    values = score_values(table, s.score)
+    ref = score_values(reference, s.score)[ok_mask(reference)] if reference is not None else None
+    threshold = s.flag.threshold_for(values[ok], ref)
     flagged = flag(values, threshold) & ok
-    action = np.where(~ok, "rejected", np.where(flagged, "dropped", "kept"))
-    reasons = [threshold.reason(v, settings.score) if f else None for v, f in zip(values, flagged)]
-    decided = scores
-    for name, column in (("flagged", pa.array(np.where(ok, flagged, None).tolist(), pa.bool_())),
-                         ("flag_reason", pa.array(reasons, pa.string())),
-                         ("action", pa.array(action.tolist(), pa.string()))):
-        decided = decided.append_column(DECISION_SCHEMA.field(name), column)
-    return decided, threshold
+    cols = dedup(ctx, scored, ok, values)
+    action, reason, augment = plan(ok, flagged, cols["dup_of"], s.remediation)
+    n = table.num_rows
+    cols.update({
+        "flagged": [bool(f) if o else None for f, o in zip(flagged, ok)],
+        "flag_reason": [threshold.reason(v, s.score) if f else None for v, f in zip(values, flagged)],
+        "action": action, "action_reason": reason,
+        "augment_preset": [None] * n, "augment_tries": [None] * n,
+        "augmented_score": [None] * n, "augmentation": [None] * n, "augmented_png": [None] * n,
+    })
+    return cols, threshold, augment
 
 
-def write_cleaned(ctx: RunContext, decided: pa.Table) -> dict[str, int]:
-    """Stream the source again and write kept images to staging/cleaned/ in the datasets Image
-    layout, sharded. An image whose bytes changed since scoring is reported, not written."""
-    wanted = {i: (a, sha, v) for i, a, sha, v in zip(*(decided.column(c).to_pylist() for c in
-              ("id", "action", "sha256", ctx.settings.score))) if a in ("kept", "augmented")}
+def read_selected(source: Source, ids: set[str], spec: ImageSpec) -> dict[str, tuple[Any, str]]:
+    """The full-size images (model mode) and sha256 of the selected ids, in one pass."""
+    found = {}
+    for item in source:
+        if item.id in ids:
+            try:
+                data = item.read()
+                found[item.id] = (open_image(data, spec), hashlib.sha256(data).hexdigest())
+            except (Rejected, OSError) as e:  # changed since scoring: not augmented
+                log.warning("cannot re-read %s for augmentation: %s", item.path, e)
+    return found
+
+
+def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: np.ndarray,
+              threshold: Threshold, progress: Callable[[int], None] | None = None) -> None:
+    """Augment and re-score the rows marked for augmentation; settle their actions in `cols`."""
+    rows = {table.column("id")[int(r)].as_py(): int(r) for r in np.where(augment)[0]}
+    if not rows:
+        return
+    folder = ctx.staging / "augmented"
+    folder.mkdir(exist_ok=True)
+    images = read_selected(ctx.source, set(rows), ctx.spec)
+    r = ctx.settings.remediation
+    results = augment_and_rescore(images, ctx.model.score_fn, ctx.spec, ctx.scorer, threshold.value,
+                                  ctx.settings.score, r, folder, ctx.settings.batch_size,
+                                  ctx.settings.device, progress)
+    for id_, row in rows.items():
+        a = results.get(id_)
+        if a is None:
+            cols["action"][row], cols["action_reason"][row] = "dropped", "could not be re-read for augmentation"
+            continue
+        cols["augment_preset"][row], cols["augment_tries"][row] = a.preset, a.tries
+        cols["augmented_score"][row], cols["augmentation"][row] = a.score, record_json(a)
+        if a.accepted:
+            cols["action"][row] = "augmented"
+            cols["action_reason"][row] = f"{a.preset} augmentation re-scored {a.score:.4g} < {threshold.value:.4g}"
+            cols["augmented_png"][row] = str(a.png)
+        else:
+            cols["action"][row] = "dropped" if r.on_failure == "drop" else "kept"
+            cols["action_reason"][row] = (f"no augmentation in {a.tries} tries scored below {threshold.value:.4g} "
+                                          f"(last {a.score:.4g}); on failure: {r.on_failure}")
+
+
+def decided_table(table: pa.Table, cols: dict[str, list]) -> pa.Table:
+    for f in DECISION_SCHEMA:
+        table = table.append_column(f, pa.array(cols[f.name], f.type))
+    return table
+
+
+def write_cleaned(ctx: RunContext, decided: pa.Table) -> list[str]:
+    """Stream the source again and write kept and augmented images to staging/cleaned/ in the
+    datasets Image layout, sharded. Returns ids whose bytes changed since scoring (not written)."""
+    cols = {c: decided.column(c).to_pylist() for c in ("id", "action", "sha256", ctx.settings.score,
+                                                        "augmented_png", "augmented_score")}
+    wanted = {cols["id"][i]: i for i, a in enumerate(cols["action"]) if a in ("kept", "augmented")}
     out = ctx.staging / "cleaned"
     out.mkdir()
     n_files = max(1, -(-len(wanted) // ctx.settings.shard_rows))
-    shard, writer, written, changed = 0, None, 0, []
+    shard, writer, changed = 0, None, []
     for item in ctx.source:
-        if item.id not in wanted:
+        i = wanted.get(item.id)
+        if i is None:
             continue
-        action, sha, value = wanted[item.id]
         try:
             data = item.read()
         except (Rejected, OSError):
             data = b""
-        if hashlib.sha256(data).hexdigest() != sha:
+        if hashlib.sha256(data).hexdigest() != cols["sha256"][i]:
             changed.append(item.id)
             continue
+        name, value = os.path.basename(item.path) or item.id, cols[ctx.settings.score][i]
+        if cols["action"][i] == "augmented":
+            data = Path(cols["augmented_png"][i]).read_bytes()
+            name, value = os.path.splitext(name)[0] + ".aug.png", cols["augmented_score"][i]
         if writer is None or writer.count >= ctx.settings.shard_rows:
             if writer is not None:
                 writer.commit()
             writer = AtomicParquetWriter(out / f"train-{shard:05d}-of-{n_files:05d}.parquet",
                                          cleaned_schema(), {}, ctx.settings.row_group_rows)
             shard += 1
-        name = os.path.basename(item.path) or item.id
-        writer.write([{"image": {"bytes": data, "path": name}, "id": item.id, "sha256": sha,
-                       "action": action, "log_volume_growth": value}])
-        written += 1
+        writer.write([{"image": {"bytes": data, "path": name}, "id": item.id, "sha256": cols["sha256"][i],
+                       "action": cols["action"][i], "log_volume_growth": value}])
     if writer is not None:
         writer.commit()
-    return {"written": written, "changed": changed}
+    return changed
 
 
 def mark_changed(decided: pa.Table, changed: list[str]) -> pa.Table:
     """Inputs whose bytes changed between scoring and writing become rejected rows."""
     if not changed:
         return decided
-    changed_set = set(changed)
-    ids = decided.column("id").to_pylist()
-    hit = [i in changed_set for i in ids]
-    def patch(name: str, value: Any) -> pa.Array:
-        col = decided.column(name).to_pylist()
-        return pa.array([value if h else c for c, h in zip(col, hit)], decided.schema.field(name).type)
+    hit = np.isin(np.array(decided.column("id").to_pylist(), dtype=object), list(changed))
     for name, value in (("status", "rejected"), ("reject_reason", "changed_during_run"), ("action", "rejected")):
-        decided = decided.set_column(decided.schema.get_field_index(name), name, patch(name, value))
+        col = [value if h else c for c, h in zip(decided.column(name).to_pylist(), hit)]
+        decided = decided.set_column(decided.schema.get_field_index(name), name,
+                                     pa.array(col, decided.schema.field(name).type))
     return decided
 
 
@@ -177,29 +323,67 @@ def counts(decided: pa.Table) -> dict[str, int]:
 
 def write_tables(ctx: RunContext, decided: pa.Table, metadata: dict[str, Any]) -> None:
     """scores.parquet (every input) and flagged.parquet (the flagged rows)."""
+    decided = decided.drop_columns(["augmented_png"])
     for name, table in (("scores.parquet", decided),
                         ("flagged.parquet", decided.filter(pc.equal(decided.column("flagged"), True)))):
-        with AtomicParquetWriter(ctx.staging / name, decided.schema, metadata) as w:
+        with AtomicParquetWriter(ctx.staging / name, table.schema, metadata) as w:
             w.write_table(table)
-    (ctx.staging / "raw_scores.parquet").unlink()
+
+
+def write_embeddings(ctx: RunContext, decided: pa.Table, scored: Scored) -> None:
+    """embeddings.parquet (id, action, embedding of what the cleaned set holds) and index.faiss."""
+    import faiss
+
+    if scored.vectors is None:
+        return
+    ok = ok_mask(decided)
+    vectors = scored.vectors.copy()
+    ids = [i for i, o in zip(decided.column("id").to_pylist(), ok) if o]
+    actions = [a for a, o in zip(decided.column("action").to_pylist(), ok) if o]
+    pngs = [p for p, o in zip(decided.column("augmented_png").to_pylist(), ok) if o]
+    for k, (a, png) in enumerate(zip(actions, pngs)):
+        if a == "augmented":  # the cleaned set holds the augmentation: embed that
+            x = decode_image(Path(png).read_bytes(), ctx.spec)[None].to(ctx.settings.device)
+            vectors[k] = ctx.embedder(x).cpu().numpy()[0]
+    d = vectors.shape[1]
+    table = pa.table({"id": ids, "action": actions,
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), d)})
+    with AtomicParquetWriter(ctx.staging / EMBEDDINGS, table.schema, {"embedder": ctx.embedder.name}) as w:
+        w.write_table(table)
+    faiss.write_index(build_index(ctx.embedder.search_view(scored.vectors)), str(ctx.staging / "index.faiss"))
 
 
 def versions() -> dict[str, str]:
+    import albumentations
     import diffusers
-    import torch
+    import faiss
     import torchdiffeq
 
     return {"memclean": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "torchdiffeq": torchdiffeq.__version__,
-            "pyarrow": pa.__version__, "numpy": np.__version__}
+            "pyarrow": pa.__version__, "numpy": np.__version__, "faiss": faiss.__version__,
+            "albumentations": albumentations.__version__}
 
 
-def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, out: Path) -> dict[str, Any]:
+def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference: pa.Table | None,
+             out: Path) -> dict[str, Any]:
     reasons = Counter(r for r in decided.column("reject_reason").to_pylist() if r)
+    c = counts(decided)
+    t = threshold.to_dict()
+    t["realised_flag_rate"] = c["flagged"] / c["scored"] if c["scored"] else None
+    t["score"] = ctx.settings.score
+    dups = [d for d in decided.column("dup_cluster").to_pylist() if d is not None]
     return {
-        "counts": counts(decided),
+        "counts": c,
         "reject_reasons": dict(sorted(reasons.items())),
-        "threshold": threshold.to_dict(),
+        "threshold": t,
+        "dedup": {"embedder": ctx.embedder.name, "threshold": ctx.dup_threshold, "flip": ctx.settings.dedup_flip,
+                  "clusters": len(set(dups)), "in_clusters": len(dups),
+                  "threshold_meaning": "cosine similarity of the embeddings (pixel: correlation of 32x32 "
+                                       "blurred grey thumbnails, maximised over 1-pixel shifts); pairs at or "
+                                       "above it are duplicates", "against": ctx.settings.against},
+        "reference": None if reference is None else {"path": ctx.settings.reference, "input": reference.num_rows,
+                                                     "scored": int(ok_mask(reference).sum())},
         "model": {"path": str(ctx.model.paths.root), "fingerprint": ctx.model.fingerprint,
                   "scheduler": ctx.model.scheduler_class, "channels": ctx.model.channels,
                   "sample_size": list(ctx.model.sample_size)},
@@ -219,22 +403,33 @@ def run_clean(data: str | os.PathLike, model: str | os.PathLike, out: str | os.P
     out = Path(out)
     check_output_dir(out, overwrite)
     source = discover(data, settings.image_column)
+    reference_source = discover(settings.reference, settings.image_column) if settings.reference else None
     loaded = load_model(model, allow_pickle, settings.device)
+    embedder = make_embedder(settings.embedder, loaded, settings.embed_size, settings.device)
     staging = staging_dir(out)
     try:
-        ctx = RunContext(source, loaded, scorer, settings, staging)
+        ctx = RunContext(source, loaded, scorer, settings, staging, embedder)
         with Stage(ctx, "score"):
-            raw = score_source(ctx, progress)
-        with Stage(ctx, "flag"):
-            decided, threshold = decide(raw, settings)
+            scored = score_source(ctx, source, "raw_scores.parquet", embed=True, progress=progress)
+        reference = None
+        if reference_source is not None:
+            with Stage(ctx, "score_reference"):
+                reference = score_source(ctx, reference_source, "reference_scores.parquet", False, progress).table
+        with Stage(ctx, "flag_and_dedup"):
+            cols, threshold, augment = decide(ctx, scored, reference)
+        with Stage(ctx, "remediate"):
+            remediate(ctx, scored.table, cols, augment, threshold, progress)
+        decided = decided_table(scored.table, cols)
         with Stage(ctx, "write_cleaned"):
-            written = write_cleaned(ctx, decided)
-        decided = mark_changed(decided, written["changed"])
+            decided = mark_changed(decided, write_cleaned(ctx, decided))
         with Stage(ctx, "write_tables"):
             meta = {"settings": scorer.to_dict(), "threshold": threshold.to_dict(),
                     "model_fingerprint": loaded.fingerprint}
             write_tables(ctx, decided, meta)
-        result = manifest(ctx, decided, threshold, out)
+            write_embeddings(ctx, decided, scored)
+        result = manifest(ctx, decided, threshold, reference, out)
+        (staging / "raw_scores.parquet").unlink()
+        shutil.rmtree(staging / "augmented", ignore_errors=True)
         write_json_atomic(staging / "manifest.json", result)
         commit_dir(staging, out, overwrite)
     except BaseException:

@@ -104,21 +104,73 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     from .clean import CleanSettings, run_clean
     from .data import discover
+    from .flagging import FlagSettings
+    from .remediate import RemediationSettings
 
     scorer = settings_from_args(args)
     check_common(args)
-    settings = CleanSettings(flag_quantile=args.flag_quantile, score=args.score,
-                             batch_size=args.batch_size, device=args.device,
-                             image_column=args.image_column, max_pixels=args.max_pixels,
-                             min_size=args.min_size)
+    settings = CleanSettings(
+        flag=FlagSettings(quantile=args.flag_quantile, fpr=args.flag_fpr, zscore=args.flag_zscore,
+                          threshold=args.flag_threshold),
+        remediation=RemediationSettings(action=args.action, tries=args.augment_tries,
+                                        on_failure=args.on_failure, seed=args.augment_seed),
+        score=args.score, reference=None if args.reference is None else str(args.reference),
+        embedder=args.embedder, embed_size=args.embed_size, dup_threshold=args.dup_threshold,
+        dedup_flip=args.dedup_flip, against=None if args.against is None else str(args.against),
+        batch_size=args.batch_size, device=args.device, image_column=args.image_column,
+        max_pixels=args.max_pixels, min_size=args.min_size)
     total = discover(args.data, args.image_column).count()
+    if args.reference is not None:
+        total += discover(args.reference, args.image_column).count()
     with tqdm(total=total, desc="scoring", unit="img", file=sys.stderr) as bar:
         result = run_clean(args.data, args.model, args.out, scorer, settings, args.allow_pickle,
                            args.overwrite, bar.update)
     c = result["counts"]
     print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
-          f"{c['rejected']} rejected ({c['flagged']} flagged) -> {args.out}")
+          f"{c['rejected']} rejected ({c['flagged']} flagged at {result['threshold']['value']:.6g}, "
+          f"{result['threshold']['policy']}) -> {args.out}")
     return 0
+
+
+def add_decision_args(p: argparse.ArgumentParser) -> None:
+    from .clean import SCORE_CHOICES, CleanSettings
+    from .remediate import ACTION_MODES, ON_FAILURE
+
+    c = CleanSettings()
+    g = p.add_argument_group("flagging (one policy)")
+    g.add_argument("--reference", type=Path, default=None,
+                   help="held-out images the model never saw: flag above their (1 - A) quantile")
+    g.add_argument("--flag-fpr", type=float, default=None,
+                   help="A, the share of unmemorized images flagged, with --reference (default 0.05)")
+    g.add_argument("--flag-quantile", type=float, default=c.flag.quantile,
+                   help=f"without a reference: flag above this quantile of the dataset (default {c.flag.quantile})")
+    g.add_argument("--flag-zscore", type=float, default=None,
+                   help="flag above median + Z * 1.4826 MAD of the dataset's scores")
+    g.add_argument("--flag-threshold", type=float, default=None,
+                   help="flag above this absolute score (e.g. an earlier run's manifest threshold)")
+    g.add_argument("--score", choices=SCORE_CHOICES, default=c.score,
+                   help=f"the score that flagging judges (default {c.score})")
+    g = p.add_argument_group("duplicates")
+    g.add_argument("--embedder", default=c.embedder,
+                   help="pixel (model-free, default), unet (the model's own features) or "
+                        "torchscript:PATH (a local TorchScript model, e.g. SSCD)")
+    g.add_argument("--embed-size", type=int, default=c.embed_size, help="torchscript input side (default 224)")
+    g.add_argument("--dup-threshold", type=float, default=None,
+                   help="cosine similarity at or above which two images are duplicates (pixel: the "
+                        "correlation of 32x32 blurred grey thumbnails maximised over 1-pixel shifts, "
+                        "default 0.95; unet 0.95; torchscript 0.75)")
+    g.add_argument("--dedup-flip", action="store_true", help="also match horizontally mirrored copies")
+    g.add_argument("--against", type=Path, default=None,
+                   help="an earlier memclean output: new images that duplicate its kept images are dropped")
+    g = p.add_argument_group("remediation")
+    g.add_argument("--action", choices=ACTION_MODES, default=c.remediation.action,
+                   help="auto: dedup, then augment flagged survivors; dedup; augment; drop flagged; "
+                        f"none (default {c.remediation.action})")
+    g.add_argument("--augment-tries", type=int, default=c.remediation.tries,
+                   help=f"augmentations per image, escalating light -> medium -> strong (default {c.remediation.tries})")
+    g.add_argument("--on-failure", choices=ON_FAILURE, default=c.remediation.on_failure,
+                   help="what happens to an image no augmentation brought below the threshold")
+    g.add_argument("--augment-seed", type=int, default=c.remediation.seed, help="augmentation seed")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -158,17 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_scoring_args(p)
     p.set_defaults(func=cmd_score)
 
-    from .clean import SCORE_CHOICES, CleanSettings
-
-    c = CleanSettings()
-    p = sub.add_parser("clean", help="the whole pipeline: score, flag, decide, write a cleaned dataset")
+    p = sub.add_parser("clean", help="the whole pipeline: score, flag, dedup, remediate, write a cleaned dataset")
     add_data_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (see README: Outputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--flag-quantile", type=float, default=c.flag_quantile,
-                   help=f"flag images scoring above this quantile of the dataset (default {c.flag_quantile})")
-    p.add_argument("--score", choices=SCORE_CHOICES, default=c.score,
-                   help=f"the score that flagging judges (default {c.score})")
+    add_decision_args(p)
     add_model_args(p)
     add_scoring_args(p)
     p.set_defaults(func=cmd_clean)

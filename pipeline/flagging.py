@@ -45,9 +45,80 @@ def quantile_threshold(scores: np.ndarray, q: float) -> Threshold:
     return Threshold(float(np.quantile(s, q)), "quantile", {"q": q}, {"n": int(s.size)})
 
 
+def reference_threshold(reference: np.ndarray, fpr: float, confidence: float = 0.95) -> Threshold:
+    """The (1 - A) quantile of scores of images the model never saw (a held-out split).
+
+    About A of unmemorized images score above it. Its confidence interval comes from order
+    statistics: the number of reference scores below the true quantile is Binomial(n, 1 - A),
+    so the ranks of its (1 -/+ confidence) / 2 quantiles bracket the threshold.
+    """
+    from scipy.stats import binom
+
+    if not 0 < fpr < 1:
+        raise ValueError(f"--flag-fpr must lie in (0, 1), got {fpr}")
+    s = np.sort(_finite(reference, "reference"))
+    n = s.size
+    lo_rank, hi_rank = binom.ppf([(1 - confidence) / 2, (1 + confidence) / 2], n, 1 - fpr).astype(int)
+    ci = [float(s[max(lo_rank - 1, 0)]), float(s[min(hi_rank, n - 1)])]
+    details = {"n_reference": n, "ci": ci, "confidence": confidence}
+    if n * fpr < 5:
+        details["warning"] = f"only {n} reference scores: about {n * fpr:.1f} lie above a {fpr} tail"
+    return Threshold(float(np.quantile(s, 1 - fpr)), "reference_fpr", {"fpr": fpr}, details)
+
+
+def zscore_threshold(scores: np.ndarray, z: float) -> Threshold:
+    """median + z * 1.4826 MAD of the dataset's scores (a robust z-score above z)."""
+    s = _finite(scores, "dataset")
+    med = float(np.median(s))
+    scale = 1.4826 * float(np.median(np.abs(s - med)))
+    if scale == 0:
+        raise ValueError("the scores' median absolute deviation is 0: --flag-zscore cannot scale them")
+    return Threshold(med + z * scale, "robust_zscore", {"z": z}, {"median": med, "scale": scale, "n": int(s.size)})
+
+
+def absolute_threshold(value: float) -> Threshold:
+    """A fixed threshold, e.g. carried over from an earlier run's manifest."""
+    if not np.isfinite(value):
+        raise ValueError(f"--flag-threshold must be finite, got {value}")
+    return Threshold(float(value), "absolute", {"value": float(value)})
+
+
 POLICIES: dict[str, Callable[..., Threshold]] = {
     "quantile": quantile_threshold,
+    "reference_fpr": reference_threshold,
+    "robust_zscore": zscore_threshold,
+    "absolute": absolute_threshold,
 }
+
+
+@dataclass(frozen=True)
+class FlagSettings:
+    """Which policy sets the threshold; at most one of the optional ones may be given."""
+
+    quantile: float = 0.95  # default policy: flag above this quantile of the dataset
+    fpr: float | None = None  # with a reference: flag above its (1 - fpr) quantile
+    zscore: float | None = None  # flag above median + z * 1.4826 MAD
+    threshold: float | None = None  # flag above this absolute value
+
+    def policy(self, has_reference: bool) -> str:
+        chosen = [name for name, v in (("robust_zscore", self.zscore), ("absolute", self.threshold)) if v is not None]
+        if self.fpr is not None and not has_reference:
+            raise ValueError("--flag-fpr needs --reference: held-out images to calibrate against")
+        if has_reference:
+            chosen.append("reference_fpr")
+        if len(chosen) > 1:
+            raise ValueError(f"choose one flagging policy, got {chosen} (--reference, --flag-zscore, --flag-threshold)")
+        return chosen[0] if chosen else "quantile"
+
+    def threshold_for(self, scores: np.ndarray, reference: np.ndarray | None) -> Threshold:
+        policy = self.policy(reference is not None)
+        if policy == "reference_fpr":
+            return reference_threshold(reference, 0.05 if self.fpr is None else self.fpr)
+        if policy == "robust_zscore":
+            return zscore_threshold(scores, self.zscore)
+        if policy == "absolute":
+            return absolute_threshold(self.threshold)
+        return quantile_threshold(scores, self.quantile)
 
 
 def flag(scores: np.ndarray, threshold: Threshold) -> np.ndarray:

@@ -46,9 +46,18 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 DECISION_SCHEMA = pa.schema([
-    ("flagged", pa.bool_()),  # score above the threshold
+    ("flagged", pa.bool_()),  # score above the threshold (null when rejected)
     ("flag_reason", pa.string()),  # policy, threshold and score, for people
+    ("dup_cluster", pa.int64()),  # duplicate cluster number; null for images with no duplicate
+    ("dup_of", pa.string()),  # the id this row duplicates (its cluster's keeper, or an earlier output's)
+    ("dup_similarity", pa.float32()),  # its highest similarity to another member
     ("action", pa.string()),  # kept | augmented | dropped | rejected
+    ("action_reason", pa.string()),  # why, for people
+    ("augment_preset", pa.string()),  # light | medium | strong: the last augmentation tried
+    ("augment_tries", pa.int64()),  # augmentations tried
+    ("augmented_score", pa.float64()),  # the re-score of the last augmentation
+    ("augmentation", pa.string()),  # JSON: preset, seed, serialised transform, drawn parameters
+    ("augmented_png", pa.string()),  # internal: staging path of the accepted augmentation
 ])
 
 CLEANED_SCHEMA = pa.schema([

@@ -38,7 +38,7 @@ def run(tmp_path, model, data, *extra):
 
 def test_hostile_corpus_is_fully_accounted_for(tmp_path, model, corpus):
     data, expected = corpus
-    assert run(tmp_path, model, data) == 0
+    assert run(tmp_path, model, data, "--action", "drop") == 0
     out = tmp_path / "out"
     assert (out / COMPLETE_MARKER).is_file()
     scores = pq.read_table(out / "scores.parquet").to_pylist()
@@ -56,7 +56,7 @@ def test_hostile_corpus_is_fully_accounted_for(tmp_path, model, corpus):
     assert c["flagged"] == c["dropped"] == sum(s > m["threshold"]["value"] for s in ok_scores) >= 1
     flagged = pq.read_table(out / "flagged.parquet").to_pylist()
     assert len(flagged) == c["flagged"] and all("quantile" in r["flag_reason"] for r in flagged)
-    assert m["model"]["fingerprint"] and m["versions"]["torch"] and set(m["timings_s"]) >= {"score", "flag"}
+    assert m["model"]["fingerprint"] and m["versions"]["torch"] and set(m["timings_s"]) >= {"score", "flag_and_dedup", "remediate"}
     assert m["reject_reasons"]["symlink_loop"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
 
@@ -66,7 +66,8 @@ def test_cleaned_output_opens_in_datasets_pyarrow_and_duckdb(tmp_path, model, co
     assert run(tmp_path, model, data) == 0
     cleaned = tmp_path / "out" / "cleaned"
     files = sorted(str(p) for p in cleaned.glob("*.parquet"))
-    kept = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["kept"]
+    c = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    kept = c["kept"] + c["augmented"]
 
     import datasets
 
@@ -79,14 +80,14 @@ def test_cleaned_output_opens_in_datasets_pyarrow_and_duckdb(tmp_path, model, co
     import pyarrow.dataset as pds
 
     table = pds.dataset(str(cleaned), format="parquet").to_table()
-    assert table.num_rows == kept and set(table.column("action").to_pylist()) == {"kept"}
+    assert table.num_rows == kept and set(table.column("action").to_pylist()) <= {"kept", "augmented"}
 
     import duckdb
 
     n, distinct = duckdb.sql(f"select count(*), count(distinct id) from read_parquet('{cleaned}/*.parquet')").fetchall()[0]
     assert n == distinct == kept
     ids = {r[0] for r in duckdb.sql(f"select id from read_parquet('{tmp_path}/out/scores.parquet') "
-                                     "where action = 'kept'").fetchall()}
+                                     "where action in ('kept', 'augmented')").fetchall()}
     assert ids == set(table.column("id").to_pylist())
 
 
@@ -99,7 +100,7 @@ def test_rerun_refuses_without_overwrite(tmp_path, model, corpus, capsys):
     assert (tmp_path / "out" / "manifest.json").read_text() == before
     assert run(tmp_path, model, data, "--overwrite", "--flag-quantile", "0.5") == 0
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert m["settings"]["clean"]["flag_quantile"] == 0.5
+    assert m["settings"]["clean"]["flag"]["quantile"] == 0.5
 
 
 def test_a_crash_leaves_no_output(tmp_path, model, corpus, monkeypatch):
@@ -125,4 +126,4 @@ def test_parquet_input_and_output_round_trip(tmp_path, model, corpus):
     assert again == 0
     m1 = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
     m2 = json.loads((tmp_path / "out2" / "manifest.json").read_text())["counts"]
-    assert m2["input"] == m1["kept"] and m2["rejected"] == 0
+    assert m2["input"] == m1["kept"] + m1["augmented"] and m2["rejected"] == 0

@@ -1,0 +1,164 @@
+"""Duplicate clusters: FAISS range search over unit vectors (cosine similarity), union-find.
+
+Exact duplicates (equal decoded-pixel hashes) are joined first; near duplicates are pairs whose
+cosine similarity is at least the threshold. The search runs in query batches against one
+index (exact IndexFlatIP up to FLAT_MAX vectors, IVF above), so no N x N matrix is ever built.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FLAT_MAX = 100_000  # above this, an IVF index (benchmarks/dedup.py measures the trade-off)
+QUERY_BATCH = 4096  # queries per range search call
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto"):
+    """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    if kind == "flat" or (kind == "auto" and n <= FLAT_MAX):
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = max(1, int(4 * np.sqrt(n)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        index.train(vectors[rng.choice(n, min(n, 256 * nlist), replace=False)])
+        index.nprobe = min(nlist, 32)
+    index.add(vectors)
+    return index
+
+
+def range_pairs(index, queries: np.ndarray, threshold: float,
+                batch: int = QUERY_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(query rows, index rows, similarities) of every pair with similarity >= threshold."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    for start in range(0, len(queries), batch):
+        lims, sims, ids = index.range_search(queries[start:start + batch], float(threshold))
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+        yield rows, ids, sims
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 with path halving and union by size."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+        self.size = np.ones(n, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        p = self.parent
+        while p[i] != i:
+            p[i] = p[p[i]]
+            i = p[i]
+        return int(i)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+
+
+@dataclass
+class Clusters:
+    """Duplicate clusters over N rows; singletons have cluster -1."""
+
+    cluster: np.ndarray  # [N] int64 cluster number, -1 for images with no duplicate
+    keeper: np.ndarray  # [N] int64 row of the cluster's keeper, -1 for singletons
+    best_similarity: np.ndarray  # [N] float32 highest similarity to another member (1 for exact)
+    pairs: int  # near-duplicate pairs found
+
+    @property
+    def count(self) -> int:
+        return int(self.cluster.max() + 1) if len(self.cluster) else 0
+
+
+def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk: np.ndarray,
+                  ids: Sequence[str], threshold: float, embedder,
+                  flipped: np.ndarray | None = None) -> Clusters:
+    """Cluster rows whose embeddings are duplicates (embedder.similarity >= threshold, also of
+    the mirrored image when `flipped` embeddings are given) or whose pixel hashes are equal.
+    Candidates come from a range search of embedder.search_view vectors. The keeper of each
+    cluster is its lowest-risk member, ties broken by id."""
+    n = len(vectors)
+    uf = UnionFind(n)
+    best = np.zeros(n, dtype=np.float32)
+    first: dict[str, int] = {}
+    for i, h in enumerate(pixel_hashes):
+        if h is None:
+            continue
+        if h in first:
+            uf.union(first[h], i)
+            best[i] = best[first[h]] = 1.0
+        else:
+            first[h] = i
+    pairs = 0
+    if n > 1:
+        index = build_index(embedder.search_view(vectors))
+        for queries in (vectors, flipped):
+            if queries is not None:
+                pairs += _join_near(uf, best, index, queries, vectors, threshold, embedder)
+    return _label(uf, risk, ids, best, pairs)
+
+
+def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, vectors: np.ndarray,
+               threshold: float, embedder) -> int:
+    """Union every verified pair (query row, index row); returns how many were joined."""
+    joined = 0
+    cand = embedder.candidate_threshold(threshold)
+    for rows, cols, _ in range_pairs(index, embedder.search_view(queries), cand):
+        keep = rows < cols  # each unordered pair once; a row never pairs with itself
+        rows, cols = rows[keep], cols[keep]
+        if not len(rows):
+            continue
+        sims = embedder.similarity(queries[rows], vectors[cols])
+        for a, b, s in zip(rows[sims >= threshold], cols[sims >= threshold], sims[sims >= threshold]):
+            uf.union(int(a), int(b))
+            best[a], best[b] = max(best[a], s), max(best[b], s)
+            joined += 1
+    return joined
+
+
+def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, embedder) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, its most similar reference row at or above threshold (else -1)
+    and that similarity: used to check a new drop against an earlier cleaned output."""
+    match = np.full(len(queries), -1, dtype=np.int64)
+    sim = np.zeros(len(queries), dtype=np.float32)
+    if not len(reference) or not len(queries):
+        return match, sim
+    index = build_index(embedder.search_view(reference))
+    for rows, cols, _ in range_pairs(index, embedder.search_view(queries), embedder.candidate_threshold(threshold)):
+        if not len(rows):
+            continue
+        s = embedder.similarity(queries[rows], reference[cols])
+        for r, c, v in zip(rows, cols, s):
+            if v >= threshold and v > sim[r]:
+                match[r], sim[r] = c, v
+    return match, sim
+
+
+def _label(uf: UnionFind, risk: np.ndarray, ids: Sequence[str], best: np.ndarray, pairs: int) -> Clusters:
+    n = len(ids)
+    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+    members: dict[int, list[int]] = {}
+    for i, r in enumerate(roots):
+        members.setdefault(int(r), []).append(i)
+    cluster = np.full(n, -1, dtype=np.int64)
+    keeper = np.full(n, -1, dtype=np.int64)
+    groups = [m for m in members.values() if len(m) > 1]
+    keepers = [min(m, key=lambda i: (risk[i], ids[i])) for m in groups]
+    for number, (m, k) in enumerate(sorted(zip(groups, keepers), key=lambda g: ids[g[1]])):
+        cluster[m] = number
+        keeper[m] = k
+    return Clusters(cluster, keeper, best, pairs)

@@ -1,0 +1,191 @@
+"""Vectors for duplicate search, compared by cosine similarity (all are L2-normalised).
+
+Embedders take images as the model sees them (x: [B, C, H, W] in [-1, 1]) and return
+[B, d] float32 unit vectors. They are chosen by name from EMBEDDERS:
+    pixel             model-free: grey, resized to 32x32, blurred (sigma 1 px), mean removed.
+                      Its similarity is the correlation of two thumbnails, maximised over shifts
+                      of up to one thumbnail pixel (1/32 of the image): invariant to brightness
+                      and contrast, tolerant of JPEG, shifts and crops of a few per cent.
+    unet              the diffusion model's own mid-block features at t = 0.5, pooled.
+    torchscript:PATH  a user model from a local TorchScript file (e.g. SSCD copy-detection
+                      weights): RGB in [0, 1], ImageNet-normalised, resized to --embed-size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Embedder(Protocol):
+    name: str  # recorded in the manifest; --against requires the same one
+    default_threshold: float  # similarity at or above which two images are duplicates
+
+    def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """x: [B, C, H, W] in [-1, 1] -> [B, d] unit vectors (of the mirrored image if flip)."""
+
+    def search_view(self, v: np.ndarray) -> np.ndarray:
+        """The vectors the FAISS index holds (unit, inner product)."""
+
+    def candidate_threshold(self, threshold: float) -> float:
+        """Index similarity above which a pair is checked with `similarity`."""
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Row-wise similarity of embeddings: [n, d], [n, d] -> [n]."""
+
+
+class CosineSimilarity:
+    """The default: the index holds the embeddings, similarity is their inner product."""
+
+    def search_view(self, v: np.ndarray) -> np.ndarray:
+        return v
+
+    def candidate_threshold(self, threshold: float) -> float:
+        return threshold
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.einsum("nd,nd->n", a, b)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return F.normalize(v.flatten(1).to(torch.float32), dim=1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding: [B, 1, H, W] -> same."""
+    radius = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype) ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).to(x.device)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+class PixelEmbedder:
+    """A blurred, mean-removed 32x32 grey thumbnail, compared by shift-maximised correlation.
+
+    The index holds a blurrier view (sigma 2) that finds candidates robustly; each candidate
+    pair is then scored by the correlation of the sharp thumbnails over their overlap,
+    maximised over shifts of -1, 0, 1 thumbnail pixels in each direction.
+    """
+
+    name = "pixel"
+    default_threshold = 0.95
+
+    def __init__(self, size: int = 32, sigma: float = 1.0, search_sigma: float = 2.0):
+        self.size = size  # thumbnail side
+        self.sigma = sigma  # blur of the stored thumbnail, in thumbnail pixels
+        self.search_sigma = search_sigma  # blur of the indexed view
+
+    def search_view(self, v: np.ndarray) -> np.ndarray:
+        extra = math.sqrt(self.search_sigma**2 - self.sigma**2)
+        t = _gaussian_blur(torch.from_numpy(np.asarray(v, np.float32)).view(-1, 1, self.size, self.size), extra)
+        return _unit(t).numpy()
+
+    def candidate_threshold(self, threshold: float) -> float:
+        return 1 - 3 * (1 - threshold)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        n, s = len(a), self.size
+        a = torch.from_numpy(np.asarray(a, np.float32)).view(n, s, s)
+        b = torch.from_numpy(np.asarray(b, np.float32)).view(n, s, s)
+        best = torch.full((n,), -1.0)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                pa = a[:, max(dy, 0):s + min(dy, 0), max(dx, 0):s + min(dx, 0)].flatten(1)
+                pb = b[:, max(-dy, 0):s + min(-dy, 0), max(-dx, 0):s + min(-dx, 0)].flatten(1)
+                pa, pb = pa - pa.mean(1, keepdim=True), pb - pb.mean(1, keepdim=True)
+                r = (pa * pb).sum(1) / (pa.norm(dim=1) * pb.norm(dim=1)).clamp_min(1e-12)
+                best = torch.maximum(best, r)
+        return best.numpy()
+
+    def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        grey = x.to(torch.float32).mean(1, keepdim=True)
+        grey = F.interpolate(grey, size=(self.size, self.size), mode="bilinear", antialias=True,
+                             align_corners=False)
+        grey = _gaussian_blur(grey, self.sigma)
+        if flip:
+            grey = grey.flip(-1)
+        v = grey.flatten(1)
+        return _unit(v - v.mean(1, keepdim=True))
+
+
+class UNetEmbedder(CosineSimilarity):
+    """Mid-block features of the diffusion UNet at a fixed noise level (no noise drawn)."""
+
+    name = "unet"
+    default_threshold = 0.95
+
+    def __init__(self, score_fn, t: float = 0.5):
+        self.score_fn = score_fn  # a DiffusersScore: its UNet and schedule
+        self.t = torch.tensor(t, dtype=torch.float64)  # the diffusion time features are taken at
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        unet, schedule = self.score_fn.unet, self.score_fn.schedule
+        if flip:
+            x = x.flip(-1)
+        features: list[torch.Tensor] = []
+        hook = unet.mid_block.register_forward_hook(lambda m, i, o: features.append(o))
+        try:
+            scale = schedule.abar(self.t).sqrt() if schedule.kind == "vp" else torch.tensor(1.0)
+            timestep = schedule.timestep(self.t).to(torch.float32).expand(x.shape[0]).to(x.device)
+            unet((scale.to(x.dtype) * x).to(self.score_fn.dtype), timestep)
+        finally:
+            hook.remove()
+        f = features[0]
+        return _unit(torch.cat([f.mean((2, 3)), f.flatten(2).std(2)], 1))
+
+
+class TorchScriptEmbedder(CosineSimilarity):
+    """A local TorchScript model (e.g. SSCD): RGB [0, 1], ImageNet-normalised, resized."""
+
+    default_threshold = 0.75  # SSCD's suggested copy-detection similarity
+
+    def __init__(self, path: str, size: int = 224, device: str | torch.device = "cpu"):
+        import os
+
+        if not os.path.isfile(path):
+            raise ValueError(f"embedder file {path!r} not found: expected a TorchScript model")
+        try:
+            self.model = torch.jit.load(path, map_location=device).eval()
+        except Exception as e:
+            raise ValueError(f"cannot load {path!r} as TorchScript: {e}") from e
+        self.name = f"torchscript:{path}"
+        self.size = size  # input side length the model expects
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        rgb = ((x.to(torch.float32) + 1) / 2).clamp(0, 1)
+        rgb = rgb.expand(-1, 3, -1, -1) if rgb.shape[1] == 1 else rgb[:, :3]
+        rgb = F.interpolate(rgb, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if flip:
+            rgb = rgb.flip(-1)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return _unit(self.model((rgb - mean) / std))
+
+
+EMBEDDERS: dict[str, Callable[..., Embedder]] = {
+    "pixel": lambda model=None, **kw: PixelEmbedder(),
+    "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn),
+    "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(path, size, device),
+}
+
+
+def make_embedder(spec: str, model=None, size: int = 224, device: str | torch.device = "cpu") -> Embedder:
+    """'pixel', 'unet' or 'torchscript:PATH' -> an embedder."""
+    name, _, path = spec.partition(":")
+    if name not in EMBEDDERS:
+        raise ValueError(f"embedder {spec!r} is not one of pixel, unet, torchscript:PATH")
+    if name == "torchscript" and not path:
+        raise ValueError("the torchscript embedder needs a file: --embedder torchscript:PATH")
+    return EMBEDDERS[name](model=model, path=path, size=size, device=device)

@@ -1,0 +1,155 @@
+"""Remediation: what happens to each input once it is scored, flagged and clustered.
+
+    auto     collapse duplicate clusters (keep the lowest-risk member), then replace every
+             flagged survivor by an augmented variant that re-scores below the threshold
+    dedup    collapse duplicate clusters only
+    augment  replace flagged images by augmented variants only (no dedup)
+    drop     drop flagged images
+    none     flag only; everything that decodes is kept
+An augmentation is accepted only if its re-score (same model and settings) falls below the
+threshold; each failed try escalates the preset (light -> medium -> strong). After the last try
+the image is dropped or kept-and-flagged, as --on-failure says.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+import transforms
+
+from .data import ImageSpec, center_crop_resize, to_tensor
+from .volume import ScorerSettings, log_volume_growth
+
+log = logging.getLogger(__name__)
+
+ACTION_MODES = ("auto", "dedup", "augment", "drop", "none")
+ON_FAILURE = ("drop", "keep")
+
+
+@dataclass(frozen=True)
+class RemediationSettings:
+    """How flagged and duplicated images are handled."""
+
+    action: str = "auto"  # auto | dedup | augment | drop | none
+    tries: int = 3  # augmentation attempts per image, escalating the preset
+    on_failure: str = "drop"  # drop | keep an image no augmentation brought below the threshold
+    seed: int = 0  # augmentation seed, mixed with each image's sha256 and the try number
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTION_MODES:
+            raise ValueError(f"--action {self.action!r} is not one of {ACTION_MODES}")
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(f"--on-failure {self.on_failure!r} is not one of {ON_FAILURE}")
+        if self.tries < 1:
+            raise ValueError(f"--augment-tries must be at least 1, got {self.tries}")
+
+    @property
+    def dedups(self) -> bool:
+        return self.action in ("auto", "dedup")
+
+    @property
+    def augments(self) -> bool:
+        return self.action in ("auto", "augment")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(ok: np.ndarray, flagged: np.ndarray, dup_of: list[str | None],
+         settings: RemediationSettings) -> tuple[list[str], list[str | None], np.ndarray]:
+    """First decision per row: (action, reason, augment?) before any augmentation runs."""
+    action, reason = [], []
+    augment = np.zeros(len(ok), dtype=bool)
+    for i in range(len(ok)):
+        if not ok[i]:
+            action.append("rejected"), reason.append("could not be decoded")
+        elif settings.dedups and dup_of[i] is not None:
+            action.append("dropped"), reason.append(f"duplicate of {dup_of[i]}")
+        elif flagged[i] and settings.action == "drop":
+            action.append("dropped"), reason.append("flagged")
+        elif flagged[i] and settings.augments:
+            action.append("augmented"), reason.append(None)  # settled by augment_and_rescore
+            augment[i] = True
+        else:
+            action.append("kept"), reason.append("flagged; kept as --action says" if flagged[i] else None)
+    return action, reason, augment
+
+
+def augmentation_seed(seed: int, sha256: str, attempt: int) -> int:
+    h = hashlib.sha256(f"memclean-augment:{seed}:{sha256}:{attempt}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_image(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+@dataclass
+class Attempt:
+    """The outcome of remediating one flagged image."""
+
+    accepted: bool  # its last try scored below the threshold
+    tries: int  # attempts made
+    preset: str  # preset of the last attempt
+    score: float  # re-score of the last attempt
+    record: dict  # the albumentations record of the last attempt (replay reproduces it)
+    png: Path  # the last attempt, losslessly encoded, on disk until cleaned/ is written
+
+
+def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], score_fn, spec: ImageSpec,
+                        scorer: ScorerSettings, threshold: float, score_name: str,
+                        settings: RemediationSettings, folder: Path, batch_size: int = 16,
+                        device: str | torch.device = "cpu",
+                        progress: Callable[[int], None] | None = None) -> dict[str, Attempt]:
+    """Augment each image (id -> (full-size image in the model's mode, sha256)) and re-score,
+    in rounds: every image still above the threshold gets the next preset."""
+    results: dict[str, Attempt] = {}
+    pending = sorted(images)
+    for attempt in range(settings.tries):
+        name = transforms.PRESETS[min(attempt, len(transforms.PRESETS) - 1)]
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            made = []
+            for i in chunk:
+                img, sha = images[i]
+                arr, record = transforms.apply(name, to_array(img), augmentation_seed(settings.seed, sha, attempt))
+                made.append((i, arr, record))
+            x = torch.stack([to_tensor(center_crop_resize(to_image(a), spec.size)) for _, a, _ in made]).to(device)
+            r = log_volume_growth(score_fn, x, scorer)
+            values = getattr(r, score_name).tolist()
+            for (i, arr, record), v in zip(made, values):
+                buf = io.BytesIO()
+                to_image(arr).save(buf, "PNG")
+                png = save_png(folder, i, buf.getvalue())
+                results[i] = Attempt(v < threshold, attempt + 1, name, v, record, png)
+            if progress:
+                progress(len(chunk))
+        pending = [i for i in pending if not results[i].accepted]
+        if not pending:
+            break
+    return results
+
+
+def record_json(a: Attempt) -> str:
+    return json.dumps(a.record, sort_keys=True)
+
+
+def save_png(folder: Path, id_: str, png: bytes) -> Path:
+    """Keep an augmented image on disk until it is written to cleaned/ (not in memory)."""
+    path = folder / (hashlib.sha256(id_.encode()).hexdigest()[:24] + ".png")
+    path.write_bytes(png)
+    return path

@@ -1,0 +1,118 @@
+"""Duplicate clusters on a generated set with planted exact and near duplicates."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import ImageSpec, batched, discover
+from pipeline.dedup import UnionFind, build_index, find_clusters, near_matches, range_pairs
+from pipeline.embeddings import CosineSimilarity, PixelEmbedder, make_embedder
+from tests.planted import planted_set
+
+
+def embed_folder(root: Path, size=(64, 64), flip=False):
+    ds = [d for b in batched(discover(root), ImageSpec(3, size), 64) for d in b]
+    x = torch.stack([d.pixels for d in ds])
+    emb = PixelEmbedder()
+    flipped = emb(x, flip=True).numpy() if flip else None
+    return ds, emb(x).numpy(), flipped, emb
+
+
+def pair_scores(truth: dict, ids: list, cluster: np.ndarray) -> tuple[float, float]:
+    """Pairwise precision and recall of predicted clusters against planted groups."""
+    g = np.array([truth[i] for i in ids])
+    true = (g[:, None] == g[None, :]) & (g[:, None] >= 0)
+    pred = (cluster[:, None] == cluster[None, :]) & (cluster[:, None] >= 0)
+    off = ~np.eye(len(ids), dtype=bool)
+    tp = (true & pred & off).sum()
+    return tp / max((pred & off).sum(), 1), tp / max((true & off).sum(), 1)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 32)])
+def test_planted_clusters_precision_and_recall(tmp_path, size):
+    truth = planted_set(tmp_path / "set", n_unique=300, n_groups=25)
+    ds, v, _, emb = embed_folder(tmp_path / "set", size)
+    ids = [d.item.id for d in ds]
+    risk = np.arange(len(ids), dtype=float)[::-1]  # later files are lower risk
+    c = find_clusters(v, [d.pixel_sha256 for d in ds], risk, ids, emb.default_threshold, emb)
+    precision, recall = pair_scores(truth, ids, c.cluster)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    assert c.count == 25
+    for k in range(c.count):
+        members = np.where(c.cluster == k)[0]
+        assert c.keeper[members[0]] == members[np.argmin(risk[members])]  # lowest risk keeps
+
+
+def test_keeper_ties_broken_by_id_and_exact_hashes_join():
+    v = np.eye(4, dtype=np.float32)  # nothing similar by vector
+    c = find_clusters(v, ["h", "x", "h", "h"], np.zeros(4), ["d", "c", "b", "a"], 0.95, CosineSimilarity())
+    assert c.cluster.tolist()[1] == -1 and len(set(c.cluster[[0, 2, 3]])) == 1
+    assert c.keeper[0] == 3  # id "a"
+
+
+def test_flip_only_behind_the_option(tmp_path):
+    truth = planted_set(tmp_path / "set", n_unique=40, n_groups=5, kinds=("flip",))
+    ds, v, flipped, emb = embed_folder(tmp_path / "set", flip=True)
+    ids = [d.item.id for d in ds]
+    hashes = [None] * len(ids)  # vectors only
+    without = find_clusters(v, hashes, np.zeros(len(ids)), ids, 0.95, emb)
+    with_flip = find_clusters(v, hashes, np.zeros(len(ids)), ids, 0.95, emb, flipped=flipped)
+    flip_ids = [i for i in ids if i.endswith("_flip.png")]
+
+    def joined(c):
+        return sum(c.cluster[ids.index(i)] >= 0 and c.cluster[ids.index(i)] == c.cluster[ids.index(i.replace("flip", "orig"))]
+                   for i in flip_ids)
+
+    assert joined(without) == 0 and joined(with_flip) == 5
+    assert pair_scores(truth, ids, with_flip.cluster) == (1.0, 1.0)
+
+
+def test_ivf_index_finds_the_same_pairs_as_flat():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3000, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    noisy = base[:100] + 0.05 * rng.normal(size=(100, 32)).astype(np.float32)
+    v = np.concatenate([base, noisy / np.linalg.norm(noisy, axis=1, keepdims=True)])
+    found = {}
+    for kind in ("flat", "ivf"):
+        idx = build_index(v, kind)
+        found[kind] = {(int(a), int(b)) for r, c, _ in range_pairs(idx, v, 0.9, batch=500)
+                       for a, b in zip(r, c) if a < b}
+    assert len(found["flat"]) == 100
+    assert len(found["ivf"] & found["flat"]) >= 95
+
+
+def test_union_find():
+    uf = UnionFind(5)
+    uf.union(0, 1)
+    uf.union(3, 4)
+    uf.union(1, 4)
+    assert len({uf.find(i) for i in (0, 1, 3, 4)}) == 1 and uf.find(2) == 2
+
+
+def test_near_matches_against_an_earlier_output(tmp_path):
+    planted_set(tmp_path / "set", n_unique=30, n_groups=4)
+    ds, v, _, emb = embed_folder(tmp_path / "set")
+    ids = [d.item.id for d in ds]
+    previous = np.array([i.endswith("_orig.png") for i in ids])
+    match, sim = near_matches(v[~previous], v[previous], 0.95, emb)
+    new_ids = [i for i, p in zip(ids, previous) if not p]
+    for i, m in zip(new_ids, match):
+        assert (m >= 0) == i.startswith("g"), i
+
+
+def test_embedder_registry_and_torchscript(tmp_path):
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(Tiny()).save(str(path))
+    emb = make_embedder(f"torchscript:{path}", size=16)
+    out = emb(torch.rand(2, 1, 8, 8) * 2 - 1)
+    assert out.shape == (2, 3) and torch.allclose(out.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="not found"):
+        make_embedder("torchscript:/nonexistent.pt")
+    with pytest.raises(ValueError, match="one of"):
+        make_embedder("sscd")
