@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/memclean clean --data examples/digits/train --reference examples/digits/heldout \
-		--model examples/model --out $(OUT) --overwrite --solver heun --steps 50 --batch-size 100 \
-		--dup-threshold 0.99
+	$(VENV)/bin/memclean demo --out $(OUT)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -6,6 +6,7 @@ Every input ends in exactly one action: kept, augmented, dropped or rejected.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from . import __version__
-from .data import ImageSpec, Rejected, Source, batched, decode_image, discover, open_image
+from .cache import ScoreCache, default_cache_dir, namespace
+from .data import ImageSpec, Item, Rejected, Source, batched, decode_image, discover, open_image
 from .dedup import Clusters, build_index, find_clusters, near_matches
 from .embeddings import Embedder, make_embedder
 from .flagging import FlagSettings, Threshold, flag
@@ -61,14 +63,15 @@ class CleanSettings:
     image_column: str | None = None  # Parquet sources: the column holding images
     max_pixels: int = ImageSpec.max_pixels  # larger images are rejected (decompression bombs)
     min_size: int = ImageSpec.min_size  # images with a shorter side are rejected
+    shard_size: int = 256  # images per scoring shard (the unit of caching, resuming and mapping)
     shard_rows: int = 10_000  # rows per cleaned/ Parquet file
     row_group_rows: int = 256  # rows per row group in cleaned/
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_CHOICES:
             raise ValueError(f"--score {self.score!r} is not one of {SCORE_CHOICES}")
-        if self.batch_size < 1 or self.shard_rows < 1 or self.row_group_rows < 1:
-            raise ValueError("batch_size, shard_rows and row_group_rows must be at least 1")
+        if min(self.batch_size, self.shard_size, self.shard_rows, self.row_group_rows) < 1:
+            raise ValueError("batch_size, shard_size, shard_rows and row_group_rows must be at least 1")
         if self.dup_threshold is not None and not -1 <= self.dup_threshold <= 1:
             raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
         self.flag.policy(self.reference is not None)  # validates the policy choice
@@ -84,7 +87,11 @@ class RunContext:
     settings: CleanSettings
     staging: Path
     embedder: Embedder
+    job: ScoreJob | None = None  # what scoring workers need
+    out: Path = Path()  # the final output folder
+    overwrite: bool = False  # replace an existing output
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    scoring: dict[str, dict[str, int]] = field(default_factory=dict)  # fresh / reused per source
 
     @property
     def spec(self) -> ImageSpec:
@@ -119,22 +126,93 @@ class Scored:
     flipped: np.ndarray | None  # [n_ok, d] of mirrored images, with --dedup-flip
 
 
-def score_source(ctx: RunContext, source: Source, name: str, embed: bool,
-                 progress: Callable[[int], None] | None = None) -> Scored:
-    """Score every input of `source` into staging/name; embed the decodable ones if asked."""
-    metadata = {"settings": ctx.scorer.to_dict(), "model_fingerprint": ctx.model.fingerprint}
-    vectors, flipped = [], []
-    with AtomicParquetWriter(ctx.staging / name, SCORE_SCHEMA, metadata) as writer:
-        for batch in batched(source, ctx.spec, ctx.settings.batch_size):
-            writer.write(score_batch(ctx.model, batch, ctx.scorer, ctx.settings.device, progress))
-            pixels = [d.pixels for d in batch if d.pixels is not None]
-            if embed and pixels:
-                x = torch.stack(pixels).to(ctx.settings.device)
-                vectors.append(ctx.embedder(x).cpu().numpy())
-                if ctx.settings.dedup_flip:
-                    flipped.append(ctx.embedder(x, flip=True).cpu().numpy())
-    stack = lambda parts: np.concatenate(parts) if parts else None
-    return Scored(pq.read_table(ctx.staging / name), stack(vectors), stack(flipped))
+@dataclass(frozen=True)
+class ScoreJob:
+    """Everything a worker (a thread, a process, a Dask worker) needs to score shards."""
+
+    model: str  # checkpoint path
+    allow_pickle: bool
+    scorer: ScorerSettings
+    settings: CleanSettings
+    staging: str  # the run's staging folder (shard files go to staging/shards/)
+    cache_dir: str | None  # score cache root; None disables caching
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_model(path: str, allow_pickle: bool, device: str) -> LoadedModel:
+    return load_model(path, allow_pickle, device)
+
+
+def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreCache | None]:
+    """The model, embedder, input spec and cache of a job (loaded once per process)."""
+    model = _worker_model(job.model, job.allow_pickle, job.settings.device)
+    embedder = make_embedder(job.settings.embedder, model, job.settings.embed_size, job.settings.device)
+    spec = image_spec(model, job.settings.max_pixels, job.settings.min_size)
+    cache = None
+    if job.cache_dir is not None:
+        key = namespace(model.fingerprint, job.scorer.to_dict(), asdict(spec))
+        cache = ScoreCache(job.cache_dir, key)
+    return model, embedder, spec, cache
+
+
+def shard_items(source: Source, size: int) -> Iterator[list[Item]]:
+    """The source in consecutive shards of `size` items."""
+    shard: list[Item] = []
+    for item in source:
+        shard.append(item)
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def score_shard(job: ScoreJob, items: list[Item], name: str, embed: bool,
+                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Score (or reuse cached scores of) one shard into staging/shards/name.parquet, with the
+    embeddings of its decodable images in name.npy. Returns the paths and counts."""
+    model, embedder, spec, cache = job_context(job)
+    folder = Path(job.staging) / "shards"
+    folder.mkdir(exist_ok=True)
+    rows, vectors, flipped = [], [], []
+    for batch in batched(items, spec, job.settings.batch_size):
+        rows += score_batch(model, batch, job.scorer, job.settings.device, progress, cache)
+        pixels = [d.pixels for d in batch if d.pixels is not None]
+        if embed and pixels:
+            x = torch.stack(pixels).to(job.settings.device)
+            vectors.append(embedder(x).cpu().numpy())
+            if job.settings.dedup_flip:
+                flipped.append(embedder(x, flip=True).cpu().numpy())
+    with AtomicParquetWriter(folder / f"{name}.parquet", SCORE_SCHEMA, {}) as w:
+        w.write(rows)
+    for suffix, parts in (("npy", vectors), ("flip.npy", flipped)):
+        if parts:
+            np.save(folder / f"{name}.{suffix}", np.concatenate(parts))
+    reused = sum(bool(r["reused"]) for r in rows)
+    return {"name": name, "rows": len(rows), "reused": reused,
+            "fresh": sum(r["status"] == "ok" for r in rows) - reused}
+
+
+def gather(job: ScoreJob, names: list[str]) -> Scored:
+    """Concatenate shard files in order."""
+    folder = Path(job.staging) / "shards"
+    table = pa.concat_tables([pq.read_table(folder / f"{n}.parquet") for n in names]) if names else SCORE_SCHEMA.empty_table()
+
+    def stack(suffix: str) -> np.ndarray | None:
+        parts = [np.load(folder / f"{n}.{suffix}") for n in names if (folder / f"{n}.{suffix}").exists()]
+        return np.concatenate(parts) if parts else None
+    return Scored(table, stack("npy"), stack("flip.npy"))
+
+
+def score_source(job: ScoreJob, source: Source, prefix: str, embed: bool, shard_size: int,
+                 progress: Callable[[int], None] | None = None) -> tuple[Scored, dict[str, int]]:
+    """Score a whole source shard by shard in this process (the flow maps shards instead)."""
+    names, fresh, reused = [], 0, 0
+    for k, items in enumerate(shard_items(source, shard_size)):
+        r = score_shard(job, items, f"{prefix}-{k:06d}", embed, progress)
+        names.append(r["name"])
+        fresh, reused = fresh + r["fresh"], reused + r["reused"]
+    return gather(job, names), {"fresh": fresh, "reused": reused}
 
 
 def ok_mask(table: pa.Table) -> np.ndarray:
@@ -391,48 +469,78 @@ def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference
         "settings": {"scorer": ctx.scorer.to_dict(), "clean": asdict(ctx.settings)},
         "versions": versions(),
         "timings_s": ctx.timings,
+        "scoring": {"scored_fresh": sum(v["fresh"] for v in ctx.scoring.values()),
+                    "reused": sum(v["reused"] for v in ctx.scoring.values()),
+                    "by_source": ctx.scoring, "cache_dir": ctx.job.cache_dir if ctx.job else None},
         "out": str(out),
     }
+
+
+def start_run(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike,
+              scorer: ScorerSettings, settings: CleanSettings, allow_pickle: bool = False,
+              overwrite: bool = False, cache_dir: str | os.PathLike | None = None) -> RunContext:
+    """Validate everything, load the model, open a staging folder: nothing is scored yet."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    source = discover(data, settings.image_column)
+    if settings.reference:
+        discover(settings.reference, settings.image_column)
+    loaded = load_model(model, allow_pickle, settings.device)
+    embedder = make_embedder(settings.embedder, loaded, settings.embed_size, settings.device)
+    staging = staging_dir(out)
+    job = ScoreJob(str(model), allow_pickle, scorer, settings, str(staging),
+                   None if cache_dir is None else str(cache_dir))
+    return RunContext(source, loaded, scorer, settings, staging, embedder, job=job, out=out, overwrite=overwrite)
+
+
+def finish_run(ctx: RunContext, scored: Scored, reference: Scored | None,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Flag, dedup, remediate, write every output and move the run into place."""
+    with Stage(ctx, "flag_and_dedup"):
+        ref_table = None if reference is None else reference.table
+        cols, threshold, augment = decide(ctx, scored, ref_table)
+    with Stage(ctx, "remediate"):
+        remediate(ctx, scored.table, cols, augment, threshold, progress)
+    decided = decided_table(scored.table, cols)
+    with Stage(ctx, "write_cleaned"):
+        decided = mark_changed(decided, write_cleaned(ctx, decided))
+    with Stage(ctx, "write_tables"):
+        meta = {"settings": ctx.scorer.to_dict(), "threshold": threshold.to_dict(),
+                "model_fingerprint": ctx.model.fingerprint}
+        write_tables(ctx, decided, meta)
+        if ref_table is not None:
+            with AtomicParquetWriter(ctx.staging / "reference_scores.parquet", ref_table.schema, meta) as w:
+                w.write_table(ref_table)
+        write_embeddings(ctx, decided, scored)
+    result = manifest(ctx, decided, threshold, ref_table, ctx.out)
+    for scratch in ("shards", "augmented"):
+        shutil.rmtree(ctx.staging / scratch, ignore_errors=True)
+    write_json_atomic(ctx.staging / "manifest.json", result)
+    commit_dir(ctx.staging, ctx.out, ctx.overwrite)
+    return result
+
+
+def abort_run(ctx: RunContext) -> None:
+    shutil.rmtree(ctx.staging, ignore_errors=True)
 
 
 def run_clean(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike,
               scorer: ScorerSettings = ScorerSettings(), settings: CleanSettings = CleanSettings(),
               allow_pickle: bool = False, overwrite: bool = False,
-              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The whole clean run into `out`; returns the manifest."""
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    source = discover(data, settings.image_column)
-    reference_source = discover(settings.reference, settings.image_column) if settings.reference else None
-    loaded = load_model(model, allow_pickle, settings.device)
-    embedder = make_embedder(settings.embedder, loaded, settings.embed_size, settings.device)
-    staging = staging_dir(out)
+              progress: Callable[[int], None] | None = None,
+              cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The whole clean run into `out`, in this process; returns the manifest."""
+    ctx = start_run(data, model, out, scorer, settings, allow_pickle, overwrite, cache_dir)
     try:
-        ctx = RunContext(source, loaded, scorer, settings, staging, embedder)
         with Stage(ctx, "score"):
-            scored = score_source(ctx, source, "raw_scores.parquet", embed=True, progress=progress)
+            scored, ctx.scoring["input"] = score_source(ctx.job, ctx.source, "input", True, settings.shard_size, progress)
         reference = None
-        if reference_source is not None:
+        if settings.reference:
             with Stage(ctx, "score_reference"):
-                reference = score_source(ctx, reference_source, "reference_scores.parquet", False, progress).table
-        with Stage(ctx, "flag_and_dedup"):
-            cols, threshold, augment = decide(ctx, scored, reference)
-        with Stage(ctx, "remediate"):
-            remediate(ctx, scored.table, cols, augment, threshold, progress)
-        decided = decided_table(scored.table, cols)
-        with Stage(ctx, "write_cleaned"):
-            decided = mark_changed(decided, write_cleaned(ctx, decided))
-        with Stage(ctx, "write_tables"):
-            meta = {"settings": scorer.to_dict(), "threshold": threshold.to_dict(),
-                    "model_fingerprint": loaded.fingerprint}
-            write_tables(ctx, decided, meta)
-            write_embeddings(ctx, decided, scored)
-        result = manifest(ctx, decided, threshold, reference, out)
-        (staging / "raw_scores.parquet").unlink()
-        shutil.rmtree(staging / "augmented", ignore_errors=True)
-        write_json_atomic(staging / "manifest.json", result)
-        commit_dir(staging, out, overwrite)
+                reference, ctx.scoring["reference"] = score_source(
+                    ctx.job, discover(settings.reference, settings.image_column), "reference", False,
+                    settings.shard_size, progress)
+        return finish_run(ctx, scored, reference)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        abort_run(ctx)
         raise
-    return result

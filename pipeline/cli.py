@@ -118,14 +118,16 @@ def cmd_clean(args: argparse.Namespace) -> int:
         embedder=args.embedder, embed_size=args.embed_size, dup_threshold=args.dup_threshold,
         dedup_flip=args.dedup_flip, against=None if args.against is None else str(args.against),
         batch_size=args.batch_size, device=args.device, image_column=args.image_column,
-        max_pixels=args.max_pixels, min_size=args.min_size)
+        max_pixels=args.max_pixels, min_size=args.min_size, shard_size=args.shard_size)
     total = discover(args.data, args.image_column).count()
     if args.reference is not None:
         total += discover(args.reference, args.image_column).count()
     with tqdm(total=total, desc="scoring", unit="img", file=sys.stderr) as bar:
         result = run_clean(args.data, args.model, args.out, scorer, settings, args.allow_pickle,
-                           args.overwrite, bar.update)
+                           args.overwrite, bar.update, None if args.no_cache else args.cache_dir)
     c = result["counts"]
+    sc = result["scoring"]
+    print(f"scored {sc['scored_fresh']} images afresh, reused {sc['reused']} cached scores")
     print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
           f"{c['rejected']} rejected ({c['flagged']} flagged at {result['threshold']['value']:.6g}, "
           f"{result['threshold']['policy']}) -> {args.out}")
@@ -133,6 +135,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def add_decision_args(p: argparse.ArgumentParser) -> None:
+    from .cache import default_cache_dir
     from .clean import SCORE_CHOICES, CleanSettings
     from .remediate import ACTION_MODES, ON_FAILURE
 
@@ -171,6 +174,45 @@ def add_decision_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--on-failure", choices=ON_FAILURE, default=c.remediation.on_failure,
                    help="what happens to an image no augmentation brought below the threshold")
     g.add_argument("--augment-seed", type=int, default=c.remediation.seed, help="augmentation seed")
+    g = p.add_argument_group("caching and resuming")
+    g.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="score cache, by image content + model fingerprint + scorer settings "
+                        "(default $MEMCLEAN_CACHE or ~/.cache/memclean)")
+    g.add_argument("--no-cache", action="store_true", help="score everything afresh, cache nothing")
+    g.add_argument("--shard-size", type=int, default=c.shard_size,
+                   help=f"images per scoring shard: the unit of caching and resuming (default {c.shard_size})")
+
+
+DEMO = {  # the bundled demo: digits with planted duplicates, a held-out split, a small DDPM
+    "data": "examples/digits/train", "reference": "examples/digits/heldout", "model": "examples/model",
+    "solver": "heun", "steps": 50, "batch_size": 100, "dup_threshold": 0.99,
+}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The clean flow on the bundled demo, in Prefect's ephemeral mode (no server needed)."""
+    root = repo_root()
+    params = {k: str(root / v) if k in ("data", "reference", "model") else v for k, v in DEMO.items()}
+    missing = [params[k] for k in ("data", "reference", "model") if not Path(params[k]).exists()]
+    if missing:
+        raise SystemExit(f"memclean: the bundled demo is not here ({', '.join(missing)}); run from a clone of the repository")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the ephemeral server phones nowhere
+    from flows.clean import clean
+
+    out = args.out.resolve()
+    manifest = clean(out=str(out), overwrite=True, **params)
+    c = manifest["counts"]
+    print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
+          f"{c['rejected']} rejected ({c['flagged']} flagged)")
+    print(f"outputs: {out}")
+    report = out / "report.html"
+    if report.exists():
+        print(f"report:  {report}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -218,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_scoring_args(p)
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("demo", help="the clean flow on the bundled demo (Prefect, ephemeral: no server)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder, replaced if present (demo-out)")
+    p.set_defaults(func=cmd_demo)
 
     from .train import TrainSettings
 

@@ -159,9 +159,16 @@ def _image_column(schema: pa.Schema, name: str | None, where: str) -> str:
                      "name it with --image-column")
 
 
-def _cell_reader(value: Any, base: str) -> Callable[[], bytes]:
-    """Bytes of one image cell: binary, or a Hugging Face Image struct (bytes, else path)."""
-    def read() -> bytes:
+@dataclass(frozen=True)
+class CellReader:
+    """Bytes of one image cell: binary, or a Hugging Face Image struct (bytes, else path).
+    A picklable callable, so items can travel to other processes (Dask workers)."""
+
+    value: Any  # the cell as pyarrow's to_pylist gives it
+    base: str  # folder of the Parquet file, for relative paths
+
+    def __call__(self) -> bytes:
+        value = self.value
         if value is None:
             raise Rejected("empty_file", "null image cell")
         if isinstance(value, (bytes, bytearray)):
@@ -169,9 +176,8 @@ def _cell_reader(value: Any, base: str) -> Callable[[], bytes]:
         if value.get("bytes") is not None:
             return value["bytes"]
         if value.get("path"):
-            return read_file(os.path.join(base, value["path"]))
+            return read_file(os.path.join(self.base, value["path"]))
         raise Rejected("empty_file", "image cell has neither bytes nor path")
-    return read
 
 
 def parquet_files(path: str | os.PathLike) -> list[str]:
@@ -191,7 +197,7 @@ def parquet_items(path: str | os.PathLike, image_column: str | None = None,
         for batch in pf.iter_batches(batch_size=rows_per_read, columns=[column]):
             for value in batch.column(0).to_pylist():
                 inner = value.get("path") if isinstance(value, dict) else None
-                yield Item(f"{rel}:{row}", inner or f"{file}:{row}", _cell_reader(value, os.path.dirname(file)))
+                yield Item(f"{rel}:{row}", inner or f"{file}:{row}", CellReader(value, os.path.dirname(file)))
                 row += 1
 
 

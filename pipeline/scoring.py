@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .data import Decoded, ImageSpec, Item, batched
+from .cache import ScoreCache
 from .models import LoadedModel
 from .volume import ScorerSettings, log_volume_growth
 
@@ -31,23 +32,37 @@ def base_row(d: Decoded) -> dict:
 
 def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettings,
                 device: str | torch.device = "cpu",
-                progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Rows for one decoded batch: scores for the decodable images, nulls for the rejected."""
+                progress: Callable[[int], None] | None = None,
+                cache: ScoreCache | None = None) -> list[dict]:
+    """Rows for one decoded batch: scores for the decodable images (from `cache` where it has
+    them, solved otherwise), nulls for the rejected. `reused` says which came from the cache."""
     settings_cols = {**settings.to_dict(), "model_fingerprint": model.fingerprint}
     ok = [d for d in batch if d.pixels is not None]
     scores: dict[int, dict] = {}
-    if ok:
-        x = torch.stack([d.pixels for d in ok]).to(device)
+    if cache is not None:
+        for d in ok:
+            hit = cache.get(d.sha256)
+            if hit is not None:
+                scores[id(d)] = {**hit, "reused": True}
+    todo = [d for d in ok if id(d) not in scores]
+    if todo:
+        x = torch.stack([d.pixels for d in todo]).to(device)
         result = log_volume_growth(model.score_fn, x, settings, progress)
-        for i, d in enumerate(ok):
-            scores[id(d)] = {c: getattr(result, c)[i].item() for c in SCORE_COLUMNS}
+        fresh = [{c: getattr(result, c)[i].item() for c in SCORE_COLUMNS} for i in range(len(todo))]
+        for d, row in zip(todo, fresh):
+            scores[id(d)] = {**row, "reused": False}
+        if cache is not None:
+            cache.put([{**row, "sha256": d.sha256} for d, row in zip(todo, fresh)])
+    if progress and len(ok) > len(todo):
+        progress(len(ok) - len(todo))
     rows = []
     for d in batch:
         if d.reject_reason:
             log.warning("rejected %s: %s %s", d.item.path, d.reject_reason, d.reject_detail)
             if progress:
                 progress(1)
-        rows.append({**base_row(d), **scores.get(id(d), dict.fromkeys(SCORE_COLUMNS)), **settings_cols})
+        empty = {**dict.fromkeys(SCORE_COLUMNS), "reused": None}
+        rows.append({**base_row(d), **scores.get(id(d), empty), **settings_cols})
     return rows
 
 

@@ -34,6 +34,7 @@ SCORE_SCHEMA = pa.schema([
     ("logp", pa.float64()),  # prior_logp + log_volume_growth (nats)
     ("bits_per_dim", pa.float64()),  # -logp / (D ln 2) + 7
     ("nfe", pa.int64()),  # drift evaluations spent on this image
+    ("reused", pa.bool_()),  # the score came from the cache of an earlier run (not solved again)
     ("divergence", pa.string()),  # the settings that produced the score ...
     ("probes", pa.int64()),
     ("solver", pa.string()),
@@ -121,10 +122,30 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not a folder")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Delete staging folders left beside `out` by runs whose process is gone (killed runs)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.info("removing %s, left by a run that died", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def staging_dir(out: str | os.PathLike) -> Path:
     """A fresh hidden folder beside `out` where a run builds its outputs."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)
-def _seed_torch():
-    """Every test starts from the same global RNG state: random inputs are reproducible."""
+def _seed_torch_and_isolate_cache(tmp_path, monkeypatch):
+    """Every test starts from the same global RNG state, with its own empty score cache."""
     torch.manual_seed(1234)
+    monkeypatch.setenv("MEMCLEAN_CACHE", str(tmp_path / "score-cache"))
 
 
 def save_checkpoint(unet, scheduler, path, layout="flat", safe=True):

@@ -114,7 +114,7 @@ def test_a_crash_leaves_no_output(tmp_path, model, corpus, monkeypatch):
     monkeypatch.setattr(pipeline.clean, "write_tables", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         run(tmp_path, model, data)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model", "score-cache"]
 
 
 def test_parquet_input_and_output_round_trip(tmp_path, model, corpus):
@@ -127,3 +127,51 @@ def test_parquet_input_and_output_round_trip(tmp_path, model, corpus):
     m1 = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
     m2 = json.loads((tmp_path / "out2" / "manifest.json").read_text())["counts"]
     assert m2["input"] == m1["kept"] + m1["augmented"] and m2["rejected"] == 0
+
+
+def test_a_grown_dataset_scores_only_its_new_images(tmp_path, model, corpus, capsys):
+    data, _ = corpus
+    assert run(tmp_path, model, data, "--shard-size", "5") == 0
+    first = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert first["scoring"]["reused"] == 0 and first["scoring"]["scored_fresh"] == first["counts"]["scored"]
+    Image.new("RGB", (12, 12), (5, 6, 7)).save(data / "new.png")
+    assert run(tmp_path, model, data, "--overwrite", "--shard-size", "5") == 0
+    second = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert second["scoring"]["scored_fresh"] == 1
+    assert second["scoring"]["reused"] == first["counts"]["scored"]
+    assert "scored 1 images afresh" in capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "out" / "scores.parquet").to_pylist()
+    assert [r["id"] for r in rows if r["reused"] is False] == ["new.png"]
+
+
+def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, model, corpus, monkeypatch):
+    import pipeline.scoring
+
+    data, _ = corpus
+    assert main(["clean", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "ref"),
+                 "--max-pixels", "50000", "--no-cache", *FAST, "--batch-size", "2", "--shard-size", "2"]) == 0
+    real, calls = pipeline.scoring.log_volume_growth, []
+
+    def dies_on_the_fourth_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("worker killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline.scoring, "log_volume_growth", dies_on_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, model, data, "--batch-size", "2", "--shard-size", "2")
+    monkeypatch.setattr(pipeline.scoring, "log_volume_growth", real)
+    assert not (tmp_path / "out").exists()
+    assert run(tmp_path, model, data, "--batch-size", "2", "--shard-size", "2") == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    sc = m["scoring"]
+    assert 3 <= sc["reused"] <= 6 and sc["reused"] + sc["scored_fresh"] == m["counts"]["scored"]  # 3 batches of <= 2
+    drop = {"reused", "path", "pixel_sha256"}
+    cols = [c for c in pq.read_schema(tmp_path / "ref" / "scores.parquet").names if c not in drop]
+    a = pq.read_table(tmp_path / "ref" / "scores.parquet", columns=cols).to_pylist()
+    b = pq.read_table(tmp_path / "out" / "scores.parquet", columns=cols).to_pylist()
+    assert a == b
+    ca = pq.read_table(tmp_path / "ref" / "cleaned").sort_by("id")
+    cb = pq.read_table(tmp_path / "out" / "cleaned").sort_by("id")
+    assert ca.equals(cb)

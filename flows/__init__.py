@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers that wire pipeline/ calls into tasks."""

@@ -1,0 +1,102 @@
+"""A real Prefect server on 127.0.0.1: deploy from prefect.yaml, run clean/demo through a
+process worker with `prefect deployment run`, then rerun on a grown dataset."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Prefect server at {url} did not come up in {timeout}s")
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_CLI_PROMPT": "false", "MEMCLEAN_CACHE": str(tmp_path / "cache")}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(env["PREFECT_API_URL"])
+        yield env
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def prefect(env, *args, cwd, timeout=300):
+    r = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
+    project = tmp_path / "project"  # a copy of the repository's deployable parts
+    project.mkdir()
+    for name in ("prefect.yaml", "flows"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, project / name)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(data / f"i{i}.png")
+    model = save_checkpoint(tiny_unet(channels=3, size=8), DDPMScheduler(), tmp_path / "model")
+    out = tmp_path / "out"
+
+    prefect(server, "work-pool", "create", "memclean-process", "--type", "process", cwd=project)
+    prefect(server, "--no-prompt", "deploy", "--all", cwd=project)
+    worker_log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "memclean-process"], env=server,
+                              cwd=project, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        params = ["--param", f"data={data}", "--param", f"model={model}", "--param", f"out={out}",
+                  "--param", "reference=null", "--param", "solver=euler", "--param", "steps=2",
+                  "--param", "batch_size=4"]
+        prefect(server, "deployment", "run", "clean/demo", *params, "--watch", "--watch-timeout", "300", cwd=project)
+        first = json.loads((out / "manifest.json").read_text())
+        assert first["counts"]["input"] == 6 and first["scoring"]["scored_fresh"] == 6
+        assert (out / "cleaned").is_dir() and (out / "_COMPLETE").is_file()
+
+        Image.new("RGB", (10, 10), (3, 2, 1)).save(data / "new.png")
+        prefect(server, "deployment", "run", "clean/demo", *params, "--watch", "--watch-timeout", "300", cwd=project)
+        second = json.loads((out / "manifest.json").read_text())
+        assert second["counts"]["input"] == 7
+        assert second["scoring"]["scored_fresh"] == 1 and second["scoring"]["reused"] == 6
+        listed = prefect(server, "deployment", "ls", cwd=project)
+        assert "clean/celeba" in listed and "clean/demo" in listed
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
