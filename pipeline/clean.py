@@ -33,6 +33,7 @@ from .embeddings import Embedder, make_embedder
 from .flagging import FlagSettings, Threshold, flag
 from .models import LoadedModel, load_model
 from .remediate import RemediationSettings, augment_and_rescore, plan, record_json
+from .report import ids_to_show, write_report, write_thumbnails
 from .scoring import image_spec, score_batch
 from .store import (DECISION_SCHEMA, SCORE_SCHEMA, AtomicParquetWriter, check_output_dir,
                     cleaned_schema, commit_dir, staging_dir, write_json_atomic)
@@ -513,11 +514,25 @@ def finish_run(ctx: RunContext, scored: Scored, reference: Scored | None,
                 w.write_table(ref_table)
         write_embeddings(ctx, decided, scored)
     result = manifest(ctx, decided, threshold, ref_table, ctx.out)
+    write_json_atomic(ctx.staging / "manifest.json", result)
+    with Stage(ctx, "report"):
+        write_report_assets(ctx, decided)
+        write_report(ctx.staging)
     for scratch in ("shards", "augmented"):
         shutil.rmtree(ctx.staging / scratch, ignore_errors=True)
-    write_json_atomic(ctx.staging / "manifest.json", result)
     commit_dir(ctx.staging, ctx.out, ctx.overwrite)
     return result
+
+
+def write_report_assets(ctx: RunContext, decided: pa.Table) -> None:
+    """Thumbnails of the images the report shows (originals re-read in one pass)."""
+    cols = ["id", "status", "flagged", "dup_cluster", "dup_of", "action", "augmented_png", ctx.settings.score]
+    rows = decided.select(cols).to_pylist()
+    wanted = ids_to_show(rows, ctx.settings.score)
+    images = {i: img for i, (img, _) in read_selected(ctx.source, wanted, ctx.spec).items()}
+    augmented = {r["id"]: Path(r["augmented_png"]).read_bytes() for r in rows
+                 if r["id"] in wanted and r["action"] == "augmented" and r["augmented_png"]}
+    write_thumbnails(ctx.staging, rows, ctx.settings.score, images, augmented)
 
 
 def abort_run(ctx: RunContext) -> None:

@@ -131,6 +131,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
           f"{c['rejected']} rejected ({c['flagged']} flagged at {result['threshold']['value']:.6g}, "
           f"{result['threshold']['policy']}) -> {args.out}")
+    print(f"report: {args.out / 'report.html'}")
     return 0
 
 
@@ -215,6 +216,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if not (args.dir / "manifest.json").is_file():
+        raise SystemExit(f"memclean: {args.dir} is not a memclean clean output (no manifest.json)")
+    print(f"report: {write_report(args.dir)}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -260,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_scoring_args(p)
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("report", help="(re)write DIR/report.html from a clean run's outputs")
+    p.add_argument("dir", type=Path, help="the output folder of memclean clean / demo")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the clean flow on the bundled demo (Prefect, ephemeral: no server)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder, replaced if present (demo-out)")

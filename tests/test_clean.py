@@ -175,3 +175,36 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, model, corpus, monke
     ca = pq.read_table(tmp_path / "ref" / "cleaned").sort_by("id")
     cb = pq.read_table(tmp_path / "out" / "cleaned").sort_by("id")
     assert ca.equals(cb)
+
+
+def test_a_sigkilled_process_resumes_to_the_same_outputs(tmp_path, model, corpus):
+    """A real `memclean clean` process killed with SIGKILL mid-scoring, then started again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data, _ = corpus
+    memclean = str(Path(sys.executable).with_name("memclean"))
+    args = ["clean", "--data", str(data), "--model", str(model), "--max-pixels", "50000",
+            "--solver", "euler", "--steps", "300", "--batch-size", "2", "--shard-size", "2"]
+    cache = tmp_path / "kill-cache"
+    proc = subprocess.Popen([memclean, *args, "--out", str(tmp_path / "out"), "--cache-dir", str(cache)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(cache.rglob("*.parquet"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()  # nothing half-written at the final path
+    assert main([*args, "--out", str(tmp_path / "out"), "--cache-dir", str(cache)]) == 0
+    assert not list(tmp_path.glob(".out.tmp-*"))  # the dead run's staging folder was cleared
+    assert main([*args, "--out", str(tmp_path / "ref"), "--no-cache"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["scoring"]["reused"] >= 2
+    cols = ["id", "status", "log_volume_growth", "logp", "flagged", "action", "dup_of"]
+    assert pq.read_table(tmp_path / "out" / "scores.parquet", columns=cols).equals(
+        pq.read_table(tmp_path / "ref" / "scores.parquet", columns=cols))

@@ -1,0 +1,236 @@
+"""The HTML report: where the risk is, and what was done about it.
+
+`write_thumbnails` (during a clean run) saves small PNGs of the images the report shows under
+OUT/report/; `write_report` builds OUT/report.html from OUT's files alone, so `memclean report
+OUT` can rebuild it. The page is self-contained: inline CSS, inline SVG histogram, a few lines
+of inline JavaScript for sorting; images are relative links to OUT/report/; nothing external.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+THUMBS = "report"  # OUT/report/: thumbnails
+TOP_FLAGGED = 60  # images in the flagged gallery
+TOP_CLUSTERS = 30  # duplicate clusters shown
+CLUSTER_MEMBERS = 8  # members shown per cluster
+THUMB_SIZE = 128  # longest side of a stored thumbnail
+
+
+def thumb_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:20] + ".png"
+
+
+def save_thumbnail(img: Image.Image, folder: Path, key: str) -> str:
+    """Save a thumbnail (nearest-neighbour upscaled if tiny, so pixels stay visible)."""
+    img = img.convert("RGBA" if img.mode in ("RGBA", "LA") else "RGB")
+    w, h = img.size
+    scale = THUMB_SIZE / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    name = thumb_name(key)
+    img.save(folder / name)
+    return name
+
+
+def shown_rows(scores: list[dict[str, Any]], score: str) -> tuple[list[dict], dict[int, list[dict]], list[dict]]:
+    """The rows the report shows: top flagged, the largest duplicate clusters, augmented."""
+    flagged = sorted((r for r in scores if r["flagged"]), key=lambda r: (-r[score], r["id"]))[:TOP_FLAGGED]
+    clusters: dict[int, list[dict]] = {}
+    for r in scores:
+        if r["dup_cluster"] is not None:
+            clusters.setdefault(r["dup_cluster"], []).append(r)
+    biggest = sorted(clusters, key=lambda k: (-len(clusters[k]), k))[:TOP_CLUSTERS]
+    shown_clusters = {k: sorted(clusters[k], key=lambda r: (r["dup_of"] is not None, r["id"]))[:CLUSTER_MEMBERS]
+                      for k in biggest}
+    augmented = [r for r in scores if r["action"] == "augmented"][:TOP_FLAGGED]
+    return flagged, shown_clusters, augmented
+
+
+def write_thumbnails(out: Path, scores: list[dict[str, Any]], score: str, images: dict[str, Image.Image],
+                     augmented_png: dict[str, bytes]) -> None:
+    """Thumbnails for every image the report shows: `images` maps id -> decoded original."""
+    import io
+
+    folder = out / THUMBS
+    folder.mkdir(exist_ok=True)
+    for id_, img in images.items():
+        save_thumbnail(img, folder, id_)
+    for id_, png in augmented_png.items():
+        save_thumbnail(Image.open(io.BytesIO(png)), folder, "augmented:" + id_)
+
+
+def ids_to_show(scores: list[dict[str, Any]], score: str) -> set[str]:
+    flagged, clusters, augmented = shown_rows(scores, score)
+    return {r["id"] for r in flagged} | {r["id"] for m in clusters.values() for r in m} | {r["id"] for r in augmented}
+
+
+# ---- HTML --------------------------------------------------------------------------------
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f4f4f4;cursor:pointer}.num{text-align:right}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}
+.card{border:1px solid #ccc;border-radius:4px;padding:6px;width:150px;font-size:12px;overflow-wrap:anywhere}
+.card img{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;background:#eee;display:block}
+.row{display:flex;gap:10px;align-items:flex-start;margin-bottom:12px;flex-wrap:wrap}
+.keeper{border-color:#2a7;border-width:2px}.dropped{opacity:.75;border-color:#c44}
+.pair .card{width:150px}.muted{color:#777}
+"""
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th, i){
+  th.addEventListener('click', function(){
+    var tb = th.closest('table').tBodies[0], rows = Array.from(tb.rows), asc = th.dataset.asc !== '1';
+    rows.sort(function(a, b){
+      var x = a.cells[i].dataset.v || a.cells[i].textContent, y = b.cells[i].dataset.v || b.cells[i].textContent;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    th.dataset.asc = asc ? '1' : '0'; rows.forEach(function(r){ tb.appendChild(r); });
+  });
+});
+window.addEventListener('load', function(){
+  var imgs = Array.from(document.images);
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(function(i){ return i.complete && i.naturalWidth > 0; }).length;
+  document.body.dataset.failedResources = window.memcleanFailed.length;
+});
+"""
+
+# in <head>, before any resource: failed loads (images, anything) are counted for checks
+ERROR_JS = """
+window.memcleanFailed = [];
+window.addEventListener('error', function(e){
+  if (e.target && e.target !== window) { window.memcleanFailed.push(e.target.src || e.target.href || '?'); }
+}, true);
+"""
+
+
+def esc(x: Any) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: float, label: str,
+                  width: int = 760, height: int = 260, bins: int = 40) -> str:
+    """Overlaid histograms (dataset, reference) as densities, with the threshold drawn."""
+    allv = np.concatenate([scores, reference]) if reference is not None and len(reference) else scores
+    lo, hi = float(min(allv.min(), threshold)), float(max(allv.max(), threshold))
+    if hi == lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    series = [("dataset", scores, "#3465a4")] + ([("held-out reference", reference, "#e07b00")]
+                                                   if reference is not None and len(reference) else [])
+    dens = [np.histogram(v, edges, density=True)[0] for _, v, _ in series]
+    top = max(float(d.max()) for d in dens) or 1.0
+    L, R, T, B = 50, 10, 10, 40
+    x = lambda v: L + (v - lo) / (hi - lo) * (width - L - R)
+    y = lambda d: height - B - d / top * (height - T - B)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="histogram of {esc(label)}">',
+             f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>']
+    for (name, _, color), d in zip(series, dens):
+        for k in range(bins):
+            parts.append(f'<rect x="{x(edges[k]):.1f}" y="{y(d[k]):.1f}" width="{max(x(edges[k + 1]) - x(edges[k]) - 1, 1):.1f}" '
+                         f'height="{height - B - y(d[k]):.1f}" fill="{color}" fill-opacity="0.55"/>')
+    tx = x(threshold)
+    parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{T}" y2="{height - B}" stroke="#c00" stroke-width="2" stroke-dasharray="5,3"/>')
+    parts.append(f'<text x="{tx + 4:.1f}" y="{T + 12}" fill="#c00" font-size="12">threshold {threshold:.4g}</text>')
+    parts.append(f'<line x1="{L}" x2="{width - R}" y1="{height - B}" y2="{height - B}" stroke="#444"/>')
+    for v in np.linspace(lo, hi, 6):
+        parts.append(f'<text x="{x(v):.1f}" y="{height - B + 15}" font-size="11" text-anchor="middle">{v:.4g}</text>')
+    parts.append(f'<text x="{(L + width - R) / 2}" y="{height - 5}" font-size="12" text-anchor="middle">{esc(label)}</text>')
+    for k, (name, _, color) in enumerate(series):
+        parts.append(f'<rect x="{L + 10}" y="{T + 8 + 16 * k}" width="10" height="10" fill="{color}" fill-opacity="0.55"/>'
+                     f'<text x="{L + 25}" y="{T + 17 + 16 * k}" font-size="12">{esc(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def card(r: dict[str, Any], score: str, key: str, extra: str = "", cls: str = "") -> str:
+    return (f'<div class="card {cls}"><img src="{THUMBS}/{thumb_name(key)}" alt="{esc(r["id"])}">'
+            f'<div><b>{esc(r["id"])}</b></div><div>{esc(score)}: {r[score]:.4g}</div>{extra}</div>')
+
+
+def table(rows: Iterable[dict[str, Any]], cols: list[str]) -> str:
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, float):
+                cells.append(f'<td class="num" data-v="{v!r}">{v:.4g}</td>')
+            else:
+                cells.append(f"<td>{esc(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def write_report(out: str | os.PathLike) -> Path:
+    """Build OUT/report.html from the outputs of a clean run."""
+    out = Path(out)
+    m = json.loads((out / "manifest.json").read_text())
+    score = m["threshold"]["score"]
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    ref_path = out / "reference_scores.parquet"
+    reference = None
+    if ref_path.exists():
+        reference = np.array([r[score] for r in pq.read_table(ref_path).to_pylist() if r["status"] == "ok"], float)
+    ok = np.array([r[score] for r in scores if r["status"] == "ok"], float)
+    flagged, clusters, augmented = shown_rows(scores, score)
+    c, t = m["counts"], m["threshold"]
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>memclean report</title>"
+             f"<style>{CSS}</style><script>{ERROR_JS}</script></head><body>",
+             f"<h1>memclean report</h1><p class='muted'>{esc(m['data']['path'])} &rarr; {esc(m['out'])}</p>",
+             "<h2>Counts</h2>", table([c], list(c)),
+             "<h2>Scores</h2>", histogram_svg(ok, reference, t["value"], score),
+             f"<p>Threshold <b>{t['value']:.6g}</b> ({esc(t['policy'])}, {esc(json.dumps(t['parameters']))})"
+             + (f", 95% CI [{t['details']['ci'][0]:.6g}, {t['details']['ci'][1]:.6g}] from {t['details']['n_reference']} reference images"
+                if "ci" in t.get("details", {}) else "")
+             + f"; realised flag rate {t['realised_flag_rate']:.3f}.</p>",
+             f"<h2>Top flagged images ({len(flagged)} of {c['flagged']}, highest {esc(score)} first)</h2>",
+             "<div class='gallery' id='flagged'>"]
+    for r in flagged:
+        why = r["action_reason"] or r["flag_reason"]
+        parts.append(card(r, score, r["id"], f"<div>action: <b>{esc(r['action'])}</b></div><div class='muted'>{esc(why)}</div>"))
+    parts.append("</div>")
+    parts.append(f"<h2>Duplicate clusters ({len(clusters)} largest of {m['dedup']['clusters']}; keeper first)</h2>")
+    for k, members in clusters.items():
+        parts.append(f"<div class='row cluster' data-cluster='{k}'>")
+        for r in members:
+            keeper = r["dup_of"] is None
+            parts.append(card(r, score, r["id"], f"<div>{'keeper' if keeper else 'dropped copy'}"
+                              f" (similarity {r['dup_similarity'] or 0:.3f})</div>", "keeper" if keeper else "dropped"))
+        parts.append("</div>")
+    parts.append(f"<h2>Augmented replacements ({len(augmented)} of {c['augmented']})</h2>")
+    for r in augmented:
+        parts.append("<div class='row pair'>" + card(r, score, r["id"], "<div>original</div>")
+                     + f'<div class="card"><img src="{THUMBS}/{thumb_name("augmented:" + r["id"])}" alt="augmented {esc(r["id"])}">'
+                     f"<div><b>{esc(r['augment_preset'])} augmentation</b></div><div>{esc(score)}: {r['augmented_score']:.4g}</div>"
+                     f"<div class='muted'>{esc(r['action_reason'])}</div></div></div>")
+    parts.append("<h2>Flagged and duplicated rows</h2>")
+    listed = [r for r in scores if r["flagged"] or r["dup_cluster"] is not None]
+    parts.append(table(listed, ["id", score, "flagged", "dup_cluster", "dup_of", "action", "action_reason"]))
+    parts.append("<h2>Model and settings</h2>")
+    parts.append(f"<pre>{esc(json.dumps({'model': m['model'], 'settings': m['settings'], 'dedup': m['dedup'], 'versions': m['versions']}, indent=2))}</pre>")
+    parts.append(f"<script>{SORT_JS}</script></body></html>")
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,96 @@
+"""report.html rendered in a real headless Chromium: not blank, every image loads, nothing external."""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.report import histogram_svg
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+from tests.planted import planted_set
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("MEMCLEAN_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required (MEMCLEAN_REQUIRE_BROWSER is set) but not installed")
+        pytest.skip("chromium not installed (apt-get install chromium); CI installs it")
+    return CHROMIUM
+
+
+def chromium(tmp_path, *args):
+    r = subprocess.run([browser(), *FLAGS, f"--user-data-dir={tmp_path / 'chrome-profile'}",
+                        "--virtual-time-budget=10000", *args], capture_output=True, text=True, timeout=120)
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    planted_set(root / "train", n_unique=30, n_groups=4)
+    planted_set(root / "heldout", n_unique=30, n_groups=0, seed=1)
+    model = save_checkpoint(tiny_unet(channels=3, size=8), DDPMScheduler(), root / "model")
+    assert main(["clean", "--data", str(root / "train"), "--reference", str(root / "heldout"), "--flag-fpr", "0.3",
+                 "--model", str(model), "--out", str(root / "out"), "--solver", "euler", "--steps", "2",
+                 "--on-failure", "keep"]) == 0
+    return root / "out"
+
+
+def body_attrs(dom: str) -> dict:
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+
+
+def test_report_renders_with_every_image(report, tmp_path):
+    html = (report / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing from the network
+    n_img = html.count("<img ")
+    assert n_img > 0
+    attrs = body_attrs(chromium(tmp_path, "--dump-dom", (report / "report.html").as_uri()))
+    assert attrs["images"] == attrs["images-loaded"] == str(n_img)
+    assert attrs["failed-resources"] == "0"
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, "--window-size=1200,1600", f"--screenshot={shot}", (report / "report.html").as_uri())
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not blank: text, images, plot
+
+
+def test_gallery_counts_and_order(report):
+    import pyarrow.parquet as pq
+
+    html = (report / "report.html").read_text()
+    rows = pq.read_table(report / "scores.parquet").to_pylist()
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -r["log_volume_growth"])
+    gallery = html.split("id='flagged'>")[1].split("</div>\n<h2>")[0]
+    shown = re.findall(r'alt="([^"]+)"', gallery)
+    assert shown == [r["id"] for r in flagged[:60]]
+    clusters = {r["dup_cluster"] for r in rows if r["dup_cluster"] is not None}
+    assert html.count("class='row cluster'") == min(len(clusters), 30) >= 4
+    augmented = [r for r in rows if r["action"] == "augmented"]
+    assert html.count("class='row pair'") == len(augmented)
+
+
+def test_a_missing_image_is_caught(report, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(report, copy)
+    victim = sorted((copy / "report").iterdir())[0]
+    victim.unlink()
+    attrs = body_attrs(chromium(tmp_path, "--dump-dom", (copy / "report.html").as_uri()))
+    assert int(attrs["images-loaded"]) < int(attrs["images"]) and attrs["failed-resources"] != "0"
+
+
+def test_report_command_rebuilds_and_histogram_marks_the_threshold(report, capsys):
+    (report / "report.html").unlink()
+    assert main(["report", str(report)]) == 0 and (report / "report.html").is_file()
+    svg = histogram_svg(np.array([1.0, 2, 3]), np.array([0.5, 1.5]), 2.5, "score")
+    assert "threshold 2.5" in svg and "held-out reference" in svg
