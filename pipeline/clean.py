@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import time
 from collections import Counter
@@ -92,6 +93,8 @@ class RunContext:
     out: Path = Path()  # the final output folder
     overwrite: bool = False  # replace an existing output
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # process peak RSS after each stage
+    index: Any = None  # the FAISS index over this run's embeddings, once built
     scoring: dict[str, dict[str, int]] = field(default_factory=dict)  # fresh / reused per source
 
     @property
@@ -116,6 +119,9 @@ class Stage:
 
     def __exit__(self, *exc: Any) -> None:
         self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        self.ctx.peak_rss_mb[self.name] = round(peak, 1)
+        log.info("stage %s: %.1f s, peak RSS so far %.0f MB", self.name, self.ctx.timings[self.name], peak)
 
 
 @dataclass
@@ -250,8 +256,9 @@ def dedup(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray) -> 
         return cols
     ids = scored.table.column("id").to_pylist()
     hashes = scored.table.column("pixel_sha256").to_pylist()
+    ctx.index = build_index(ctx.embedder.search_view(scored.vectors))
     c = find_clusters(scored.vectors, [hashes[r] for r in rows], risk[rows], [ids[r] for r in rows],
-                      ctx.dup_threshold, ctx.embedder, scored.flipped)
+                      ctx.dup_threshold, ctx.embedder, scored.flipped, ctx.index)
     for k, r in enumerate(rows):
         if c.cluster[k] >= 0:
             cols["dup_cluster"][r] = int(c.cluster[k])
@@ -429,7 +436,8 @@ def write_embeddings(ctx: RunContext, decided: pa.Table, scored: Scored) -> None
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), d)})
     with AtomicParquetWriter(ctx.staging / EMBEDDINGS, table.schema, {"embedder": ctx.embedder.name}) as w:
         w.write_table(table)
-    faiss.write_index(build_index(ctx.embedder.search_view(scored.vectors)), str(ctx.staging / "index.faiss"))
+    index = ctx.index if ctx.index is not None else build_index(ctx.embedder.search_view(scored.vectors))
+    faiss.write_index(index, str(ctx.staging / "index.faiss"))
 
 
 def versions() -> dict[str, str]:
@@ -470,6 +478,7 @@ def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference
         "settings": {"scorer": ctx.scorer.to_dict(), "clean": asdict(ctx.settings)},
         "versions": versions(),
         "timings_s": ctx.timings,
+        "peak_rss_mb": ctx.peak_rss_mb,
         "scoring": {"scored_fresh": sum(v["fresh"] for v in ctx.scoring.values()),
                     "reused": sum(v["reused"] for v in ctx.scoring.values()),
                     "by_source": ctx.scoring, "cache_dir": ctx.job.cache_dir if ctx.job else None},

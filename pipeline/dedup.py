@@ -86,11 +86,11 @@ class Clusters:
 
 def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk: np.ndarray,
                   ids: Sequence[str], threshold: float, embedder,
-                  flipped: np.ndarray | None = None) -> Clusters:
+                  flipped: np.ndarray | None = None, index=None) -> Clusters:
     """Cluster rows whose embeddings are duplicates (embedder.similarity >= threshold, also of
     the mirrored image when `flipped` embeddings are given) or whose pixel hashes are equal.
-    Candidates come from a range search of embedder.search_view vectors. The keeper of each
-    cluster is its lowest-risk member, ties broken by id."""
+    Candidates come from a range search of embedder.search_view vectors (in `index` when it is
+    given, built over them). The keeper of each cluster is its lowest-risk member, ties by id."""
     n = len(vectors)
     uf = UnionFind(n)
     best = np.zeros(n, dtype=np.float32)
@@ -105,7 +105,7 @@ def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk:
             first[h] = i
     pairs = 0
     if n > 1:
-        index = build_index(embedder.search_view(vectors))
+        index = index if index is not None else build_index(embedder.search_view(vectors))
         for queries in (vectors, flipped):
             if queries is not None:
                 pairs += _join_near(uf, best, index, queries, vectors, threshold, embedder)

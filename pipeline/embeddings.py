@@ -85,10 +85,15 @@ class PixelEmbedder:
         self.sigma = sigma  # blur of the stored thumbnail, in thumbnail pixels
         self.search_sigma = search_sigma  # blur of the indexed view
 
-    def search_view(self, v: np.ndarray) -> np.ndarray:
+    def search_view(self, v: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """The stored thumbnails blurred further to search_sigma, in chunks (bounded memory)."""
         extra = math.sqrt(self.search_sigma**2 - self.sigma**2)
-        t = _gaussian_blur(torch.from_numpy(np.asarray(v, np.float32)).view(-1, 1, self.size, self.size), extra)
-        return _unit(t).numpy()
+        v = np.asarray(v, np.float32)
+        out = np.empty_like(v)
+        for s in range(0, len(v), chunk):
+            t = torch.from_numpy(v[s:s + chunk]).view(-1, 1, self.size, self.size)
+            out[s:s + chunk] = _unit(_gaussian_blur(t, extra)).numpy()
+        return out
 
     def candidate_threshold(self, threshold: float) -> float:
         return 1 - 3 * (1 - threshold)

@@ -125,6 +125,11 @@ def esc(x: Any) -> str:
     return html.escape("" if x is None else str(x))
 
 
+def fmt(v: float) -> str:
+    """A readable number for axis and labels: fixed point in the usual range, else 3 digits."""
+    return f"{v:.1f}" if 0.1 <= abs(v) < 1e6 else f"{v:.3g}"
+
+
 def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: float, label: str,
                   width: int = 760, height: int = 260, bins: int = 40) -> str:
     """Overlaid histograms (dataset, reference) as densities, with the threshold drawn."""
@@ -137,7 +142,7 @@ def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: f
                                                    if reference is not None and len(reference) else [])
     dens = [np.histogram(v, edges, density=True)[0] for _, v, _ in series]
     top = max(float(d.max()) for d in dens) or 1.0
-    L, R, T, B = 50, 10, 10, 40
+    L, R, T, B = 50, 40, 10, 40
     x = lambda v: L + (v - lo) / (hi - lo) * (width - L - R)
     y = lambda d: height - B - d / top * (height - T - B)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -149,10 +154,12 @@ def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: f
                          f'height="{height - B - y(d[k]):.1f}" fill="{color}" fill-opacity="0.55"/>')
     tx = x(threshold)
     parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{T}" y2="{height - B}" stroke="#c00" stroke-width="2" stroke-dasharray="5,3"/>')
-    parts.append(f'<text x="{tx + 4:.1f}" y="{T + 12}" fill="#c00" font-size="12">threshold {threshold:.4g}</text>')
+    anchor, dx = ("end", -4) if tx > 0.7 * width else ("start", 4)
+    parts.append(f'<text x="{tx + dx:.1f}" y="{T + 12}" fill="#c00" font-size="12" text-anchor="{anchor}">'
+                 f'threshold {fmt(threshold)}</text>')
     parts.append(f'<line x1="{L}" x2="{width - R}" y1="{height - B}" y2="{height - B}" stroke="#444"/>')
     for v in np.linspace(lo, hi, 6):
-        parts.append(f'<text x="{x(v):.1f}" y="{height - B + 15}" font-size="11" text-anchor="middle">{v:.4g}</text>')
+        parts.append(f'<text x="{x(v):.1f}" y="{height - B + 15}" font-size="11" text-anchor="middle">{fmt(v)}</text>')
     parts.append(f'<text x="{(L + width - R) / 2}" y="{height - 5}" font-size="12" text-anchor="middle">{esc(label)}</text>')
     for k, (name, _, color) in enumerate(series):
         parts.append(f'<rect x="{L + 10}" y="{T + 8 + 16 * k}" width="10" height="10" fill="{color}" fill-opacity="0.55"/>'

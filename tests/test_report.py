@@ -93,4 +93,4 @@ def test_report_command_rebuilds_and_histogram_marks_the_threshold(report, capsy
     (report / "report.html").unlink()
     assert main(["report", str(report)]) == 0 and (report / "report.html").is_file()
     svg = histogram_svg(np.array([1.0, 2, 3]), np.array([0.5, 1.5]), 2.5, "score")
-    assert "threshold 2.5" in svg and "held-out reference" in svg
+    assert "threshold 2.5" in svg and "threshold 10399.8" in histogram_svg(np.array([9e3, 1.1e4]), None, 10399.8, "s") and "held-out reference" in svg
