@@ -43,7 +43,6 @@ from .volume import ScorerSettings
 log = logging.getLogger(__name__)
 
 SCORE_CHOICES = ("log_volume_growth", "logp")
-ACTIONS = ("kept", "augmented", "dropped", "rejected")
 EMBEDDINGS = "embeddings.parquet"  # id, action, embedding: what --against reads
 
 

@@ -111,14 +111,12 @@ class FlagSettings:
         return chosen[0] if chosen else "quantile"
 
     def threshold_for(self, scores: np.ndarray, reference: np.ndarray | None) -> Threshold:
+        """The threshold of the chosen policy, from POLICIES."""
         policy = self.policy(reference is not None)
-        if policy == "reference_fpr":
-            return reference_threshold(reference, 0.05 if self.fpr is None else self.fpr)
-        if policy == "robust_zscore":
-            return zscore_threshold(scores, self.zscore)
-        if policy == "absolute":
-            return absolute_threshold(self.threshold)
-        return quantile_threshold(scores, self.quantile)
+        args = {"reference_fpr": (reference, 0.05 if self.fpr is None else self.fpr),
+                "robust_zscore": (scores, self.zscore), "absolute": (self.threshold,),
+                "quantile": (scores, self.quantile)}[policy]
+        return POLICIES[policy](*args)
 
 
 def flag(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
