@@ -102,6 +102,7 @@ def clean(data: str, model: str, out: str,
           divergence: Literal["exact", "rademacher", "gaussian"] = "rademacher", probes: int = 1,
           solver: Literal["dopri5", "euler", "heun", "rk4"] = "dopri5", steps: int = 100,
           rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5, seed: int = 0,
+          grid: Literal["log_snr", "uniform"] = "log_snr",
           batch_size: int = 16, device: Literal["cpu", "cuda"] = "cpu", image_column: str | None = None,
           max_pixels: int = 89_478_485, min_size: int = 8, shard_size: int = 256,
           cache_dir: str | None = None, no_cache: bool = False, overwrite: bool = False,
@@ -109,7 +110,7 @@ def clean(data: str, model: str, out: str,
           dask_address: str | None = None, dask_workers: int = 2) -> dict[str, Any]:
     """memclean clean as a flow: the parameters mean what `memclean clean`'s options mean."""
     logger = get_run_logger()
-    scorer = ScorerSettings(divergence, probes, solver, steps, rtol, atol, eps, seed)
+    scorer = ScorerSettings(divergence, probes, solver, steps, rtol, atol, eps, seed, grid)
     settings = CleanSettings(
         flag=FlagSettings(flag_quantile, flag_fpr, flag_zscore, flag_threshold),
         remediation=RemediationSettings(action, augment_tries, on_failure, augment_seed),

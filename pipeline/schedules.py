@@ -27,6 +27,9 @@ class Schedule(Protocol):
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, ...] -> [B], log density of the prior at t = 1."""
 
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [n] -> [n], log signal-to-noise ratio, strictly decreasing in t."""
+
 
 def _standard_normal_logp(z: torch.Tensor, std: float) -> torch.Tensor:
     """log N(z; 0, std^2 I) per sample: z [B, ...] -> [B]."""
@@ -60,6 +63,11 @@ class VPSchedule:
         return torch.sqrt(-torch.expm1(self.log_abar(t)))
 
     network_sigma = sigma
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """log(abar / (1 - abar))."""
+        la = self.log_abar(torch.as_tensor(t, dtype=torch.float64))
+        return la - torch.log(-torch.expm1(la))
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The network's (float) timestep argument: t (N - 1)."""
@@ -165,6 +173,10 @@ class VESchedule:
         return self.sigma_min * torch.exp(torch.as_tensor(t, dtype=torch.float64) * self._log_ratio)
 
     network_sigma = sigma
+
+    def log_snr(self, t):
+        """-2 log sigma (unit-scale data): linear in t."""
+        return -2 * torch.log(self.sigma(t))
 
     def timestep(self, t):
         """VE networks take sigma itself as their timestep argument."""

@@ -43,6 +43,7 @@ SCORE_SCHEMA = pa.schema([
     ("atol", pa.float64()),
     ("eps", pa.float64()),
     ("seed", pa.int64()),
+    ("grid", pa.string()),  # fixed-grid times: log_snr or uniform (dopri5 ignores it)
     ("model_fingerprint", pa.string()),
 ])
 

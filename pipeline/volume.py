@@ -24,6 +24,7 @@ DIVERGENCES = ("exact", "rademacher", "gaussian")
 ADAPTIVE_SOLVERS = {"dopri5": "dopri5"}
 FIXED_GRID_SOLVERS = {"euler": "euler", "heun": "heun2", "rk4": "rk4"}  # ours -> torchdiffeq
 SOLVERS = tuple(ADAPTIVE_SOLVERS) + tuple(FIXED_GRID_SOLVERS)
+GRIDS = ("log_snr", "uniform")
 BITS_OFFSET_8BIT = 7.0  # log2(256 / 2): bin width of 8-bit data mapped to [-1, 1]
 
 
@@ -39,6 +40,7 @@ class ScorerSettings:
     atol: float = 1e-5  # dopri5 absolute tolerance
     eps: float = 1e-5  # start time of the solve; the image is x_eps
     seed: int = 0  # probes are drawn from a generator seeded by (seed, image content)
+    grid: str = "log_snr"  # fixed-grid times: uniform in log-SNR (log_snr) or in t (uniform)
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -47,6 +49,8 @@ class ScorerSettings:
             raise ValueError(f"solver {self.solver!r} is not one of {SOLVERS}")
         if self.probes < 1:
             raise ValueError(f"probes must be at least 1, got {self.probes}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid {self.grid!r} is not one of {GRIDS}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not (self.rtol > 0 and self.atol > 0):
@@ -163,9 +167,34 @@ def _solve(score_fn: ScoreFunction, x: torch.Tensor, probes: torch.Tensor | None
         xs, vs = odeint(func, state0, t, rtol=settings.rtol, atol=settings.atol,
                         method=ADAPTIVE_SOLVERS[settings.solver], options={"step_t": t[1:]})
     else:
-        t = torch.linspace(settings.eps, 1.0, settings.steps + 1, dtype=torch.float64, device=x.device)
+        t = time_grid(score_fn.schedule, settings).to(x.device)
         xs, vs = odeint(func, state0, t, method=FIXED_GRID_SOLVERS[settings.solver])
     return xs[-1], vs[-1], func.nfe
+
+
+def time_grid(schedule, settings: ScorerSettings) -> torch.Tensor:
+    """The fixed-grid solvers' times, eps to 1: [steps + 1] float64.
+
+    'log_snr' (default) spaces them uniformly in log(abar / sigma^2). Near t = eps the data's
+    own scale takes over from the noise, and for images (8-bit, and sharply peaked where the
+    model memorized) div f grows like 1/t there: a grid uniform in t puts one step across
+    [eps, 1/steps] and its error swamps V (Heun with 50 steps on N(0, 0.001^2) data: 4054
+    against the exact 105). Uniform in log-SNR, the steps are geometric near eps and even
+    where the schedule is steep near t = 1.
+    """
+    lo = torch.tensor(settings.eps, dtype=torch.float64)
+    if settings.grid == "uniform":
+        return torch.linspace(settings.eps, 1.0, settings.steps + 1, dtype=torch.float64)
+    ends = schedule.log_snr(torch.stack([lo, torch.ones((), dtype=torch.float64)]))
+    target = torch.linspace(float(ends[0]), float(ends[1]), settings.steps + 1, dtype=torch.float64)
+    a, b = torch.full_like(target, settings.eps), torch.ones_like(target)
+    for _ in range(80):  # bisection: log_snr is strictly decreasing in t
+        mid = (a + b) / 2
+        above = schedule.log_snr(mid) > target
+        a, b = torch.where(above, mid, a), torch.where(above, b, mid)
+    t = (a + b) / 2
+    t[0], t[-1] = settings.eps, 1.0
+    return t
 
 
 def bits_per_dim(logp: torch.Tensor, dims: int, offset: float = BITS_OFFSET_8BIT) -> torch.Tensor:

@@ -12,7 +12,7 @@ from tests.exact import tiny_unet
 
 EXPECTED_COLUMNS = {"id", "path", "sha256", "status", "reject_reason", "log_volume_growth",
                     "prior_logp", "logp", "bits_per_dim", "nfe", "divergence", "probes", "solver",
-                    "steps", "rtol", "atol", "eps", "seed", "model_fingerprint"}
+                    "steps", "rtol", "atol", "eps", "seed", "grid", "model_fingerprint"}
 
 
 @pytest.fixture
