@@ -71,12 +71,37 @@ def nearest(query: np.ndarray, train: np.ndarray, exclude_self: bool = False,
     return np.concatenate(d1), np.concatenate(d2), np.concatenate(idx)
 
 
-def memorized(samples: np.ndarray, train: np.ndarray, ratio: float = 1 / 3) -> dict[str, Any]:
-    """Generations whose nearest training image is closer than `ratio` x the second-nearest."""
-    d1, d2, idx = nearest(samples, train)
-    hit = d1 < ratio * d2
-    return {"count": int(hit.sum()), "n": len(samples), "copied_train_rows": sorted(set(idx[hit].tolist())),
-            "mask": hit, "nearest": idx}
+def memorized(samples: np.ndarray, train: np.ndarray, ratio: float = 1 / 3,
+              groups: np.ndarray | None = None, chunk: int = 1024) -> dict[str, Any]:
+    """Generations whose nearest training image is closer than `ratio` x the second-nearest
+    *distinct* training image (Carlini et al. 2023; Gu et al. 2023). Copies of one image are
+    one image: rows sharing a `groups` label (default: identical pixels) count once, so a
+    generation that copies a duplicated image is not excused by the duplicate beside it.
+    Returns count, n, the copied training rows (every member of each copied group), a mask
+    over samples and each sample's nearest training row."""
+    samples, train = np.asarray(samples, np.float64), np.asarray(train, np.float64)
+    if groups is None:
+        groups = np.unique(train, axis=0, return_inverse=True)[1].reshape(-1)
+    groups = np.asarray(groups)
+    labels, gid = np.unique(groups, return_inverse=True)
+    gid = gid.reshape(-1)
+    order = np.argsort(gid, kind="stable")
+    starts = np.searchsorted(gid[order], np.arange(len(labels)))
+    t2 = (train**2).sum(1)[None, order]
+    hit, nearest_row = [], []
+    for s in range(0, len(samples), chunk):
+        q = samples[s:s + chunk]
+        d = np.maximum((q**2).sum(1)[:, None] + t2 - 2 * q @ train[order].T, 0)
+        per_group = np.minimum.reduceat(d, starts, axis=1)  # [Q, groups]: distance to each distinct image
+        two = np.sort(np.partition(per_group, min(1, per_group.shape[1] - 1), axis=1)[:, :2], axis=1)
+        second = two[:, 1] if per_group.shape[1] > 1 else np.full(len(q), np.inf)
+        hit.append(np.sqrt(two[:, 0]) < ratio * np.sqrt(second))
+        nearest_row.append(order[np.argmin(d, axis=1)])
+    hit, nearest_row = np.concatenate(hit), np.concatenate(nearest_row)
+    copied_groups = np.unique(gid[nearest_row[hit]])
+    rows = np.flatnonzero(np.isin(gid, copied_groups))
+    return {"count": int(hit.sum()), "n": len(samples), "copied_train_rows": rows.tolist(),
+            "copied_images": len(copied_groups), "mask": hit, "nearest": nearest_row}
 
 
 @torch.no_grad()

@@ -29,3 +29,17 @@ def test_nearest_and_memorized_ratio():
     assert m["count"] == 1 and m["copied_train_rows"] == [0]
     d1, _, idx = nearest(train, train, exclude_self=True)
     assert d1.tolist() == [10.0, 10.0, 10.0] and idx[0] in (1, 2)
+
+
+def test_memorized_counts_copies_of_a_duplicated_image():
+    """A generation on top of a duplicated training image is memorized: its second-nearest
+    *distinct* image is far, even though an identical copy sits at the same distance."""
+    train = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    samples = np.array([[0.1, 0.0], [5.0, 5.0], [9.9, 0.0]])
+    m = memorized(samples, train)
+    assert m["count"] == 2 and m["mask"].tolist() == [True, False, True]
+    assert m["copied_train_rows"] == [0, 1, 2, 3] and m["copied_images"] == 2
+    # explicit groups: near copies of one image count as one image
+    near = train + np.array([[0, 0], [0.05, 0], [0, 0.05], [0, 0], [0, 0]])
+    assert memorized(samples, near)["count"] == 1  # without groups the near copies excuse each other
+    assert memorized(samples, near, groups=np.array([0, 0, 0, 1, 2]))["count"] == 2
