@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .cache import ScoreCache, default_cache_dir, namespace
 from .data import ImageSpec, Item, Rejected, Source, batched, decode_image, discover, open_image
-from .dedup import Clusters, build_index, find_clusters, near_matches
+from .dedup import Clusters, build_index, find_clusters, near_matches, on_gpu, to_cpu
 from .embeddings import Embedder, make_embedder
 from .flagging import FlagSettings, Threshold, flag
 from .models import LoadedModel, load_model
@@ -255,7 +255,7 @@ def dedup(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray) -> 
         return cols
     ids = scored.table.column("id").to_pylist()
     hashes = scored.table.column("pixel_sha256").to_pylist()
-    ctx.index = build_index(ctx.embedder.search_view(scored.vectors))
+    ctx.index = build_index(ctx.embedder.search_view(scored.vectors), device=ctx.settings.device)
     c = find_clusters(scored.vectors, [hashes[r] for r in rows], risk[rows], [ids[r] for r in rows],
                       ctx.dup_threshold, ctx.embedder, scored.flipped, ctx.index)
     for k, r in enumerate(rows):
@@ -266,7 +266,8 @@ def dedup(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray) -> 
             cols["dup_of"][r] = ids[keeper] if keeper != r else None
     if ctx.settings.against:
         prev_ids, prev_vecs = previous_survivors(ctx)
-        match, sim = near_matches(scored.vectors, prev_vecs, ctx.dup_threshold, ctx.embedder)
+        match, sim = near_matches(scored.vectors, prev_vecs, ctx.dup_threshold, ctx.embedder,
+                                  ctx.settings.device)
         for k, r in enumerate(rows):
             if match[k] >= 0 and cols["dup_of"][r] is None:
                 cols["dup_of"][r] = f"{ctx.settings.against}:{prev_ids[match[k]]}"
@@ -436,7 +437,7 @@ def write_embeddings(ctx: RunContext, decided: pa.Table, scored: Scored) -> None
     with AtomicParquetWriter(ctx.staging / EMBEDDINGS, table.schema, {"embedder": ctx.embedder.name}) as w:
         w.write_table(table)
     index = ctx.index if ctx.index is not None else build_index(ctx.embedder.search_view(scored.vectors))
-    faiss.write_index(index, str(ctx.staging / "index.faiss"))
+    faiss.write_index(to_cpu(index), str(ctx.staging / "index.faiss"))
 
 
 def versions() -> dict[str, str]:
@@ -465,6 +466,8 @@ def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference
         "threshold": t,
         "dedup": {"embedder": ctx.embedder.name, "threshold": ctx.dup_threshold, "flip": ctx.settings.dedup_flip,
                   "clusters": len(set(dups)), "in_clusters": len(dups),
+                  "index": type(ctx.index).__name__ if ctx.index is not None else None,
+                  "index_on_gpu": bool(ctx.index is not None and on_gpu(ctx.index)),
                   "threshold_meaning": "cosine similarity of the embeddings (pixel: correlation of 32x32 "
                                        "blurred grey thumbnails, maximised over 1-pixel shifts); pairs at or "
                                        "above it are duplicates", "against": ctx.settings.against},

@@ -3,6 +3,9 @@
 Exact duplicates (equal decoded-pixel hashes) are joined first; near duplicates are pairs whose
 cosine similarity is at least the threshold. The search runs in query batches against one
 index (exact IndexFlatIP up to FLAT_MAX vectors, IVF above), so no N x N matrix is ever built.
+With a CUDA device and a GPU build of FAISS (faiss-gpu) the index moves to the GPU; GPU
+indexes have no range search, so there each batch runs a k-nearest search whose k doubles
+for the queries whose k-th neighbour is still above the threshold (up to GPU_MAX_K).
 """
 from __future__ import annotations
 
@@ -16,10 +19,30 @@ log = logging.getLogger(__name__)
 
 FLAT_MAX = 100_000  # above this, an IVF index (benchmarks/dedup.py measures the trade-off)
 QUERY_BATCH = 4096  # queries per range search call
+KNN_START = 32  # first k of the k-nearest emulation of a range search
+GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
 
 
-def build_index(vectors: np.ndarray, kind: str = "auto"):
-    """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N)."""
+def gpu_faiss_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "index_cpu_to_gpu") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def on_gpu(index) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
+def to_cpu(index):
+    """The index itself, or a CPU copy of a GPU index (for faiss.write_index)."""
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index) if on_gpu(index) else index
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu"):
+    """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N), on
+    the GPU when `device` is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -33,17 +56,62 @@ def build_index(vectors: np.ndarray, kind: str = "auto"):
         index.train(vectors[rng.choice(n, min(n, 256 * nlist), replace=False)])
         index.nprobe = min(nlist, 32)
     index.add(vectors)
+    if str(device).startswith("cuda"):
+        if gpu_faiss_available():
+            gpu = int(str(device).partition(":")[2] or 0)
+            resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(resources, gpu, index)
+            index.memclean_resources = resources  # the GPU memory must live as long as the index
+        else:
+            log.warning("device %s: this FAISS build has no GPU support (install faiss-gpu); "
+                        "duplicate search runs on the CPU", device)
     return index
 
 
-def range_pairs(index, queries: np.ndarray, threshold: float,
-                batch: int = QUERY_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(query rows, index rows, similarities) of every pair with similarity >= threshold."""
+def range_pairs(index, queries: np.ndarray, threshold: float, batch: int = QUERY_BATCH,
+                search: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(query rows, index rows, similarities) of every pair with similarity >= threshold.
+    search: 'range' (FAISS range search), 'knn' (k-nearest with growing k: the GPU path) or
+    'auto' (knn for GPU indexes, range otherwise)."""
+    if search not in ("auto", "range", "knn"):
+        raise ValueError(f"search must be auto, range or knn, got {search!r}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    use_knn = search == "knn" or (search == "auto" and on_gpu(index))
     for start in range(0, len(queries), batch):
+        if use_knn:
+            rows, ids, sims = _knn_range(index, queries[start:start + batch], float(threshold))
+            yield rows + start, ids, sims
+            continue
         lims, sims, ids = index.range_search(queries[start:start + batch], float(threshold))
         rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
         yield rows, ids, sims
+
+
+def _knn_range(index, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A range search from k-nearest searches: a query whose k-th neighbour is still at or
+    above the threshold is searched again with twice the k, until k covers the index or
+    reaches GPU_MAX_K (then the pairs beyond it are missed, and a warning says how many queries)."""
+    out_rows, out_ids, out_sims = [], [], []
+    todo = np.arange(len(queries))
+    k = min(KNN_START, index.ntotal)
+    while len(todo) and k > 0:
+        sims, ids = index.search(queries[todo], k)
+        saturated = (sims[:, -1] >= threshold) & (ids[:, -1] >= 0)
+        done = ~saturated | (k >= index.ntotal) | (k >= GPU_MAX_K)
+        hit = (sims >= threshold) & (ids >= 0) & done[:, None]
+        r, c = np.nonzero(hit)
+        out_rows.append(todo[r])
+        out_ids.append(ids[r, c].astype(np.int64))
+        out_sims.append(sims[r, c])
+        if k >= GPU_MAX_K and (saturated & done).any() and k < index.ntotal:
+            log.warning("%d queries have more than %d neighbours above %.3f; pairs beyond the first %d "
+                        "are not searched (union-find still joins them through the others)",
+                        int(saturated.sum()), k, threshold, k)
+        todo = todo[~done]
+        k = min(2 * k, index.ntotal, GPU_MAX_K)
+    if not out_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(out_rows), np.concatenate(out_ids), np.concatenate(out_sims)
 
 
 class UnionFind:
@@ -130,14 +198,15 @@ def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, vect
     return joined
 
 
-def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, embedder) -> tuple[np.ndarray, np.ndarray]:
+def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, embedder,
+                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """For each query row, its most similar reference row at or above threshold (else -1)
     and that similarity: used to check a new drop against an earlier cleaned output."""
     match = np.full(len(queries), -1, dtype=np.int64)
     sim = np.zeros(len(queries), dtype=np.float32)
     if not len(reference) or not len(queries):
         return match, sim
-    index = build_index(embedder.search_view(reference))
+    index = build_index(embedder.search_view(reference), device=device)
     for rows, cols, _ in range_pairs(index, embedder.search_view(queries), embedder.candidate_threshold(threshold)):
         if not len(rows):
             continue

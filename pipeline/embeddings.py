@@ -4,8 +4,9 @@ Embedders take images as the model sees them (x: [B, C, H, W] in [-1, 1]) and re
 [B, d] float32 unit vectors. They are chosen by name from EMBEDDERS:
     pixel             model-free: grey, resized to 32x32, blurred (sigma 1 px), mean removed.
                       Its similarity is the correlation of two thumbnails, maximised over shifts
-                      of up to one thumbnail pixel (1/32 of the image): invariant to brightness
-                      and contrast, tolerant of JPEG, shifts and crops of a few per cent.
+                      of up to 1/32 of the image or one image pixel, whichever is larger:
+                      invariant to brightness and contrast, tolerant of JPEG, shifts and crops
+                      of a few per cent (and of a 1 px shift on images smaller than 32 px).
     unet              the diffusion model's own mid-block features at t = 0.5, pooled.
     torchscript:PATH  a user model from a local TorchScript file (e.g. SSCD copy-detection
                       weights): RGB in [0, 1], ImageNet-normalised, resized to --embed-size.
@@ -74,16 +75,20 @@ class PixelEmbedder:
 
     The index holds a blurrier view (sigma 2) that finds candidates robustly; each candidate
     pair is then scored by the correlation of the sharp thumbnails over their overlap,
-    maximised over shifts of -1, 0, 1 thumbnail pixels in each direction.
+    maximised over shifts of up to max_shift thumbnail pixels in each direction: 1 (1/32 of
+    the image), or one image pixel when the images are smaller than the thumbnail.
     """
 
     name = "pixel"
     default_threshold = 0.95
 
-    def __init__(self, size: int = 32, sigma: float = 1.0, search_sigma: float = 2.0):
+    def __init__(self, size: int = 32, sigma: float = 1.0, search_sigma: float = 2.0,
+                 image_side: int | None = None):
         self.size = size  # thumbnail side
         self.sigma = sigma  # blur of the stored thumbnail, in thumbnail pixels
         self.search_sigma = search_sigma  # blur of the indexed view
+        # largest shift tried, in thumbnail pixels: one image pixel for images under `size`
+        self.max_shift = max(1, math.ceil(size / image_side)) if image_side else 1
 
     def search_view(self, v: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """The stored thumbnails blurred further to search_sigma, in chunks (bounded memory)."""
@@ -96,15 +101,16 @@ class PixelEmbedder:
         return out
 
     def candidate_threshold(self, threshold: float) -> float:
-        return 1 - 3 * (1 - threshold)
+        return 1 - 3 * self.max_shift * (1 - threshold)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         n, s = len(a), self.size
         a = torch.from_numpy(np.asarray(a, np.float32)).view(n, s, s)
         b = torch.from_numpy(np.asarray(b, np.float32)).view(n, s, s)
         best = torch.full((n,), -1.0)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
+        shifts = range(-self.max_shift, self.max_shift + 1)
+        for dy in shifts:
+            for dx in shifts:
                 pa = a[:, max(dy, 0):s + min(dy, 0), max(dx, 0):s + min(dx, 0)].flatten(1)
                 pb = b[:, max(-dy, 0):s + min(-dy, 0), max(-dx, 0):s + min(-dx, 0)].flatten(1)
                 pa, pb = pa - pa.mean(1, keepdim=True), pb - pb.mean(1, keepdim=True)
@@ -180,7 +186,7 @@ class TorchScriptEmbedder(CosineSimilarity):
 
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
-    "pixel": lambda model=None, **kw: PixelEmbedder(),
+    "pixel": lambda model=None, **kw: PixelEmbedder(image_side=min(model.sample_size) if model else None),
     "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn),
     "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(path, size, device),
 }

@@ -14,7 +14,7 @@ from tests.planted import planted_set
 def embed_folder(root: Path, size=(64, 64), flip=False):
     ds = [d for b in batched(discover(root), ImageSpec(3, size), 64) for d in b]
     x = torch.stack([d.pixels for d in ds])
-    emb = PixelEmbedder()
+    emb = PixelEmbedder(image_side=min(size))
     flipped = emb(x, flip=True).numpy() if flip else None
     return ds, emb(x).numpy(), flipped, emb
 
@@ -29,7 +29,7 @@ def pair_scores(truth: dict, ids: list, cluster: np.ndarray) -> tuple[float, flo
     return tp / max((pred & off).sum(), 1), tp / max((true & off).sum(), 1)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (32, 32)])
+@pytest.mark.parametrize("size", [(64, 64), (32, 32), (16, 16)])
 def test_planted_clusters_precision_and_recall(tmp_path, size):
     truth = planted_set(tmp_path / "set", n_unique=300, n_groups=25)
     ds, v, _, emb = embed_folder(tmp_path / "set", size)
@@ -83,6 +83,39 @@ def test_ivf_index_finds_the_same_pairs_as_flat():
     assert len(found["ivf"] & found["flat"]) >= 95
 
 
+def test_knn_emulation_of_range_search_finds_the_same_pairs(caplog, monkeypatch):
+    """The GPU path (k-nearest search, k doubling while the k-th neighbour is still above the
+    threshold) returns exactly the range search's pairs, also for a cluster far larger than
+    the first k, for flat and IVF indexes; a CUDA device without GPU FAISS falls back to the
+    CPU with a warning."""
+    import pipeline.dedup as dedup
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(2000, 16)).astype(np.float32)
+    big = base[0] + 0.02 * rng.normal(size=(150, 16)).astype(np.float32)  # one cluster of 151 > KNN_START
+    pairs = base[1:41] + 0.05 * rng.normal(size=(40, 16)).astype(np.float32)
+    v = np.concatenate([base, big, pairs])
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    for kind in ("flat", "ivf"):
+        idx = build_index(v, kind)
+        got = {}
+        for search in ("range", "knn"):
+            got[search] = {(int(a), int(b)): float(s) for r, c, sims in range_pairs(idx, v, 0.95, 700, search)
+                           for a, b, s in zip(r, c, sims)}
+        assert len(got["range"]) > 151 * 151 and set(got["knn"]) == set(got["range"])
+        assert all(abs(got["knn"][p] - got["range"][p]) < 1e-5 for p in got["range"])
+    monkeypatch.setattr(dedup, "GPU_MAX_K", 64)  # the GPU's k limit: pairs beyond it are reported missing
+    with caplog.at_level("WARNING"):
+        capped = {(int(a), int(b)) for r, c, _ in range_pairs(build_index(v, "flat"), v, 0.95, 700, "knn")
+                  for a, b in zip(r, c)}
+    assert len(capped) < len(got["range"]) and "not searched" in caplog.text
+    with caplog.at_level("WARNING"):
+        idx = build_index(v, "flat", device="cuda")
+    assert not dedup.on_gpu(idx) and ("no GPU support" in caplog.text or dedup.gpu_faiss_available())
+    with pytest.raises(ValueError, match="search must be"):
+        next(range_pairs(idx, v, 0.9, search="nearest"))
+
+
 def test_union_find():
     uf = UnionFind(5)
     uf.union(0, 1)
@@ -116,3 +149,23 @@ def test_embedder_registry_and_torchscript(tmp_path):
         make_embedder("torchscript:/nonexistent.pt")
     with pytest.raises(ValueError, match="one of"):
         make_embedder("sscd")
+
+
+def test_pixel_embedder_tolerates_one_image_pixel_on_small_images():
+    """On images smaller than the 32 px thumbnail, one image pixel spans several thumbnail
+    pixels: the shift search widens to one image pixel, so a 1 px shift of a 16 px image is
+    still a duplicate, while an unrelated image is not."""
+    rng = np.random.default_rng(0)
+    img = torch.zeros(2, 1, 16, 16)
+    img[0, 0, 3:13, 5:9] = 1.0
+    img[0, 0, 4:7, 3:12] = 0.6
+    img[1] = torch.from_numpy(rng.uniform(-1, 1, (1, 16, 16)).astype(np.float32))
+    shifted = torch.zeros_like(img[:1])
+    shifted[0, 0, 1:, 1:] = img[0, 0, :-1, :-1]  # 1 px down-right, the edge left at 0
+    for side, expect in ((16, True), (None, False)):
+        emb = PixelEmbedder(image_side=side)
+        v, w = emb(img).numpy(), emb(shifted).numpy()
+        sims = emb.similarity(np.repeat(w, 2, 0), v)
+        assert (sims[0] >= emb.default_threshold) == expect, (side, sims)
+        assert sims[1] < 0.5
+    assert PixelEmbedder(image_side=64).max_shift == 1 and PixelEmbedder(image_side=16).max_shift == 2
