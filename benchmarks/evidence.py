@@ -2,18 +2,22 @@
 
     .venv/bin/python benchmarks/evidence.py [--samples 1000] [--retrain-steps N]
 
-1. scores the demo's members (train/) and held-out images (heldout/) with the demo settings;
+1. cleans the demo's training set with `memclean demo`'s settings (held-out split as the
+   reference), which scores members (train/) and held-out images (heldout/);
 2. separation of members vs held-out and of duplicated vs unique members, for
    log_volume_growth and logp, next to two baselines: the denoising loss at a fixed step
    (loss-based membership inference) and the distance to the nearest other training image;
-3. generates samples and counts memorized ones (nearest training image closer than 1/3 of
-   the second-nearest, L2), and checks that the images they copy are the ones flagged;
-4. cleans the training set (`memclean demo` settings), retrains with the recipe in
-   examples/model/training.json on the cleaned set, and counts memorized samples again.
+   and the scores by how many copies of an image the training set holds;
+3. generates samples and counts memorized ones (nearest distinct training image closer
+   than 1/3 of the second-nearest, L2), and checks that the images they copy are the ones
+   memclean flags;
+4. retrains with the recipe in examples/model/training.json on the cleaned set, and counts
+   memorized samples again, next to the shipped model (the same recipe on the original set).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -28,10 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.clean import CleanSettings, run_clean  # noqa: E402
+from pipeline.clean import SCORE_CHOICES, CleanSettings, run_clean  # noqa: E402
 from pipeline.cli import DEMO  # noqa: E402
 from pipeline.data import ImageSpec, decode_item, discover  # noqa: E402
-from pipeline.evaluate import denoising_loss, generate, memorized, nearest, separation  # noqa: E402
+from pipeline.evaluate import denoising_loss, generate, memorized, nearest, roc_auc, separation  # noqa: E402
 from pipeline.train import TrainSettings, load_images, train  # noqa: E402
 from pipeline.volume import ScorerSettings  # noqa: E402
 
@@ -48,9 +52,20 @@ def flat(source: str, spec: ImageSpec) -> tuple[list[str], torch.Tensor]:
     return [d.item.id for d in ds], torch.stack([d.pixels for d in ds])
 
 
-def row(name: str, s: dict) -> str:
-    return (f"| {name} | {s['mean_pos']:.1f} | {s['mean_neg']:.1f} | {s['welch_p']:.2e} | {s['auc']:.3f} | "
-            f"{s['tpr_at_1pct_fpr']:.3f} |")
+def planted(data: Path) -> dict[str, dict]:
+    """{training id: {group, kind, copies}} from the demo's planted.csv."""
+    with open(data.parent / "planted.csv", newline="") as f:
+        return {r["file"].split("/", 1)[1]: {"group": int(r["group"]), "kind": r["kind"], "copies": int(r["copies"])}
+                for r in csv.DictReader(f)}
+
+
+def row(cells: list) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def sep_row(cmp: str, score: str, s: dict) -> str:
+    return row([cmp, score, f"{s['mean_pos']:.4g}", f"{s['mean_neg']:.4g}", f"{s['welch_p']:.2e}",
+                f"{s['auc']:.3f}", f"{s['tpr_at_1pct_fpr']:.3f}"])
 
 
 def main() -> None:
@@ -61,49 +76,71 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    root = REPO
-    model_dir = root / DEMO["model"]
+    model_dir = REPO / DEMO["model"]
+    data = REPO / DEMO["data"]
     unet, scheduler = load_pipeline(model_dir)
-    spec = ImageSpec(1, (unet.config.sample_size,) * 2)
+    spec = ImageSpec(unet.config.in_channels, (unet.config.sample_size,) * 2)
     scorer = ScorerSettings(solver=DEMO["solver"], steps=DEMO["steps"])
     work = Path(tempfile.mkdtemp(prefix="memclean-evidence-"))
 
-    # 1-2: scores of members and held-out images, from a demo clean run
-    settings = CleanSettings(reference=str(root / DEMO["reference"]), batch_size=DEMO["batch_size"],
+    # 1: a demo clean run scores members and held-out images
+    settings = CleanSettings(reference=str(REPO / DEMO["reference"]), batch_size=DEMO["batch_size"],
                              dup_threshold=DEMO["dup_threshold"])
-    manifest = run_clean(root / DEMO["data"], model_dir, work / "clean", scorer, settings, overwrite=True,
+    manifest = run_clean(data, model_dir, work / "clean", scorer, settings, overwrite=True,
                          cache_dir=os.environ.get("MEMCLEAN_CACHE", str(Path.home() / ".cache" / "memclean")))
     import pyarrow.parquet as pq
 
-    members = pq.read_table(work / "clean" / "scores.parquet").to_pylist()
+    by_id = {r["id"]: r for r in pq.read_table(work / "clean" / "scores.parquet").to_pylist()}
     held = pq.read_table(work / "clean" / "reference_scores.parquet").to_pylist()
-    member_ids, x_train = flat(str(root / DEMO["data"]), spec)
-    _, x_held = flat(str(root / DEMO["reference"]), spec)
-    by_id = {r["id"]: r for r in members}
-    dup = np.array([i[0] in "en" for i in member_ids])  # planted copies (examples/digits/planted.csv)
-    lines = []
-    for score in ("log_volume_growth", "logp"):
-        m = np.array([by_id[i][score] for i in member_ids])
-        h = np.array([r[score] for r in held])
-        lines.append(("members vs held-out", score, separation(m, h)))
-        lines.append(("duplicated vs unique members", score, separation(m[dup], m[~dup])))
+    member_ids, x_train = flat(str(data), spec)
+    _, x_held = flat(str(REPO / DEMO["reference"]), spec)
+    plant = planted(data)
+    copies = np.array([plant[i]["copies"] if i in plant else 1 for i in member_ids])
+    kind = np.array([plant[i]["kind"] if i in plant else "unique" for i in member_ids])
+    group = np.array([f"g{plant[i]['group']}" if i in plant else i for i in member_ids])
+    dup = copies > 1
+
+    # 3 (first: step 2 compares against what the generations copy): memorized generations of
+    # the shipped model; copies of one image count as one image
+    tr = x_train.flatten(1).numpy()
+    samples = generate(unet, dict(scheduler.config), args.samples, seed=0).flatten(1).numpy()
+    mem = memorized(samples, tr, groups=group)
+    flagged = np.array([bool(by_id[i]["flagged"]) for i in member_ids])
+    action = np.array([by_id[i]["action"] for i in member_ids])
+    copied = np.zeros(len(member_ids), bool)
+    copied[mem["copied_train_rows"]] = True
+    hits_per_row = np.zeros(len(member_ids), int)
+    np.add.at(hits_per_row, mem["nearest"][mem["mask"]], 1)
+    removed = np.isin(action, ["dropped", "augmented"])
+    can_copy = copied.any() and (~copied).any()
+
+    # 2: separation
+    lines, auc = [], {}
+    scores = {s: np.array([by_id[i][s] for i in member_ids]) for s in SCORE_CHOICES}
+    for name, m in scores.items():
+        h = np.array([r[name] for r in held])
+        lines.append(("members vs held-out", name, separation(m, h)))
+        lines.append(("duplicated vs unique members", name, separation(m[dup], m[~dup])))
+        lines.append(("unique members vs held-out", name, separation(m[~dup], h)))
+        if can_copy:
+            lines.append(("copied vs not copied members", name, separation(m[copied], m[~copied])))
+        auc[name] = (lines[-1] if can_copy else lines[-3])[2]["auc"]  # copied vs not, else members vs held-out
     loss_m = -denoising_loss(unet, scheduler, x_train)
     loss_h = -denoising_loss(unet, scheduler, x_held)
     lines.append(("members vs held-out", "-denoising loss (k=100)", separation(loss_m, loss_h)))
     lines.append(("duplicated vs unique members", "-denoising loss (k=100)", separation(loss_m[dup], loss_m[~dup])))
-    tr = x_train.flatten(1).numpy()
+    lines.append(("unique members vs held-out", "-denoising loss (k=100)", separation(loss_m[~dup], loss_h)))
+    if can_copy:
+        lines.append(("copied vs not copied members", "-denoising loss (k=100)",
+                      separation(loss_m[copied], loss_m[~copied])))
     nn_m = -nearest(tr, tr, exclude_self=True)[0]
     nn_h = -nearest(x_held.flatten(1).numpy(), tr)[0]
     lines.append(("members vs held-out", "-NN distance to other training images", separation(nn_m, nn_h)))
-    lines.append(("duplicated vs unique members", "-NN distance to other training images", separation(nn_m[dup], nn_m[~dup])))
-
-    # 3: memorized generations of the original model, and whether the score flags what they copy
-    samples = generate(unet, dict(scheduler.config), args.samples, seed=0).flatten(1).numpy()
-    mem = memorized(samples, tr)
-    flagged = np.array([bool(by_id[i]["flagged"]) for i in member_ids])
-    copied = np.zeros(len(member_ids), bool)
-    copied[mem["copied_train_rows"]] = True
-    copied_flagged = float(flagged[copied].mean()) if copied.any() else float("nan")
+    lines.append(("duplicated vs unique members", "-NN distance to other training images",
+                  separation(nn_m[dup], nn_m[~dup])))
+    if can_copy:
+        lines.append(("copied vs not copied members", "-NN distance to other training images",
+                      separation(nn_m[copied], nn_m[~copied])))
 
     # 4: retrain on the cleaned set with the same recipe, count memorized generations again
     recipe = json.loads((model_dir / "training.json").read_text())
@@ -116,9 +153,12 @@ def main() -> None:
     retrained = train(cleaned, work / "retrained", TrainSettings(**ts))
     retrain_s = time.time() - t1
     unet2, sched2 = load_pipeline(retrained)
-    mem2 = memorized(generate(unet2, dict(sched2.config), args.samples, seed=0).flatten(1).numpy(), tr)
+    mem2 = memorized(generate(unet2, dict(sched2.config), args.samples, seed=0).flatten(1).numpy(), tr, groups=group)
 
+    best = max(auc, key=auc.get)
+    default = CleanSettings().score
     c = manifest["counts"]
+    t = manifest["threshold"]
     out = [
         "# memclean evidence on the bundled demo",
         "",
@@ -126,35 +166,60 @@ def main() -> None:
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}).",
         "",
-        f"Demo: {len(member_ids)} training images of which {int(dup.sum())} are planted copies "
-        f"(6 digits x 15 exact copies, 6 x 15 near copies), {len(held)} held-out images, the shipped "
-        f"model `examples/model` ({recipe['command']}). Scores: {scorer.solver} with {scorer.steps} steps, "
-        f"{scorer.divergence} divergence, {scorer.probes} probe.",
+        f"Demo: {len(member_ids)} training images, {int((~dup).sum())} of them unique and {int(dup.sum())} planted "
+        f"copies ({len(set(group[dup]))} digits, exact or near copies, {', '.join(map(str, sorted(set(copies[dup]))))} "
+        f"copies each: `examples/digits/planted.csv`), {len(held)} held-out images. Model: the shipped "
+        f"`examples/model`, trained with `{recipe['command']}`. Scores: {scorer.solver} with {scorer.steps} steps, "
+        f"{scorer.divergence} divergence, {scorer.probes} probe, as `memclean demo`.",
         "",
-        "## Separation (higher score = member / duplicated)",
+        "## Separation (higher = member, or duplicated)",
         "",
         "| comparison | score | mean (pos) | mean (neg) | Welch p (one-sided) | ROC AUC | TPR at 1% FPR |",
         "|---|---|---|---|---|---|---|",
+        *[sep_row(a, b, s) for a, b, s in lines],
+        "",
+        f"Which score flagging judges: the one that better separates the training images the model's "
+        f"generations copy from the rest ({'copied vs not copied' if can_copy else 'members vs held-out'}, "
+        f"the memorization memclean exists to find): {best}, AUC {auc[best]:.3f} against "
+        f"{min(auc.values()):.3f}. `--score` defaults to `{default}`"
+        + ("." if best == default else f"; this run favours `{best}`."),
+        "",
+        "## By number of copies in the training set",
+        "",
+        f"Threshold {t['value']:.5g} (reference FPR {t['parameters'].get('fpr')}); a copied image is a distinct "
+        "training image that at least one generation copies.",
+        "",
+        "| copies | kind | images | mean log_volume_growth | mean logp | flagged | dropped or augmented | generations copying |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    out += [row(f"{cmp} | {score}", s).replace("| | ", "| ") for cmp, score, s in lines]
+    for k in sorted(set(copies)):
+        for kd in sorted(set(kind[copies == k])):
+            sel = (copies == k) & (kind == kd)
+            out.append(row([str(k), kd, str(int(sel.sum())), f"{scores['log_volume_growth'][sel].mean():.4g}",
+                            f"{scores['logp'][sel].mean():.4g}", f"{flagged[sel].mean():.0%}",
+                            f"{removed[sel].mean():.0%}", str(int(hits_per_row[sel].sum()))]))
+    copied_line = (
+        f"Of the {int(copied.sum())} training images whose digit the shipped model's generations copy, "
+        f"{flagged[copied].mean():.0%} are flagged by memclean and {removed[copied].mean():.0%} are dropped or "
+        f"augmented, against a flag rate of {flagged.mean():.0%} over all training images. AUC of "
+        f"log_volume_growth, copied vs not copied training images: "
+        f"{roc_auc(scores['log_volume_growth'][copied], scores['log_volume_growth'][~copied]):.3f}."
+        if copied.any() and (~copied).any() else "No generation of the shipped model copies a training image.")
     out += [
         "",
         "## Memorized generations",
         "",
-        f"A generation is memorized when its nearest training image (L2) is closer than 1/3 of the "
-        f"second-nearest. {args.samples} DDIM samples (50 steps, seed 0) from each model.",
+        f"A generation is memorized when its nearest training image (L2) is closer than 1/3 of the nearest "
+        f"*distinct* one (copies of one digit count as one image). {args.samples} DDIM samples (50 steps, seed 0) "
+        "from each model.",
         "",
-        "| model | memorized generations | distinct training images copied |",
+        "| model | memorized generations | distinct digits copied |",
         "|---|---|---|",
-        f"| shipped (trained on the original {len(member_ids)} images) | {mem['count']} | {len(mem['copied_train_rows'])} |",
-        f"| retrained on memclean's cleaned output ({len(cleaned)} images, same recipe, {ts['steps']} steps, "
-        f"{retrain_s:.0f} s) | {mem2['count']} | {len(mem2['copied_train_rows'])} |",
+        f"| shipped: the recipe on the original {len(member_ids)} images | {mem['count']} | {mem['copied_images']} |",
+        f"| the same recipe ({ts['steps']} steps, {retrain_s:.0f} s) on memclean's cleaned output "
+        f"({len(cleaned)} images) | {mem2['count']} | {mem2['copied_images']} |",
         "",
-        (f"Of the training images the shipped model's generations copy, {copied_flagged:.0%} are flagged "
-         if copied.any() else "No generation of the shipped model copies a training image, so whether the "
-         "flagged images are the copied ones cannot be checked on this model; ")
-        + f"memclean flags {flagged.mean():.0%} of the training images (threshold "
-        f"{manifest['threshold']['value']:.1f}, reference FPR {manifest['threshold']['parameters'].get('fpr', 0.05)}).",
+        copied_line,
         "",
         f"The clean run: {c['input']} inputs, {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} "
         f"dropped ({manifest['dedup']['clusters']} duplicate clusters), {c['flagged']} flagged.",

@@ -4,8 +4,8 @@
 
 writes 16x16 grayscale PNGs:
     train/u####.png          unique training images
-    train/e##_c##.png        planted exact duplicates (each of E images copied C times)
-    train/n##_c##.png        planted near duplicates (brightness/contrast within 10%, 1 px shift)
+    train/e##_c##.png        planted exact duplicates: group ## copied COPIES[g] times
+    train/n##_c##.png        planted near duplicates (contrast within 10%)
     heldout/h####.png        images the model never sees (the reference split)
     planted.csv              file, group, kind of every planted copy
 The construction is deterministic (seeded); scikit-learn is needed only to rebuild.
@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 SIZE = 16  # output resolution
-UNIQUE, HELDOUT = 320, 200  # unique training images, held-out images
-EXACT_GROUPS, NEAR_GROUPS, COPIES = 6, 6, 15  # planted groups and copies per group
+UNIQUE, HELDOUT = 300, 200  # unique training images, held-out images
+COPIES = (4, 8, 16, 32)  # copies per planted group: duplication in different numbers
+EXACT_GROUPS = NEAR_GROUPS = 2 * len(COPIES)  # two exact and two near groups per copy count
 
 
 def upscale(digit: np.ndarray) -> Image.Image:
@@ -30,12 +31,12 @@ def upscale(digit: np.ndarray) -> Image.Image:
     return img.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
 
 
-def near_copy(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Brightness/contrast within 10% and a shift of up to 1 px."""
-    a = np.asarray(img, dtype=np.float64)
-    a = (a - a.mean()) * rng.uniform(0.9, 1.1) + a.mean() * rng.uniform(0.9, 1.1)
-    a = np.roll(a, (int(rng.integers(-1, 2)), int(rng.integers(-1, 2))), axis=(0, 1))
-    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+def near_copy(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Contrast within 10%, applied to the 8x8 digit before upscaling: a re-exported copy.
+    (A shift of one 16 px pixel is half a source pixel: it would move the copy off the
+    bilinear-upscaled images' subspace, which every other image lies on, and make it an
+    outlier rather than a near copy.)"""
+    return upscale(np.clip(digit * rng.uniform(0.9, 1.1), 0, 16))
 
 
 def main(out: Path) -> None:
@@ -46,6 +47,9 @@ def main(out: Path) -> None:
     order = rng.permutation(len(digits))
     groups = EXACT_GROUPS + NEAR_GROUPS
     unique, planted, heldout = np.split(order[:UNIQUE + groups + HELDOUT], [UNIQUE, UNIQUE + groups])
+    for old in (out / "train", out / "heldout"):
+        for f in old.glob("*.png") if old.is_dir() else ():
+            f.unlink()
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "heldout").mkdir(parents=True, exist_ok=True)
     for i, k in enumerate(unique):
@@ -56,12 +60,12 @@ def main(out: Path) -> None:
     for g, k in enumerate(planted):
         kind = "exact" if g < EXACT_GROUPS else "near"
         base = upscale(digits[k])
-        for c in range(COPIES):
+        for c in range(COPIES[g % len(COPIES)]):
             name = f"{kind[0]}{g:02d}_c{c:02d}.png"
-            (base if kind == "exact" or c == 0 else near_copy(base, rng)).save(out / "train" / name)
-            rows.append({"file": f"train/{name}", "group": g, "kind": kind})
+            (base if kind == "exact" or c == 0 else near_copy(digits[k], rng)).save(out / "train" / name)
+            rows.append({"file": f"train/{name}", "group": g, "kind": kind, "copies": COPIES[g % len(COPIES)]})
     with open(out / "planted.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "group", "kind"])
+        writer = csv.DictWriter(f, fieldnames=["file", "group", "kind", "copies"])
         writer.writeheader()
         writer.writerows(rows)
 

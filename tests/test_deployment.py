@@ -100,3 +100,14 @@ def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
+
+
+def test_demo_deployment_matches_memclean_demo():
+    """`prefect deployment run clean/demo` and `memclean demo` run the same settings."""
+    import yaml
+
+    from pipeline.cli import DEMO
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "prefect.yaml").read_text())
+    params = next(d for d in spec["deployments"] if d["name"] == "demo")["parameters"]
+    assert {k: params[k] for k in DEMO} == DEMO
