@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -220,10 +221,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import fill_missing_thumbnails, write_report
 
     if not (args.dir / "manifest.json").is_file():
         raise SystemExit(f"memclean: {args.dir} is not a memclean clean output (no manifest.json)")
+    score = json.loads((args.dir / "manifest.json").read_text())["threshold"]["score"]
+    made = fill_missing_thumbnails(args.dir, score)
+    if made:
+        print(f"made {made} missing thumbnails from the source images")
     print(f"report: {write_report(args.dir)}")
     return 0
 

@@ -12,12 +12,13 @@ import html
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,17 @@ def save_thumbnail(img: Image.Image, folder: Path, key: str) -> str:
 
 
 def shown_rows(scores: list[dict[str, Any]], score: str) -> tuple[list[dict], dict[int, list[dict]], list[dict]]:
-    """The rows the report shows: top flagged, the largest duplicate clusters, augmented."""
-    flagged = sorted((r for r in scores if r["flagged"]), key=lambda r: (-r[score], r["id"]))[:TOP_FLAGGED]
+    """The rows the report shows: top flagged (one card per duplicate cluster, its highest-
+    scoring flagged member), the largest duplicate clusters, augmented."""
+    flagged, seen = [], set()
+    for r in sorted((r for r in scores if r["flagged"]), key=lambda r: (-r[score], r["id"])):
+        if r["dup_cluster"] is not None:
+            if r["dup_cluster"] in seen:
+                continue
+            seen.add(r["dup_cluster"])
+        flagged.append(r)
+        if len(flagged) == TOP_FLAGGED:
+            break
     clusters: dict[int, list[dict]] = {}
     for r in scores:
         if r["dup_cluster"] is not None:
@@ -56,6 +66,28 @@ def shown_rows(scores: list[dict[str, Any]], score: str) -> tuple[list[dict], di
                       for k in biggest}
     augmented = [r for r in scores if r["action"] == "augmented"][:TOP_FLAGGED]
     return flagged, shown_clusters, augmented
+
+
+def fill_missing_thumbnails(out: Path, score: str) -> int:
+    """Thumbnails the report would show but OUT/report/ lacks (an output written by an older
+    memclean, which showed other rows), made from the source files still at their `path`.
+    Returns how many were made; rows whose source is gone (or is a Parquet cell) stay missing
+    and the report's image counter says so."""
+    cols = ["id", "path", "status", "flagged", "dup_cluster", "dup_of", "action", score]
+    rows = pq.read_table(out / "scores.parquet", columns=cols).to_pylist()
+    folder = out / THUMBS
+    folder.mkdir(exist_ok=True)
+    made, wanted = 0, ids_to_show(rows, score)
+    for r in rows:
+        if r["id"] in wanted and not (folder / thumb_name(r["id"])).exists() \
+                and r["path"] and os.path.isfile(r["path"]):
+            try:
+                with Image.open(r["path"]) as img:
+                    save_thumbnail(ImageOps.exif_transpose(img), folder, r["id"])
+                made += 1
+            except (OSError, ValueError) as e:
+                log.warning("no thumbnail for %s: %s", r["id"], e)
+    return made
 
 
 def write_thumbnails(out: Path, scores: list[dict[str, Any]], score: str, images: dict[str, Image.Image],
@@ -210,11 +242,16 @@ def write_report(out: str | os.PathLike) -> Path:
              + (f", 95% CI [{t['details']['ci'][0]:.6g}, {t['details']['ci'][1]:.6g}] from {t['details']['n_reference']} reference images"
                 if "ci" in t.get("details", {}) else "")
              + f"; realised flag rate {t['realised_flag_rate']:.3f}.</p>",
-             f"<h2>Top flagged images ({len(flagged)} of {c['flagged']}, highest {esc(score)} first)</h2>",
+             f"<h2>Top flagged images ({len(flagged)} cards for {c['flagged']} flagged images, highest "
+             f"{esc(score)} first; a duplicate cluster shows once)</h2>",
              "<div class='gallery' id='flagged'>"]
+    in_cluster = Counter(r["dup_cluster"] for r in scores if r["flagged"] and r["dup_cluster"] is not None)
     for r in flagged:
         why = r["action_reason"] or r["flag_reason"]
-        parts.append(card(r, score, r["id"], f"<div>action: <b>{esc(r['action'])}</b></div><div class='muted'>{esc(why)}</div>"))
+        more = in_cluster.get(r["dup_cluster"], 1) - 1 if r["dup_cluster"] is not None else 0
+        copies = f"<div><b>+{more} flagged copies</b> (cluster {r['dup_cluster']})</div>" if more else ""
+        parts.append(card(r, score, r["id"], f"<div>action: <b>{esc(r['action'])}</b></div>{copies}"
+                                             f"<div class='muted'>{esc(why)}</div>"))
     parts.append("</div>")
     parts.append(f"<h2>Duplicate clusters ({len(clusters)} largest of {m['dedup']['clusters']}; keeper first)</h2>")
     for k, members in clusters.items():

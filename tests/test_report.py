@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.report import histogram_svg
+from pipeline.report import histogram_svg, ids_to_show, thumb_name
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 from tests.planted import planted_set
@@ -70,10 +70,18 @@ def test_gallery_counts_and_order(report):
 
     html = (report / "report.html").read_text()
     rows = pq.read_table(report / "scores.parquet").to_pylist()
-    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -r["log_volume_growth"])
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: (-r["log_volume_growth"], r["id"]))
+    expected, seen = [], set()  # one card per duplicate cluster: its highest-scoring flagged member
+    for r in flagged:
+        if r["dup_cluster"] is None or r["dup_cluster"] not in seen:
+            expected.append(r["id"])
+            seen.add(r["dup_cluster"])
     gallery = html.split("id='flagged'>")[1].split("</div>\n<h2>")[0]
     shown = re.findall(r'alt="([^"]+)"', gallery)
-    assert shown == [r["id"] for r in flagged[:60]]
+    assert shown == expected[:60]
+    flagged_clusters = [r["dup_cluster"] for r in flagged if r["dup_cluster"] is not None]
+    assert len(flagged_clusters) > len(set(flagged_clusters))  # the fixture has flagged copies to fold
+    assert gallery.count("flagged copies</b>") == sum(flagged_clusters.count(k) > 1 for k in set(flagged_clusters))
     clusters = {r["dup_cluster"] for r in rows if r["dup_cluster"] is not None}
     assert html.count("class='row cluster'") == min(len(clusters), 30) >= 4
     augmented = [r for r in rows if r["action"] == "augmented"]
@@ -94,3 +102,18 @@ def test_report_command_rebuilds_and_histogram_marks_the_threshold(report, capsy
     assert main(["report", str(report)]) == 0 and (report / "report.html").is_file()
     svg = histogram_svg(np.array([1.0, 2, 3]), np.array([0.5, 1.5]), 2.5, "score")
     assert "threshold 2.5" in svg and "threshold 10399.8" in histogram_svg(np.array([9e3, 1.1e4]), None, 10399.8, "s") and "held-out reference" in svg
+
+
+def test_report_command_makes_thumbnails_an_older_output_lacks(report, tmp_path, capsys):
+    """`memclean report` on an output whose report/ lacks a shown image (written by a memclean
+    that showed other rows) makes it from the source file, so the rebuilt page is whole."""
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "older"
+    shutil.copytree(report, copy)
+    rows = pq.read_table(copy / "scores.parquet").to_pylist()
+    victims = [copy / "report" / thumb_name(i) for i in sorted(ids_to_show(rows, "log_volume_growth"))[:3]]
+    for v in victims:
+        v.unlink()
+    assert main(["report", str(copy)]) == 0
+    assert all(v.exists() for v in victims) and "made 3 missing thumbnails" in capsys.readouterr().out
