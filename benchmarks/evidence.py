@@ -4,13 +4,13 @@
 
 1. cleans the demo's training set with `memclean demo`'s settings (held-out split as the
    reference), which scores members (train/) and held-out images (heldout/);
-2. separation of members vs held-out and of duplicated vs unique members, for
-   log_volume_growth and logp, next to two baselines: the denoising loss at a fixed step
-   (loss-based membership inference) and the distance to the nearest other training image;
-   and the scores by how many copies of an image the training set holds;
-3. generates samples and counts memorized ones (nearest distinct training image closer
-   than 1/3 of the second-nearest, L2), and checks that the images they copy are the ones
-   memclean flags;
+3. (run before 2, which uses it) generates samples and counts memorized ones (nearest
+   training image closer than 1/3 of the second-nearest distinct one, L2), and checks that
+   the images they copy are the ones memclean flags;
+2. separation of members vs held-out, duplicated vs unique members, unique members vs
+   held-out and copied vs not copied members, for log_volume_growth and logp, next to two
+   baselines: the denoising loss at a fixed step (loss-based membership inference) and the
+   distance to the nearest other training image; and the scores by number of copies;
 4. retrains with the recipe in examples/model/training.json on the cleaned set, and counts
    memorized samples again, next to the shipped model (the same recipe on the original set).
 """
@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.cache import default_cache_dir  # noqa: E402
 from pipeline.clean import SCORE_CHOICES, CleanSettings, run_clean  # noqa: E402
 from pipeline.cli import DEMO  # noqa: E402
 from pipeline.data import ImageSpec, decode_item, discover  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
     settings = CleanSettings(reference=str(REPO / DEMO["reference"]), batch_size=DEMO["batch_size"],
                              dup_threshold=DEMO["dup_threshold"])
     manifest = run_clean(data, model_dir, work / "clean", scorer, settings, overwrite=True,
-                         cache_dir=os.environ.get("MEMCLEAN_CACHE", str(Path.home() / ".cache" / "memclean")))
+                         cache_dir=default_cache_dir())
     import pyarrow.parquet as pq
 
     by_id = {r["id"]: r for r in pq.read_table(work / "clean" / "scores.parquet").to_pylist()}

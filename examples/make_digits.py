@@ -4,10 +4,10 @@
 
 writes 16x16 grayscale PNGs:
     train/u####.png          unique training images
-    train/e##_c##.png        planted exact duplicates: group ## copied COPIES[g] times
-    train/n##_c##.png        planted near duplicates (contrast within 10%)
+    train/e##_c##.png        planted exact duplicates: group g copied COPIES[g % 4] times (4-32)
+    train/n##_c##.png        planted near duplicates (contrast within 10%; c00 is the digit itself)
     heldout/h####.png        images the model never sees (the reference split)
-    planted.csv              file, group, kind of every planted copy
+    planted.csv              file, group, kind, copies of every planted copy
 The construction is deterministic (seeded); scikit-learn is needed only to rebuild.
 """
 from __future__ import annotations

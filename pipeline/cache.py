@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +37,37 @@ def namespace(model_fingerprint: str, settings: dict[str, Any], spec: dict[str, 
 
 
 class ScoreCache:
-    """Score columns by file sha256, for one (model, settings, spec) namespace."""
+    """Score columns by file sha256, for one (model, settings, spec) namespace. Get one with
+    open_cache: instances are shared in a process, and each refresh reads only new files."""
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.dir = Path(root) / key  # one folder per namespace
-        self._known: dict[str, dict[str, Any]] | None = None
+        self._known: dict[str, dict[str, Any]] = {}
+        self._read: set[str] = set()  # files already in _known
+        self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, dict[str, Any]]:
-        if self._known is None:
-            self._known = {}
-            for f in sorted(self.dir.glob("*.parquet")) if self.dir.is_dir() else []:
+    def refresh(self) -> "ScoreCache":
+        """Read the files added since the last refresh (by this or another process); start over
+        if a file read before is gone (the cache was cleared)."""
+        with self._lock:
+            files = {f.name for f in self.dir.glob("*.parquet")} if self.dir.is_dir() else set()
+            if not self._read <= files:
+                self._known, self._read = {}, set()
+            for name in sorted(files - self._read):
                 try:
-                    for row in pq.read_table(f).to_pylist():
+                    for row in pq.read_table(self.dir / name).to_pylist():
                         self._known[row.pop("sha256")] = row
                 except (OSError, pa.ArrowException) as e:  # a torn file from a killed writer
-                    log.warning("ignoring unreadable cache file %s: %s", f, e)
-        return self._known
+                    log.warning("ignoring unreadable cache file %s: %s", self.dir / name, e)
+                self._read.add(name)
+        return self
 
     def get(self, sha256: str) -> dict[str, Any] | None:
-        return self._load().get(sha256)
+        return self._known.get(sha256)
 
     def put(self, rows: list[dict[str, Any]]) -> None:
         """Add rows (sha256 + score columns) as one new file."""
-        rows = [r for r in rows if r["sha256"] not in self._load()]
+        rows = [r for r in rows if r["sha256"] not in self._known]
         if not rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -67,5 +76,16 @@ class ScoreCache:
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"
         pq.write_table(pa.Table.from_pylist([{c: r[c] for c in CACHE_SCHEMA.names} for r in rows], CACHE_SCHEMA), tmp)
         os.replace(tmp, path)
+        self._read.add(path.name)
         for r in rows:
             self._known[r["sha256"]] = {c: r[c] for c in CACHED_COLUMNS}
+
+
+_OPEN: dict[tuple[str, str], ScoreCache] = {}
+
+
+def open_cache(root: str | os.PathLike, key: str) -> ScoreCache:
+    """The process's cache for (root, key), refreshed: every shard of a run shares it, so no
+    shard re-reads the files the others already read."""
+    cache = _OPEN.setdefault((str(root), key), ScoreCache(root, key))
+    return cache.refresh()

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import __version__
-from .cache import ScoreCache, default_cache_dir, namespace
+from .cache import ScoreCache, namespace, open_cache
 from .data import ImageSpec, Item, Rejected, Source, batched, decode_image, discover, open_image
 from .dedup import Clusters, build_index, find_clusters, near_matches, on_gpu, to_cpu
 from .embeddings import Embedder, make_embedder
@@ -144,20 +144,32 @@ class ScoreJob:
     cache_dir: str | None  # score cache root; None disables caching
 
 
+def _checkpoint_stamp(path: str) -> tuple:
+    """(file, size, mtime) of every file under the checkpoint: changes when it is rewritten."""
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    return tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+
+
 @functools.lru_cache(maxsize=4)
-def _worker_model(path: str, allow_pickle: bool, device: str) -> LoadedModel:
+def _load_once(path: str, allow_pickle: bool, device: str, stamp: tuple) -> LoadedModel:
     return load_model(path, allow_pickle, device)
+
+
+def shared_model(path: str, allow_pickle: bool, device: str) -> LoadedModel:
+    """load_model once per process (the run and its scoring threads share it); a checkpoint
+    rewritten in place since is loaded afresh."""
+    return _load_once(str(path), allow_pickle, device, _checkpoint_stamp(str(path)))
 
 
 def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreCache | None]:
     """The model, embedder, input spec and cache of a job (loaded once per process)."""
-    model = _worker_model(job.model, job.allow_pickle, job.settings.device)
+    model = shared_model(job.model, job.allow_pickle, job.settings.device)
     embedder = make_embedder(job.settings.embedder, model, job.settings.embed_size, job.settings.device)
     spec = image_spec(model, job.settings.max_pixels, job.settings.min_size)
     cache = None
     if job.cache_dir is not None:
         key = namespace(model.fingerprint, job.scorer.to_dict(), asdict(spec))
-        cache = ScoreCache(job.cache_dir, key)
+        cache = open_cache(job.cache_dir, key)
     return model, embedder, spec, cache
 
 
@@ -469,8 +481,9 @@ def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference
                   "index": type(ctx.index).__name__ if ctx.index is not None else None,
                   "index_on_gpu": bool(ctx.index is not None and on_gpu(ctx.index)),
                   "threshold_meaning": "cosine similarity of the embeddings (pixel: correlation of 32x32 "
-                                       "blurred grey thumbnails, maximised over 1-pixel shifts); pairs at or "
-                                       "above it are duplicates", "against": ctx.settings.against},
+                                       "blurred grey thumbnails, maximised over shifts of up to 1/32 of the "
+                                       "image or one image pixel, whichever is larger); pairs at or above it "
+                                       "are duplicates", "against": ctx.settings.against},
         "reference": None if reference is None else {"path": ctx.settings.reference, "input": reference.num_rows,
                                                      "scored": int(ok_mask(reference).sum())},
         "model": {"path": str(ctx.model.paths.root), "fingerprint": ctx.model.fingerprint,
@@ -497,7 +510,7 @@ def start_run(data: str | os.PathLike, model: str | os.PathLike, out: str | os.P
     source = discover(data, settings.image_column)
     if settings.reference:
         discover(settings.reference, settings.image_column)
-    loaded = load_model(model, allow_pickle, settings.device)
+    loaded = shared_model(str(model), allow_pickle, settings.device)
     embedder = make_embedder(settings.embedder, loaded, settings.embed_size, settings.device)
     staging = staging_dir(out)
     job = ScoreJob(str(model), allow_pickle, scorer, settings, str(staging),
@@ -543,7 +556,7 @@ def write_report_assets(ctx: RunContext, decided: pa.Table) -> None:
     images = {i: img for i, (img, _) in read_selected(ctx.source, wanted, ctx.spec).items()}
     augmented = {r["id"]: Path(r["augmented_png"]).read_bytes() for r in rows
                  if r["id"] in wanted and r["action"] == "augmented" and r["augmented_png"]}
-    write_thumbnails(ctx.staging, rows, ctx.settings.score, images, augmented)
+    write_thumbnails(ctx.staging, images, augmented)
 
 
 def abort_run(ctx: RunContext) -> None:

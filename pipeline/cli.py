@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -225,8 +224,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not (args.dir / "manifest.json").is_file():
         raise SystemExit(f"memclean: {args.dir} is not a memclean clean output (no manifest.json)")
-    score = json.loads((args.dir / "manifest.json").read_text())["threshold"]["score"]
-    made = fill_missing_thumbnails(args.dir, score)
+    made = fill_missing_thumbnails(args.dir)
     if made:
         print(f"made {made} missing thumbnails from the source images")
     print(f"report: {write_report(args.dir)}")

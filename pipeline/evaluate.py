@@ -2,13 +2,10 @@
 memorized generations (Carlini et al.'s 1/3 nearest-neighbour ratio in L2)."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:

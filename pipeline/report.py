@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,17 @@ def shown_rows(scores: list[dict[str, Any]], score: str) -> tuple[list[dict], di
     return flagged, shown_clusters, augmented
 
 
-def fill_missing_thumbnails(out: Path, score: str) -> int:
+def fill_missing_thumbnails(out: Path) -> int:
     """Thumbnails the report would show but OUT/report/ lacks (an output written by an older
-    memclean, which showed other rows), made from the source files still at their `path`.
-    Returns how many were made; rows whose source is gone (or is a Parquet cell) stay missing
-    and the report's image counter says so."""
+    memclean, which showed other rows), made as a run makes them (data.read_file, open_image
+    in the model's mode) from the source files still at their `path`. Returns how many were
+    made; rows whose source is gone (or is a Parquet cell) stay missing, and the page's image
+    counter says so."""
+    from .data import ImageSpec, Rejected, open_image, read_file
+
+    m = json.loads((out / "manifest.json").read_text())
+    score = m["threshold"]["score"]
+    spec = ImageSpec(m["model"]["channels"], tuple(m["model"]["sample_size"]))
     cols = ["id", "path", "status", "flagged", "dup_cluster", "dup_of", "action", score]
     rows = pq.read_table(out / "scores.parquet", columns=cols).to_pylist()
     folder = out / THUMBS
@@ -82,16 +88,14 @@ def fill_missing_thumbnails(out: Path, score: str) -> int:
         if r["id"] in wanted and not (folder / thumb_name(r["id"])).exists() \
                 and r["path"] and os.path.isfile(r["path"]):
             try:
-                with Image.open(r["path"]) as img:
-                    save_thumbnail(ImageOps.exif_transpose(img), folder, r["id"])
+                save_thumbnail(open_image(read_file(r["path"]), spec), folder, r["id"])
                 made += 1
-            except (OSError, ValueError) as e:
+            except (Rejected, OSError) as e:
                 log.warning("no thumbnail for %s: %s", r["id"], e)
     return made
 
 
-def write_thumbnails(out: Path, scores: list[dict[str, Any]], score: str, images: dict[str, Image.Image],
-                     augmented_png: dict[str, bytes]) -> None:
+def write_thumbnails(out: Path, images: dict[str, Image.Image], augmented_png: dict[str, bytes]) -> None:
     """Thumbnails for every image the report shows: `images` maps id -> decoded original."""
     import io
 

@@ -209,3 +209,16 @@ def test_a_sigkilled_process_resumes_to_the_same_outputs(tmp_path, model, corpus
     cols = ["id", "status", "log_volume_growth", "logp", "flagged", "action", "dup_of"]
     assert pq.read_table(tmp_path / "out" / "scores.parquet", columns=cols).equals(
         pq.read_table(tmp_path / "ref" / "scores.parquet", columns=cols))
+
+
+def test_a_run_loads_its_model_once_and_a_rewritten_checkpoint_afresh(tmp_path):
+    """The run and its in-process scoring share one loaded model; a checkpoint rewritten at
+    the same path (a retrain) is not served from the earlier load."""
+    from pipeline.clean import shared_model
+
+    path = save_checkpoint(tiny_unet(seed=0), DDPMScheduler(num_train_timesteps=100), tmp_path / "m")
+    first = shared_model(str(path), False, "cpu")
+    assert shared_model(str(path), False, "cpu") is first
+    save_checkpoint(tiny_unet(seed=1), DDPMScheduler(num_train_timesteps=100), path)
+    again = shared_model(str(path), False, "cpu")
+    assert again is not first and again.fingerprint != first.fingerprint

@@ -97,5 +97,6 @@ def test_bad_parameters_fail_before_any_work(harness, setup):
     with pytest.raises(Exception, match="solver|literal|Literal"):
         clean(data=str(data), model=str(model), out=str(tmp / "x"), solver="rk45")
     with pytest.raises(ValueError, match="probes"):
-        clean(data=str(data), model=str(model), out=str(tmp / "x"), probes=0)
-    assert not (tmp / "x").exists()
+        clean(data=str(data), model=str(model), out=str(tmp / "x"), probes=0, cache_dir=str(tmp / "c"))
+    assert not (tmp / "x").exists() and not (tmp / "c").exists()  # nothing scored, nothing cached
+    assert not list(tmp.glob(".x*"))  # no staging folder was opened
