@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.cache import default_cache_dir  # noqa: E402
 from pipeline.clean import SCORE_CHOICES, CleanSettings, run_clean  # noqa: E402
+from benchmarks.results import write_section  # noqa: E402
 from pipeline.cli import DEMO  # noqa: E402
 from pipeline.data import ImageSpec, decode_item, discover  # noqa: E402
 from pipeline.evaluate import denoising_loss, generate, memorized, nearest, roc_auc, separation  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     data = REPO / DEMO["data"]
     unet, scheduler = load_pipeline(model_dir)
     spec = ImageSpec(unet.config.in_channels, (unet.config.sample_size,) * 2)
-    scorer = ScorerSettings(solver=DEMO["solver"], steps=DEMO["steps"])
+    scorer = ScorerSettings()  # memclean demo runs the default scorer
     work = Path(tempfile.mkdtemp(prefix="memclean-evidence-"))
 
     # 1: a demo clean run scores members and held-out images
@@ -161,7 +162,7 @@ def main() -> None:
     c = manifest["counts"]
     t = manifest["threshold"]
     out = [
-        "# memclean evidence on the bundled demo",
+        "## Evidence on the bundled demo: `benchmarks/evidence.py`",
         "",
         f"Regenerate: `.venv/bin/python benchmarks/evidence.py` ({time.time() - t0:.0f} s on "
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
@@ -171,9 +172,9 @@ def main() -> None:
         f"copies ({len(set(group[dup]))} digits, exact or near copies, {', '.join(map(str, sorted(set(copies[dup]))))} "
         f"copies each: `examples/digits/planted.csv`), {len(held)} held-out images. Model: the shipped "
         f"`examples/model`, trained with `{recipe['command']}`. Scores: {scorer.solver} with {scorer.steps} steps, "
-        f"{scorer.divergence} divergence, {scorer.probes} probe, as `memclean demo`.",
+        f"{scorer.divergence} divergence, {scorer.probes} {scorer.probe_mode} probe per evaluation, as `memclean demo`.",
         "",
-        "## Separation (higher = member, or duplicated)",
+        "### Separation (higher = member, or duplicated)",
         "",
         "| comparison | score | mean (pos) | mean (neg) | Welch p (one-sided) | ROC AUC | TPR at 1% FPR |",
         "|---|---|---|---|---|---|---|",
@@ -185,7 +186,7 @@ def main() -> None:
         f"{min(auc.values()):.3f}. `--score` defaults to `{default}`"
         + ("." if best == default else f"; this run favours `{best}`."),
         "",
-        "## By number of copies in the training set",
+        "### By number of copies in the training set",
         "",
         f"Threshold {t['value']:.5g} (reference FPR {t['parameters'].get('fpr')}); a copied image is a distinct "
         "training image that at least one generation copies.",
@@ -208,7 +209,7 @@ def main() -> None:
         if copied.any() and (~copied).any() else "No generation of the shipped model copies a training image.")
     out += [
         "",
-        "## Memorized generations",
+        "### Memorized generations",
         "",
         f"A generation is memorized when its nearest training image (L2) is closer than 1/3 of the nearest "
         f"*distinct* one (copies of one digit count as one image). {args.samples} DDIM samples (50 steps, seed 0) "
@@ -226,7 +227,7 @@ def main() -> None:
         f"dropped ({manifest['dedup']['clusters']} duplicate clusters), {c['flagged']} flagged.",
         "",
     ]
-    args.out.write_text("\n".join(out))
+    write_section("evidence", "\n".join(out), args.out)
     print("\n".join(out))
 
 

@@ -14,21 +14,49 @@ import torch
 
 
 class Schedule(Protocol):
-    """What the probability-flow ODE needs from a noise schedule."""
+    """What the probability-flow ODE needs from a noise schedule: x_t = alpha(t) x_0 + sigma(t) eps."""
 
     kind: str  # "vp" or "ve"
 
     def drift_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t: [] -> (a, b) with f(x, t) = a x + b score(x, t)."""
 
-    def network_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """t: [] -> the noise level sigma(t) of x_t."""
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [n] -> [n], the noise level sigma(t) of x_t."""
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [n] -> [n], log of the signal scale alpha(t) (VE: 0)."""
+
+    def sigma_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [n] -> [n], sigma / alpha: the noise level of x / alpha, strictly increasing in t."""
+
+    def t_of_sigma_bar(self, sigma_bar: torch.Tensor) -> torch.Tensor:
+        """The inverse of sigma_bar: [n] -> [n]."""
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, ...] -> [B], log density of the prior at t = 1."""
 
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """t: [n] -> [n], log signal-to-noise ratio, strictly decreasing in t."""
+        """t: [n] -> [n], log signal-to-noise ratio -2 log sigma_bar, strictly decreasing in t."""
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+def invert_increasing(fn, target: torch.Tensor, lo: float = 0.0, hi: float = 1.0,
+                      iterations: int = 64) -> torch.Tensor:
+    """t in [lo, hi] with fn(t) = target for a strictly increasing fn, by bisection: [n] -> [n].
+
+    64 halvings of [0, 1] leave 5e-20, below float64's resolution at any t >= 1e-5 (1e-21).
+    """
+    target = _f64(target)
+    a, b = torch.full_like(target, lo), torch.full_like(target, hi)
+    for _ in range(iterations):
+        mid = (a + b) / 2
+        below = fn(mid) < target
+        a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+    return (a + b) / 2
 
 
 def _standard_normal_logp(z: torch.Tensor, std: float) -> torch.Tensor:
@@ -62,11 +90,20 @@ class VPSchedule:
         """sqrt(1 - abar(t)), computed as sqrt(-expm1(log abar)) for accuracy near t = 0."""
         return torch.sqrt(-torch.expm1(self.log_abar(t)))
 
-    network_sigma = sigma
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.log_abar(_f64(t))
+
+    def sigma_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """sqrt(1 / abar - 1), as sqrt(expm1(-log abar)) for accuracy near t = 0."""
+        return torch.sqrt(torch.expm1(-self.log_abar(_f64(t))))
+
+    def t_of_sigma_bar(self, sigma_bar: torch.Tensor) -> torch.Tensor:
+        """Solve -log abar(t) = log(1 + sigma_bar^2) (bisection; subclasses with a closed form override)."""
+        return invert_increasing(lambda t: -self.log_abar(t), torch.log1p(_f64(sigma_bar) ** 2))
 
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """log(abar / (1 - abar))."""
-        la = self.log_abar(torch.as_tensor(t, dtype=torch.float64))
+        """log(abar / (1 - abar)) = -2 log sigma_bar."""
+        la = self.log_abar(_f64(t))
         return la - torch.log(-torch.expm1(la))
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
@@ -95,6 +132,12 @@ class LinearVP(VPSchedule):
 
     def log_abar(self, t):
         return -(self.b0 * t + 0.5 * (self.b1 - self.b0) * t**2)
+
+    def t_of_sigma_bar(self, sigma_bar):
+        """The root of (b1 - b0)/2 t^2 + b0 t = L, L = log(1 + sigma_bar^2), in the form without
+        cancellation: t = 2 L / (b0 + sqrt(b0^2 + 2 (b1 - b0) L))."""
+        L = torch.log1p(_f64(sigma_bar) ** 2)
+        return 2 * L / (self.b0 + torch.sqrt(self.b0**2 + 2 * (self.b1 - self.b0) * L))
 
 
 class ScaledLinearVP(VPSchedule):
@@ -172,7 +215,13 @@ class VESchedule:
     def sigma(self, t):
         return self.sigma_min * torch.exp(torch.as_tensor(t, dtype=torch.float64) * self._log_ratio)
 
-    network_sigma = sigma
+    sigma_bar = sigma  # alpha = 1
+
+    def log_alpha(self, t):
+        return torch.zeros_like(_f64(t))
+
+    def t_of_sigma_bar(self, sigma_bar):
+        return torch.log(_f64(sigma_bar) / self.sigma_min) / self._log_ratio
 
     def log_snr(self, t):
         """-2 log sigma (unit-scale data): linear in t."""

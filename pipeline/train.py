@@ -21,6 +21,8 @@ from .data import ImageSpec, Item, batched
 
 log = logging.getLogger(__name__)
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -33,6 +35,7 @@ class TrainSettings:
     num_train_timesteps: int = 1000  # N of the DDPM schedule
     beta_start: float = 1e-4  # linear beta schedule, as DDPM
     beta_end: float = 0.02
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 (diffusers' names)
     steps: int = 2000  # optimiser steps
     batch_size: int = 64  # images per step
     lr: float = 1e-3  # AdamW learning rate (cosine decay to 0)
@@ -42,6 +45,8 @@ class TrainSettings:
         for name in ("sample_size", "steps", "batch_size", "num_train_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
         if self.sample_size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(f"sample_size {self.sample_size} must be divisible by "
                              f"{2 ** (len(self.block_out_channels) - 1)} for {len(self.block_out_channels)} levels")
@@ -80,7 +85,7 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
     unet = build_unet(settings).train()
     scheduler = DDPMScheduler(num_train_timesteps=settings.num_train_timesteps,
                               beta_start=settings.beta_start, beta_end=settings.beta_end,
-                              beta_schedule="linear", prediction_type="epsilon")
+                              beta_schedule=settings.beta_schedule, prediction_type="epsilon")
     opt = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     for step in range(settings.steps):

@@ -1,31 +1,46 @@
 """Log volume growth of the probability-flow ODE: V(x) = integral_eps^1 div f(x_t, t) dt.
 
-The augmented ODE d[x, V]/dt = [f(x, t), div f(x, t)] is integrated with torchdiffeq from the
-image (t = eps) to latent noise (t = 1); then log p(x) = log p_1(x_1) + V(x) (instantaneous
-change of variables, score_sde's likelihood). The state, and so V, is float64; the network runs
-in its own dtype.
+The ODE is integrated with torchdiffeq from the image (t = eps) to latent noise (t = 1); then
+log p(x) = log p_1(x_1) + V(x) (instantaneous change of variables, score_sde's likelihood).
+
+It is solved in the variables of Karras et al. (2022, EDM, eq. 4): the scaled state
+xbar = x / alpha(t) against the scaled noise level sbar = sigma(t) / alpha(t), where
+
+    dxbar/dsbar = g(xbar, t) = -sigma(t) score(alpha(t) xbar, t)    (VP: = eps_hat; VE: alpha = 1)
+    V = D (log alpha(1) - log alpha(eps)) + integral div_xbar g dsbar    (change of variables)
+
+The linear part of f (-beta x / 2) is integrated exactly, and the path of an image the model
+reproduces exactly (data concentrated at a point) is a straight line in sbar, which Euler
+(= DDIM) and Heun (= EDM's sampler) follow without error; there div g = D / sbar, and Euler's
+and Heun's rules for V are weighted to be exact for it (see `stage_weights`).
+The state, and so V, is float64; the network runs in its own dtype (or `precision`).
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torchdiffeq import odeint
 
 from .models import ScoreFunction
+from .probes import ProbeStream
 
 log = logging.getLogger(__name__)
 
+Field = Callable[[torch.Tensor], torch.Tensor]  # a vector field of the state: [B, ...] -> [B, ...]
 DIVERGENCES = ("exact", "rademacher", "gaussian")
 ADAPTIVE_SOLVERS = {"dopri5": "dopri5"}
 FIXED_GRID_SOLVERS = {"euler": "euler", "heun": "heun2", "rk4": "rk4"}  # ours -> torchdiffeq
-SOLVERS = tuple(ADAPTIVE_SOLVERS) + tuple(FIXED_GRID_SOLVERS)
+STAGES = {"euler": 1, "heun": 2, "rk4": 4}  # drift evaluations per step
+SOLVERS = tuple(FIXED_GRID_SOLVERS) + tuple(ADAPTIVE_SOLVERS)
 GRIDS = ("log_snr", "uniform")
-BITS_OFFSET_8BIT = 7.0  # log2(256 / 2): bin width of 8-bit data mapped to [-1, 1]
+PROBE_MODES = ("fresh", "fixed")
+PRECISIONS = ("fp32", "tf32", "bf16")
+SCORER_VERSION = 2  # bumped when the same settings would give a different number (cache keys)
 
 
 @dataclass(frozen=True)
@@ -33,30 +48,45 @@ class ScorerSettings:
     """Everything that, with the model and the image, determines a score."""
 
     divergence: str = "rademacher"  # exact | rademacher | gaussian (Hutchinson-Skilling probes)
-    probes: int = 1  # K Hutchinson probes per image, fixed over the solve (exact ignores it)
-    solver: str = "dopri5"  # dopri5 (adaptive) | euler | heun | rk4 (fixed grid)
-    steps: int = 100  # grid steps for the fixed-grid solvers
+    probes: int = 1  # K Hutchinson probes per drift evaluation (exact ignores it)
+    probe_mode: str | None = None  # fresh | fixed; None: fresh on fixed grids, fixed for dopri5
+    solver: str = "heun"  # heun | euler | rk4 (fixed grid of `steps`) | dopri5 (adaptive)
+    steps: int = 8  # grid steps for the fixed-grid solvers (benchmarks/scoring.py chose it)
     rtol: float = 1e-5  # dopri5 relative tolerance (score_sde's default)
     atol: float = 1e-5  # dopri5 absolute tolerance
     eps: float = 1e-5  # start time of the solve; the image is x_eps
-    seed: int = 0  # probes are drawn from a generator seeded by (seed, image content)
+    seed: int = 0  # probes are a hash of (seed, image content, evaluation, element)
     grid: str = "log_snr"  # fixed-grid times: uniform in log-SNR (log_snr) or in t (uniform)
+    precision: str = "fp32"  # the network's arithmetic: fp32 | tf32 (CUDA) | bf16 (autocast)
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence {self.divergence!r} is not one of {DIVERGENCES}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver {self.solver!r} is not one of {SOLVERS}")
-        if self.probes < 1:
-            raise ValueError(f"probes must be at least 1, got {self.probes}")
+        if not 1 <= self.probes <= 1024:
+            raise ValueError(f"probes must be between 1 and 1024, got {self.probes}")
+        if self.probe_mode is None:  # resolved here, so rows and cache keys record what ran
+            object.__setattr__(self, "probe_mode", "fixed" if self.solver in ADAPTIVE_SOLVERS else "fresh")
+        if self.probe_mode not in PROBE_MODES:
+            raise ValueError(f"probe_mode {self.probe_mode!r} is not one of {PROBE_MODES}")
+        if self.probe_mode == "fresh" and self.solver in ADAPTIVE_SOLVERS:
+            raise ValueError(f"probe_mode 'fresh' needs a fixed-grid solver: {self.solver}'s step "
+                             "control needs a deterministic right-hand side (use --probe-mode fixed)")
         if self.grid not in GRIDS:
             raise ValueError(f"grid {self.grid!r} is not one of {GRIDS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must lie in (0, 1), got {self.eps}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.solver in ADAPTIVE_SOLVERS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +99,7 @@ class VolumeResult:
     log_volume_growth: torch.Tensor  # V(x) = integral of div f, float64
     prior_logp: torch.Tensor  # log p_1(x_1) under the schedule's prior
     logp: torch.Tensor  # prior_logp + log_volume_growth
-    bits_per_dim: torch.Tensor  # -logp / (D ln 2) + 7 (8-bit data in [-1, 1])
+    bits_per_dim: torch.Tensor  # -logp / (D ln 2) + log2(255 / (hi - lo)) (8-bit data in [lo, hi])
     nfe: torch.Tensor  # drift evaluations spent on each image, int64
     latent: torch.Tensor  # x_1
 
@@ -80,151 +110,189 @@ def drift(score_fn: ScoreFunction, x: torch.Tensor, t: torch.Tensor) -> torch.Te
     return torch.as_tensor(a, dtype=x.dtype) * x + torch.as_tensor(b, dtype=x.dtype) * score_fn.score(x, t)
 
 
-def probe_seed(seed: int, image: torch.Tensor) -> int:
-    """A 63-bit generator seed from (seed, the image's float32 content): batch- and order-free."""
-    h = hashlib.sha256(f"memclean-probe:{seed}:".encode())
-    h.update(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
+def scaled_rate(score_fn: ScoreFunction, t: torch.Tensor) -> Field:
+    """g(xbar) = dxbar/dsbar = -sigma(t) score(alpha(t) xbar, t) at time t: [B, ...] -> [B, ...]."""
+    schedule = score_fn.schedule
+    alpha, sigma = torch.exp(schedule.log_alpha(t)), schedule.sigma(t)
+    return lambda xbar: -sigma * score_fn.score(alpha * xbar, t)
 
 
-def draw_probes(x: torch.Tensor, settings: ScorerSettings) -> torch.Tensor:
-    """Hutchinson probes for each image: x [B, ...] -> v [K, B, ...] float64, E[v v^T] = I."""
-    per_image = []
-    for image in x:
-        g = torch.Generator().manual_seed(probe_seed(settings.seed, image))
-        shape = (settings.probes, *image.shape)
-        if settings.divergence == "rademacher":
-            v = torch.randint(0, 2, shape, generator=g, dtype=torch.float64) * 2 - 1
-        else:
-            v = torch.randn(shape, generator=g, dtype=torch.float64)
-        per_image.append(v)
-    return torch.stack(per_image, 1).to(x.device)
-
-
-def drift_and_vjps(score_fn: ScoreFunction, x: torch.Tensor, t: torch.Tensor,
-                   vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(x, t) and the rows v^T (df/dx) for each v: x [B, ...], vs [K, B, ...] -> ([B, ...], [K, B, ...]).
+def field_and_vjps(fn: Field, y: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(y) and the rows v^T (d fn/dy) for each v: y [B, ...], vs [K, B, ...] -> ([B, ...], [K, B, ...]).
 
     The batch is replicated K times so that one batched forward and one backward pass serve
     all K products (images are independent: the network normalises per sample).
     """
-    K, B = vs.shape[0], x.shape[0]
-    x_rep = x.detach().repeat(K, *([1] * (x.dim() - 1))).requires_grad_(True)  # [K B, ...]
-    f = drift(score_fn, x_rep, t)
-    (rows,) = torch.autograd.grad(f, x_rep, vs.reshape(K * B, *x.shape[1:]).to(f.dtype))
-    return f[:B].detach(), rows.view(vs.shape)
+    K, B = vs.shape[0], y.shape[0]
+    y_rep = y.detach().repeat(K, *([1] * (y.dim() - 1))).requires_grad_(True)  # [K B, ...]
+    out = fn(y_rep)
+    if not out.requires_grad:  # a field that ignores its input (a zero network)
+        return out[:B].detach(), torch.zeros_like(vs)
+    (rows,) = torch.autograd.grad(out, y_rep, vs.reshape(K * B, *y.shape[1:]).to(out.dtype))
+    return out[:B].detach(), rows.view(vs.shape)
 
 
-def hutchinson_divergence(score_fn: ScoreFunction, x: torch.Tensor, t: torch.Tensor,
-                          probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """f and div f ~ 1/K sum_k v_k^T (df/dx) v_k: x [B, ...], probes [K, B, ...] -> ([B, ...], [B])."""
-    f, rows = drift_and_vjps(score_fn, x, t, probes)
-    return f, (rows * probes).flatten(2).sum(2).mean(0)
+def hutchinson_divergence(fn: Field, y: torch.Tensor, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(y) and div fn ~ 1/K sum_k v_k^T (d fn/dy) v_k: y [B, ...], probes [K, B, ...] -> ([B, ...], [B])."""
+    out, rows = field_and_vjps(fn, y, probes)
+    return out, (rows * probes).flatten(2).sum(2).mean(0)
 
 
-def exact_divergence(score_fn: ScoreFunction, x: torch.Tensor, t: torch.Tensor,
-                     chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """f and div f = sum_d e_d^T (df/dx) e_d, in chunks of basis vectors: x [B, ...] -> ([B, ...], [B])."""
-    B, D = x.shape[0], x[0].numel()
-    div = torch.zeros(B, dtype=torch.float64, device=x.device)
+def exact_divergence(fn: Field, y: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(y) and div fn = sum_d e_d^T (d fn/dy) e_d, in chunks of basis vectors: y [B, ...] -> ([B, ...], [B])."""
+    B, D = y.shape[0], y[0].numel()
+    div = torch.zeros(B, dtype=torch.float64, device=y.device)
     for start in range(0, D, chunk):
-        d = torch.arange(start, min(start + chunk, D), device=x.device)
-        basis = torch.zeros(len(d), B, D, dtype=x.dtype, device=x.device)
+        d = torch.arange(start, min(start + chunk, D), device=y.device)
+        basis = torch.zeros(len(d), B, D, dtype=y.dtype, device=y.device)
         basis[torch.arange(len(d)), :, d] = 1
-        f, rows = drift_and_vjps(score_fn, x, t, basis.view(len(d), *x.shape))
+        out, rows = field_and_vjps(fn, y, basis.view(len(d), *y.shape))
         div += rows.flatten(2)[torch.arange(len(d)), :, d].sum(0).to(torch.float64)
-    return f, div
+    return out, div
+
+
+def stage_weights(sbar: torch.Tensor, solver: str) -> torch.Tensor | None:
+    """Factors on dV/dsbar at each stage of each step that make the V rule exact where the
+    integrand q = sbar div g is constant in u = log sbar (data at a point) -- [steps, stages].
+
+    q is constant where the model resolves an image as a point, and grows like sbar below the
+    noise levels the network was trained on (t (N - 1) < 1), where it acts as a fixed linear
+    map. Heun's trapezoid (ds/2)(r_0 + r_1) on r = dV/dsbar is exact for r in {1, sbar}; the
+    weights w_0, w_1 here are exact for r in {1 / sbar, 1} instead (q const, q ~ sbar):
+        w_0 + w_1 = ds,   w_0 / s_0 + w_1 / s_1 = du = log(s_1 / s_0).
+    Euler's one node: the rectangle du q_0 in u. A rule in sbar would overstate V by up to
+    sinh(du)/du - 1 where q is constant (18% at du = 1). None for rk4: its 3/8 rule is exact for
+    q ~ sbar and errs 0.35% on q const at du = 1.
+    """
+    s0, s1 = sbar[:-1], sbar[1:]
+    ds, du = s1 - s0, torch.log(s1 / s0)
+    if solver == "euler":
+        return (s0 * du / ds)[:, None]
+    if solver == "heun":
+        w0 = s0 * (du * s1 - ds) / ds
+        return torch.stack([w0, ds - w0], 1) / (ds / 2)[:, None]
+    return None
 
 
 class AugmentedDrift(torch.nn.Module):
-    """d[x, V]/dt = [f(x, t), div f(x, t)] for torchdiffeq; counts its evaluations."""
+    """d[xbar, V]/dsbar = [g, div g] (module docstring) for torchdiffeq; counts its evaluations.
 
-    def __init__(self, score_fn: ScoreFunction, probes: torch.Tensor | None):
+    Evaluation k estimates div g with the probes `probes(k)` (fresh or fixed), or exactly when
+    `probes` is None; on a fixed grid, dV/dsbar at stage i of step n is scaled by weights[n, i]
+    (`stage_weights`).
+    """
+
+    def __init__(self, score_fn: ScoreFunction, probes: ProbeStream | None,
+                 weights: torch.Tensor | None = None):
         super().__init__()
-        self.score_fn = score_fn
-        self.probes = probes  # [K, B, ...] or None for the exact divergence
+        self.score_fn, self.probes, self.weights = score_fn, probes, weights
         self.nfe = 0
 
-    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        self.nfe += 1
+    def forward(self, sbar: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        k, self.nfe = self.nfe, self.nfe + 1
+        t = self.score_fn.schedule.t_of_sigma_bar(sbar.cpu()).to(sbar.device)
+        rate = scaled_rate(self.score_fn, t)
         with torch.enable_grad():
             if self.probes is None:
-                f, div = exact_divergence(self.score_fn, state[0], t)
+                g, div = exact_divergence(rate, state[0])
             else:
-                f, div = hutchinson_divergence(self.score_fn, state[0], t, self.probes)
-        return f, div.to(torch.float64)
+                g, div = hutchinson_divergence(rate, state[0], self.probes(k))
+        if self.weights is not None:
+            div = div * self.weights.view(-1)[k]
+        return g, div.to(torch.float64)
 
 
-def _solve(score_fn: ScoreFunction, x: torch.Tensor, probes: torch.Tensor | None,
-           settings: ScorerSettings) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Integrate [x, V] from eps to 1 for one batch: -> (x_1 [B, ...], V [B], nfe)."""
-    func = AugmentedDrift(score_fn, probes)
-    state0 = (x.to(torch.float64), torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
-    if settings.solver in ADAPTIVE_SOLVERS:
-        t = torch.tensor([settings.eps, 1.0], dtype=torch.float64, device=x.device)
+def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Integrate [xbar, V] from eps to 1 for one batch: -> (x_1 [B, ...], V [B], nfe)."""
+    schedule = score_fn.schedule
+    probes = None if settings.divergence == "exact" else ProbeStream(
+        x, settings.seed, settings.probes, settings.divergence, settings.probe_mode == "fresh")
+    ends = torch.tensor([settings.eps, 1.0], dtype=torch.float64)
+    log_alpha = schedule.log_alpha(ends)
+    state0 = (x.to(torch.float64) / math.exp(log_alpha[0]),
+              torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
+    if settings.adaptive:
+        func = AugmentedDrift(score_fn, probes)
+        sbar = schedule.sigma_bar(ends).to(x.device)
         # step_t: the last step lands on t = 1 instead of overshooting and interpolating back,
         # so the network is never evaluated outside the schedule's [0, 1]
-        xs, vs = odeint(func, state0, t, rtol=settings.rtol, atol=settings.atol,
-                        method=ADAPTIVE_SOLVERS[settings.solver], options={"step_t": t[1:]})
+        xs, vs = odeint(func, state0, sbar, rtol=settings.rtol, atol=settings.atol,
+                        method=ADAPTIVE_SOLVERS[settings.solver], options={"step_t": sbar[1:]})
     else:
-        t = time_grid(score_fn.schedule, settings).to(x.device)
-        xs, vs = odeint(func, state0, t, method=FIXED_GRID_SOLVERS[settings.solver])
-    return xs[-1], vs[-1], func.nfe
+        sbar = schedule.sigma_bar(time_grid(schedule, settings)).to(x.device)
+        func = AugmentedDrift(score_fn, probes, stage_weights(sbar, settings.solver))
+        xs, vs = odeint(func, state0, sbar, method=FIXED_GRID_SOLVERS[settings.solver])
+    V = vs[-1] + x[0].numel() * float(log_alpha[1] - log_alpha[0])  # the linear part, exactly
+    return xs[-1] * math.exp(log_alpha[1]), V, func.nfe
 
 
 def time_grid(schedule, settings: ScorerSettings) -> torch.Tensor:
     """The fixed-grid solvers' times, eps to 1: [steps + 1] float64.
 
-    'log_snr' (default) spaces them uniformly in log(abar / sigma^2). Near t = eps the data's
-    own scale takes over from the noise, and for images (8-bit, and sharply peaked where the
-    model memorized) div f grows like 1/t there: a grid uniform in t puts one step across
-    [eps, 1/steps] and its error swamps V (Heun with 50 steps on N(0, 0.001^2) data: 4054
-    against the exact 105). Uniform in log-SNR, the steps are geometric near eps and even
-    where the schedule is steep near t = 1.
+    'log_snr' (default) spaces them uniformly in log-SNR = -2 log sbar: geometric in sbar, so
+    steps are fine where the data's own scale takes over from the noise (near t = eps, where a
+    grid uniform in t put one step across [eps, 1/steps] and its error swamped V) and where the
+    schedule is steep near t = 1. 'uniform' spaces them uniformly in t.
     """
-    lo = torch.tensor(settings.eps, dtype=torch.float64)
     if settings.grid == "uniform":
         return torch.linspace(settings.eps, 1.0, settings.steps + 1, dtype=torch.float64)
-    ends = schedule.log_snr(torch.stack([lo, torch.ones((), dtype=torch.float64)]))
-    target = torch.linspace(float(ends[0]), float(ends[1]), settings.steps + 1, dtype=torch.float64)
-    a, b = torch.full_like(target, settings.eps), torch.ones_like(target)
-    for _ in range(80):  # bisection: log_snr is strictly decreasing in t
-        mid = (a + b) / 2
-        above = schedule.log_snr(mid) > target
-        a, b = torch.where(above, mid, a), torch.where(above, b, mid)
-    t = (a + b) / 2
+    ends = torch.log(schedule.sigma_bar(torch.tensor([settings.eps, 1.0], dtype=torch.float64)))
+    u = torch.linspace(float(ends[0]), float(ends[1]), settings.steps + 1, dtype=torch.float64)
+    t = schedule.t_of_sigma_bar(torch.exp(u))
     t[0], t[-1] = settings.eps, 1.0
     return t
 
 
-def bits_per_dim(logp: torch.Tensor, dims: int, offset: float = BITS_OFFSET_8BIT) -> torch.Tensor:
-    """Negative log-likelihood in bits per dimension of 8-bit data: -logp / (D ln 2) + offset."""
-    return -logp / (dims * math.log(2)) + offset
+@contextlib.contextmanager
+def network_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """The network's arithmetic for one solve: fp32 (TF32 off, cuDNN's default included), tf32
+    (CUDA matmuls and convolutions in TF32) or bf16 (autocast). V stays float64 throughout."""
+    cuda = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = cuda[0].allow_tf32, cuda[1].allow_tf32
+    cuda[0].allow_tf32 = cuda[1].allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        cuda[0].allow_tf32, cuda[1].allow_tf32 = saved
+
+
+def bits_offset(data_range: tuple[float, float]) -> float:
+    """log2(1 / bin width) of 8-bit data k / 255 mapped to [lo, hi]: [-1, 1] -> log2(127.5) = 6.994."""
+    lo, hi = data_range
+    return math.log2(255 / (hi - lo))
+
+
+def bits_per_dim(logp: torch.Tensor, dims: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Negative log-likelihood of the 8-bit image in bits per dimension: -logp / (D ln 2) + offset,
+    since P(bin) = p(x) (bin width)^D."""
+    return -logp / (dims * math.log(2)) + bits_offset(data_range)
 
 
 def log_volume_growth(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
                       progress: Callable[[int], None] | None = None) -> VolumeResult:
-    """Score a batch: x [B, C, H, W] in [-1, 1] -> VolumeResult, every field per image.
+    """Score a batch: x [B, C, H, W] in the model's data range -> VolumeResult, every field per image.
 
-    An image's result depends only on the image, the model and `settings`: probes are seeded by
-    the image's content, and the adaptive solver (whose steps depend on everything it integrates)
-    solves each image on its own. Fixed-grid solvers integrate the batch together.
+    An image's result depends only on the image, the model and `settings`: probes are a hash of
+    the image's content, and the adaptive solver (whose steps depend on everything it
+    integrates) solves each image on its own. Fixed-grid solvers integrate the batch together.
     """
-    probes = None if settings.divergence == "exact" else draw_probes(x, settings)
-    if settings.solver in ADAPTIVE_SOLVERS:
-        parts = []
-        for i in range(x.shape[0]):
-            parts.append(_solve(score_fn, x[i:i + 1], None if probes is None else probes[:, i:i + 1], settings))
+    with network_precision(settings.precision, x.device):
+        if settings.adaptive:
+            parts = []
+            for i in range(x.shape[0]):
+                parts.append(_solve(score_fn, x[i:i + 1], settings))
+                if progress:
+                    progress(1)
+            latent = torch.cat([p[0] for p in parts])
+            V = torch.cat([p[1] for p in parts])
+            nfe = torch.tensor([p[2] for p in parts], dtype=torch.int64)
+        else:
+            latent, V, n = _solve(score_fn, x, settings)
+            nfe = torch.full((x.shape[0],), n, dtype=torch.int64)
             if progress:
-                progress(1)
-        latent = torch.cat([p[0] for p in parts])
-        V = torch.cat([p[1] for p in parts])
-        nfe = torch.tensor([p[2] for p in parts], dtype=torch.int64)
-    else:
-        latent, V, n = _solve(score_fn, x, probes, settings)
-        nfe = torch.full((x.shape[0],), n, dtype=torch.int64)
-        if progress:
-            progress(x.shape[0])
+                progress(x.shape[0])
     prior = score_fn.schedule.prior_logp(latent)
     logp = prior + V
-    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel()), nfe, latent)
+    data_range = getattr(score_fn, "data_range", (-1.0, 1.0))
+    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), data_range), nfe, latent)

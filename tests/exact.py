@@ -45,6 +45,44 @@ class GaussianScore:
         return m1 + (v1 / v0).sqrt() * (x.double() - m0)
 
 
+class FullGaussianScore:
+    """The exact score of data x_0 ~ N(mu, S) (full covariance, flattened to D dims):
+    x_t ~ N(alpha mu, alpha^2 S + sigma^2 I) =: N(alpha mu, S_t), score = -S_t^-1 (x - alpha mu)."""
+
+    def __init__(self, mu: torch.Tensor, S: torch.Tensor, schedule):
+        self.mu, self.S, self.schedule = mu.double(), S.double(), schedule
+
+    @classmethod
+    def random(cls, dim: int, schedule, seed: int = 0) -> "FullGaussianScore":
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+        return cls(torch.randn(dim, generator=g, dtype=torch.float64) * 0.5,
+                   A @ A.T / dim * 0.3 + 0.01 * torch.eye(dim, dtype=torch.float64), schedule)
+
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, len(self.mu), generator=g, dtype=torch.float64)
+        return self.mu + z @ torch.linalg.cholesky(self.S).T
+
+    def _alpha_sigma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.exp(self.schedule.log_alpha(t)), self.schedule.sigma(t)
+
+    def cov(self, t) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        return alpha**2 * self.S + sigma**2 * torch.eye(len(self.mu), dtype=torch.float64)
+
+    def score(self, x, t):
+        alpha, _ = self._alpha_sigma(t)
+        flat = x.double().flatten(1) - alpha * self.mu
+        return -torch.linalg.solve(self.cov(t), flat.T).T.reshape(x.shape).to(x.dtype)
+
+    def rate_jacobian(self, t) -> torch.Tensor:
+        """d/dxbar of g(xbar) = -sigma score(alpha xbar, t): sigma alpha^2 S_t^-1, [D, D]."""
+        alpha, sigma = self._alpha_sigma(t)
+        return sigma * alpha**2 * torch.linalg.inv(self.cov(t))
+
+
 class ZeroScore:
     """score = 0 everywhere (a network that predicts eps = 0)."""
 
