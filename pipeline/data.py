@@ -57,6 +57,7 @@ class ImageSpec:
     size: tuple[int, int]  # (H, W)
     max_pixels: int = 89_478_485  # larger images are rejected as decompression bombs (Pillow's limit)
     min_size: int = 8  # images whose shorter side is smaller are rejected as too_small
+    data_range: tuple[float, float] = (-1.0, 1.0)  # pixel values 0 and 255 map to these ends
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3, 4):
@@ -71,7 +72,7 @@ class Decoded:
 
     item: Item
     sha256: str | None  # of the file bytes; None when they could not be read
-    pixels: torch.Tensor | None  # [C, H, W] float32 in [-1, 1]
+    pixels: torch.Tensor | None  # [C, H, W] float32 in the spec's data range
     reject_reason: str | None = None
     reject_detail: str = ""
     pixel_sha256: str | None = None  # of the decoded full-size pixels in the model's mode
@@ -208,10 +209,17 @@ class Source:
         self.path = os.fspath(path)  # what the user named with --data
         self.image_column = image_column  # Parquet only
         if os.path.isdir(self.path):
-            has_parquet = any(Path(self.path).rglob("*.parquet"))
-            self.kind = "parquet" if has_parquet and not any(self._images_in_folder()) else "folder"
+            has_parquet, has_images = any(Path(self.path).rglob("*.parquet")), any(self._images_in_folder())
+            if has_parquet and has_images:
+                raise ValueError(f"data folder {self.path!r} holds both image files and Parquet files: memclean reads "
+                                 "one kind per source; point --data at a folder of images or at the Parquet file(s)")
+            self.kind = "parquet" if has_parquet else "folder"
         elif os.path.isfile(self.path):
             self.kind = "parquet" if self.path.endswith(".parquet") else "list"
+            if self.kind == "list" and not _is_text(self.path):
+                raise ValueError(f"data path {self.path!r} is not a text file of image paths (it looks like an image "
+                                 "or other binary file): give a folder of images, a Parquet file or folder, or a "
+                                 "text file listing image paths, one a line")
         else:
             raise ValueError(f"data path {self.path!r} does not exist: expected a folder of images, "
                              "a Parquet file or folder, or a text file listing image paths")
@@ -231,6 +239,22 @@ class Source:
         if self.kind == "parquet":
             return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(self.path))
         return sum(1 for _ in self)
+
+
+def _is_text(path: str) -> bool:
+    """Whether a file reads as text (its first 4 KB decode as UTF-8 with no NUL): a list of paths."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return True  # unreadable: let reading it report why
+    if b"\x00" in head or os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > len(head) - 4  # a multi-byte character cut by the 4 KB boundary
+    return True
 
 
 def discover(path: str | os.PathLike, image_column: str | None = None) -> Source:
@@ -280,12 +304,13 @@ def center_crop_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.resize((W, H), Image.Resampling.BILINEAR) if (cw, ch) != (W, H) else img
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 image -> [C, H, W] float32 in [-1, 1] as x / 127.5 - 1."""
+def to_tensor(img: Image.Image, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """uint8 image -> [C, H, W] float32 in [lo, hi] as x / (255 / (hi - lo)) + lo ([-1, 1]: x / 127.5 - 1)."""
+    lo, hi = data_range
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32) / np.float32(255 / (hi - lo)) + np.float32(lo))
 
 
 def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
@@ -321,8 +346,8 @@ def pixel_sha256(img: Image.Image) -> str:
 
 
 def decode_image(data: bytes, spec: ImageSpec) -> torch.Tensor:
-    """File bytes -> [C, H, W] in [-1, 1]; raises Rejected with the reason."""
-    return to_tensor(center_crop_resize(open_image(data, spec), spec.size))
+    """File bytes -> [C, H, W] in the spec's data range; raises Rejected with the reason."""
+    return to_tensor(center_crop_resize(open_image(data, spec), spec.size), spec.data_range)
 
 
 def decode_item(item: Item, spec: ImageSpec) -> Decoded:
@@ -340,7 +365,7 @@ def decode_item(item: Item, spec: ImageSpec) -> Decoded:
         img = open_image(data, spec)
     except Rejected as e:
         return Decoded(item, sha, None, e.reason, e.detail)
-    pixels = to_tensor(center_crop_resize(img, spec.size))
+    pixels = to_tensor(center_crop_resize(img, spec.size), spec.data_range)
     return Decoded(item, sha, pixels, pixel_sha256=pixel_sha256(img), original_size=img.size)
 
 

@@ -161,7 +161,8 @@ class TorchScriptEmbedder(CosineSimilarity):
 
     default_threshold = 0.75  # SSCD's suggested copy-detection similarity
 
-    def __init__(self, path: str, size: int = 224, device: str | torch.device = "cpu"):
+    def __init__(self, path: str, size: int = 224, device: str | torch.device = "cpu",
+                 data_range: tuple[float, float] = (-1.0, 1.0)):
         import os
 
         if not os.path.isfile(path):
@@ -172,10 +173,12 @@ class TorchScriptEmbedder(CosineSimilarity):
             raise ValueError(f"cannot load {path!r} as TorchScript: {e}") from e
         self.name = f"torchscript:{path}"
         self.size = size  # input side length the model expects
+        self.data_range = data_range  # the range of the images it is given (the scoring model's)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        rgb = ((x.to(torch.float32) + 1) / 2).clamp(0, 1)
+        lo, hi = self.data_range
+        rgb = ((x.to(torch.float32) - lo) / (hi - lo)).clamp(0, 1)
         rgb = rgb.expand(-1, 3, -1, -1) if rgb.shape[1] == 1 else rgb[:, :3]
         rgb = F.interpolate(rgb, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if flip:
@@ -188,7 +191,8 @@ class TorchScriptEmbedder(CosineSimilarity):
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
     "pixel": lambda model=None, **kw: PixelEmbedder(image_side=min(model.sample_size) if model else None),
     "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn),
-    "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(path, size, device),
+    "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(
+        path, size, device, model.data_range if model else (-1.0, 1.0)),
 }
 
 

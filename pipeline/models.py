@@ -1,10 +1,17 @@
-"""Load a local diffusers checkpoint and wrap it as a score function s(x, t) = grad log p_t(x).
+"""Load a local diffusers checkpoint through diffusers' own loaders and wrap it as a score
+function s(x, t) = grad log p_t(x).
 
-Two layouts are accepted:
-    flat:     config.json, diffusion_pytorch_model.safetensors, scheduler_config.json
-              (as the google/ddpm-* repositories ship)
-    pipeline: model_index.json, unet/, scheduler/ (DiffusionPipeline.save_pretrained)
-Only safetensors weights load unless `allow_pickle` is set.
+Every layout diffusers loads:
+    pipeline: model_index.json, unet/, scheduler/            (DiffusionPipeline.save_pretrained)
+    root:     model_index.json with the UNet's config.json, weights and scheduler_config.json
+              beside it, no unet/ or scheduler/ folder      (google/ddpm-*: diffusers loads a
+              component whose subfolder is missing from the root)
+    flat:     config.json, weights, scheduler_config.json   (a UNet and scheduler saved together)
+with single or sharded (*.safetensors.index.json) weights and weight variants (`variant`,
+diffusion_pytorch_model.fp16.safetensors). Only safetensors load unless `allow_pickle`.
+What memclean cannot score rightly is refused before any weights are read: conditional and
+class-conditional UNets, latent pipelines (an autoencoder beside the UNet), schedules with
+zero terminal SNR, unknown prediction types, and configs with absurd sizes.
 """
 from __future__ import annotations
 
@@ -25,104 +32,224 @@ log = logging.getLogger(__name__)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SCORABLE_UNETS = ("UNet2DModel",)  # unconditional pixel-space UNets
+AUTOENCODERS = ("VQModel", "AutoencoderKL", "AutoencoderTiny", "AsymmetricAutoencoderKL", "ConsistencyDecoderVAE")
+CONDITIONING = ("text_encoder", "tokenizer", "text_encoder_2", "image_encoder", "feature_extractor")
+DATA_RANGES = {"signed": (-1.0, 1.0), "unit": (0.0, 1.0)}  # --data-range choices besides auto
+FAMILY_RANGE = {"vp": "signed", "ve": "unit"}  # DDPM-style models see [-1, 1]; score_sde's VE (NCSN++) [0, 1]
+LIMITS = {"sample_size": 8192, "in_channels": 64, "out_channels": 128, "layers_per_block": 64, "block_out_channels": 16384}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete, broken or not allowed."""
+    """A checkpoint folder is missing, incomplete, broken, not allowed, or not scorable."""
 
 
 class ScoreFunction(Protocol):
-    """A time-dependent score model with its noise schedule."""
+    """A time-dependent score model with its noise schedule and the data range it models."""
 
     schedule: VPSchedule | VESchedule
+    data_range: tuple[float, float]
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W], t: [] float64 in [eps, 1] -> [B, C, H, W] estimate of grad log p_t."""
 
 
 @dataclass(frozen=True)
-class ModelPaths:
-    """Where the parts of a checkpoint live."""
+class Checkpoint:
+    """Where the parts of a checkpoint live, as diffusers would find them."""
 
     root: Path  # the folder the user named
-    unet: Path  # folder with config.json and the weights
-    scheduler_config: Path  # scheduler_config.json
-    weights: Path  # the weights file that will be loaded
+    layout: str  # pipeline | root | flat
+    unet_subfolder: str | None  # from_pretrained's subfolder for the UNet (None: the root)
+    scheduler_subfolder: str | None
+    weights: tuple[Path, ...]  # the weight files that will be loaded (shards included)
+    variant: str | None  # diffusers' weight variant (fp16, ...)
 
+    @property
+    def unet_dir(self) -> Path:
+        return self.root / (self.unet_subfolder or "")
 
-def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> ModelPaths:
-    """Find the UNet folder, weights and scheduler config in either layout, or say what is missing."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"model path {str(root)!r} is not a folder: expected a diffusers "
-                              "checkpoint (config.json + weights + scheduler_config.json, "
-                              "or model_index.json with unet/ and scheduler/)")
-    if (root / "model_index.json").is_file():
-        unet, sched = root / "unet", root / "scheduler" / "scheduler_config.json"
-    else:
-        unet, sched = root, root / "scheduler_config.json"
-    if not (unet / "config.json").is_file():
-        raise CheckpointError(f"{str(unet / 'config.json')!r} not found: expected a diffusers "
-                              "UNet config in the flat layout or under unet/")
-    if not sched.is_file():
-        raise CheckpointError(f"{str(sched)!r} not found: the noise schedule is needed to score")
-    weights = unet / SAFE_WEIGHTS
-    if not weights.is_file():
-        pickle_file = unet / PICKLE_WEIGHTS
-        if not pickle_file.is_file():
-            raise CheckpointError(f"no weights in {str(unet)!r}: expected {SAFE_WEIGHTS}")
-        if not allow_pickle:
-            raise CheckpointError(f"{str(pickle_file)!r} is a pickle file, which can run code when "
-                                  f"loaded; convert it to {SAFE_WEIGHTS} or pass --allow-pickle")
-        weights = pickle_file
-    return ModelPaths(root, unet, sched, weights)
-
-
-def fingerprint(paths: ModelPaths) -> str:
-    """sha256 over the weights bytes, the UNet config and the scheduler config (canonical JSON)."""
-    h = hashlib.sha256()
-    with open(paths.weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    for cfg in (paths.unet / "config.json", paths.scheduler_config):
-        h.update(json.dumps(_read_json(cfg), sort_keys=True).encode())
-    return h.hexdigest()
+    @property
+    def scheduler_config(self) -> Path:
+        return self.root / (self.scheduler_subfolder or "") / "scheduler_config.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {str(path)!r} as JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} is not a JSON object")
+    return data
 
 
-def load_scheduler(path: Path) -> Any:
-    """The diffusers scheduler named by `_class_name` in a scheduler_config.json."""
+def _add_variant(name: str, variant: str | None) -> str:
+    """diffusers' naming: diffusion_pytorch_model.safetensors -> diffusion_pytorch_model.fp16.safetensors."""
+    if variant is None:
+        return name
+    head, ext = name.rsplit(".", 1)
+    return f"{head}.{variant}.{ext}"
+
+
+def weight_files(folder: Path, variant: str | None, allow_pickle: bool) -> tuple[Path, ...]:
+    """The weight files diffusers loads from `folder`: one file, or an index and its shards;
+    safetensors first, pickle only with allow_pickle. Errors name what is missing."""
+    found: dict[str, tuple[Path, ...]] = {}
+    for kind, base in (("safetensors", SAFE_WEIGHTS), ("pickle", PICKLE_WEIGHTS)):
+        single, index = folder / _add_variant(base, variant), folder / _add_variant(base + ".index.json", variant)
+        if single.is_file():
+            found[kind] = (single,)
+        elif index.is_file():
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if not shards or missing:
+                raise CheckpointError(f"{str(index)!r} names shards that are not there: {missing or 'none'}")
+            found[kind] = (index, *(folder / s for s in shards))
+    if "safetensors" in found:
+        return found["safetensors"]
+    if "pickle" in found:
+        if not allow_pickle:
+            raise CheckpointError(f"{str(found['pickle'][0])!r} is a pickle file, which can run code when "
+                                  f"loaded; convert it to safetensors or pass --allow-pickle")
+        return found["pickle"]
+    want = _add_variant(SAFE_WEIGHTS, variant)
+    others = sorted(p.name for p in folder.glob("diffusion_pytorch_model*")) if folder.is_dir() else []
+    hint = f"; there is {', '.join(others)}" + (" (pass its --variant)" if variant is None else "") if others else ""
+    raise CheckpointError(f"no weights in {str(folder)!r}: expected {want} or {want}.index.json with its shards{hint}")
+
+
+def _component(root: Path, components: dict[str, Any], kind: str) -> str | None:
+    """The model_index.json entry for the UNet ('unet') or scheduler ('scheduler')."""
+    if kind in components:
+        return kind
+    for name, spec in components.items():
+        cls = spec[1] if isinstance(spec, list) and len(spec) == 2 else ""
+        if (kind == "unet" and str(cls).startswith("UNet")) or (kind == "scheduler" and "Scheduler" in str(cls)):
+            return name
+    return None
+
+
+def check_pipeline_components(index: Path, components: dict[str, Any]) -> None:
+    """Refuse pipelines memclean cannot score rightly, by what model_index.json lists."""
+    classes = {name: spec[1] for name, spec in components.items() if isinstance(spec, list) and len(spec) == 2}
+    latent = [f"{n} ({c})" for n, c in classes.items() if c in AUTOENCODERS or n in ("vae", "vqvae")]
+    if latent:
+        raise CheckpointError(f"{str(index)!r} is a latent pipeline ({', '.join(latent)} beside the UNet): "
+                              "memclean scores pixel-space models; latent models are not supported yet")
+    conditioning = [n for n, c in classes.items() if n in CONDITIONING and c]
+    if conditioning:
+        raise CheckpointError(f"{str(index)!r} is a conditional pipeline ({', '.join(conditioning)}): memclean "
+                              "scores unconditional models, whose probability-flow ODE needs no prompt")
+
+
+def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, variant: str | None = None) -> Checkpoint:
+    """Find the UNet, its weights and the scheduler in any layout, or say what is missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"model path {str(root)!r} is not a folder: expected a diffusers checkpoint "
+                              "(model_index.json with unet/ and scheduler/, or config.json + weights + "
+                              "scheduler_config.json)")
+    index = root / "model_index.json"
+    if index.is_file():
+        components = _read_json(index)
+        check_pipeline_components(index, components)
+        names = {k: _component(root, components, k) for k in ("unet", "scheduler")}
+        if names["unet"] is None:
+            raise CheckpointError(f"{str(index)!r} lists no UNet: components {sorted(k for k in components if not k.startswith('_'))}")
+        subs = {k: n if n and (root / n).is_dir() else None for k, n in names.items()}
+        layout = "pipeline" if subs["unet"] else "root"
+    else:
+        subs = {k: k if (root / k / ("config.json" if k == "unet" else "scheduler_config.json")).is_file() else None
+                for k in ("unet", "scheduler")}
+        layout = "flat"
+    ckpt_dir = root / (subs["unet"] or "")
+    if not (ckpt_dir / "config.json").is_file():
+        raise CheckpointError(f"{str(ckpt_dir / 'config.json')!r} not found: expected the UNet's config "
+                              "(under unet/, or at the root as google/ddpm-* and flat checkpoints have it)")
+    sched = root / (subs["scheduler"] or "") / "scheduler_config.json"
+    if not sched.is_file():
+        raise CheckpointError(f"{str(sched)!r} not found: the noise schedule is needed to score")
+    weights = weight_files(ckpt_dir, variant, allow_pickle)
+    return Checkpoint(root, layout, subs["unet"], subs["scheduler"], weights, variant)
+
+
+def check_unet_config(config: dict[str, Any], where: Path) -> str:
+    """The UNet class, after refusing what cannot be scored and sizes that cannot be right
+    (before anything is allocated)."""
+    name = str(config.get("_class_name", "UNet2DModel"))
+    if name not in SCORABLE_UNETS:
+        kind = "a conditional UNet (text- or image-conditioned)" if "Condition" in name else f"a {name}"
+        raise CheckpointError(f"{str(where)!r} holds {kind}: memclean scores unconditional {'/'.join(SCORABLE_UNETS)} "
+                              "models, whose probability-flow ODE needs no prompt or class")
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise CheckpointError(f"{str(where)!r} is class-conditional (num_class_embeds / class_embed_type): "
+                              "its score needs a class label; memclean scores unconditional models")
+    for key, limit in LIMITS.items():
+        value = config.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(v, int) and 1 <= v <= limit for v in values):
+            raise CheckpointError(f"{str(where)!r}: {key} = {value!r} is not a size memclean can use (1 to {limit})")
+    return name
+
+
+def load_scheduler(ckpt: Checkpoint) -> Any:
+    """The diffusers scheduler named by `_class_name` in scheduler_config.json, by its own loader."""
     import diffusers
 
-    config = _read_json(path)
-    name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise CheckpointError(f"{str(path)!r}: unknown scheduler class {name!r}")
-    return cls.from_config(config)
-
-
-def load_unet(paths: ModelPaths) -> torch.nn.Module:
-    """The UNet named by `_class_name` in config.json, from the resolved weights file."""
-    import diffusers
-
-    config = _read_json(paths.unet / "config.json")
-    name = config.get("_class_name", "UNet2DModel")
+    name = _read_json(ckpt.scheduler_config).get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if cls is None or not hasattr(cls, "from_pretrained"):
-        raise CheckpointError(f"{str(paths.unet)!r}: unknown model class {name!r}")
+        raise CheckpointError(f"{str(ckpt.scheduler_config)!r}: unknown scheduler class {name!r}")
+    scheduler = cls.from_pretrained(ckpt.root, subfolder=ckpt.scheduler_subfolder, local_files_only=True)
+    check_scheduler(scheduler, ckpt.scheduler_config)
+    return scheduler
+
+
+def check_scheduler(scheduler: Any, where: Path) -> None:
+    """Refuse schedules without an N(0, I) prior at t = 1 and outputs memclean cannot convert."""
+    config = scheduler.config
+    if config.get("rescale_betas_zero_snr"):
+        raise CheckpointError(f"{str(where)!r}: rescale_betas_zero_snr is on, so the SNR at t = 1 is zero and "
+                              "the ODE ends on a point, not an N(0, I) prior: log volume growth is infinite there")
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is not None and float(torch.as_tensor(abar)[-1]) <= 0:
+        raise CheckpointError(f"{str(where)!r}: alphas_cumprod reaches 0 (zero terminal SNR): no N(0, I) prior at t = 1")
+    prediction = config.get("prediction_type", "epsilon")
+    if type(scheduler).__name__ != "ScoreSdeVeScheduler" and prediction not in PREDICTION_TYPES:
+        raise CheckpointError(f"{str(where)!r}: prediction_type {prediction!r} is not one of {PREDICTION_TYPES}")
+
+
+def load_unet(ckpt: Checkpoint) -> torch.nn.Module:
+    """The UNet through its class's from_pretrained (subfolder, safetensors, variant, shards)."""
+    import diffusers
+
+    config_path = ckpt.unet_dir / "config.json"
+    name = check_unet_config(_read_json(config_path), config_path)
+    cls = getattr(diffusers, name)
+    safe = not any(".bin" in p.name for p in ckpt.weights)
     try:
-        model = cls.from_pretrained(paths.unet, use_safetensors=paths.weights.name == SAFE_WEIGHTS,
-                                    local_files_only=True, low_cpu_mem_usage=False)
+        model = cls.from_pretrained(ckpt.root, subfolder=ckpt.unet_subfolder, use_safetensors=safe,
+                                    variant=ckpt.variant, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many types for a broken file
-        raise CheckpointError(f"cannot load {str(paths.weights)!r} as {name}: {e}") from e
+        raise CheckpointError(f"cannot load {str(ckpt.weights[0])!r} as {name}: {e}") from e
     return model.eval().requires_grad_(False)
+
+
+def fingerprint(unet: torch.nn.Module, scheduler: Any) -> str:
+    """sha256 over the loaded weights (name, dtype, shape, bytes, in name order) and the UNet and
+    scheduler configs (canonical JSON, without diffusers' bookkeeping keys): the same weights and
+    configs give the same fingerprint in every layout, shard split or file format."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for config in (dict(unet.config), dict(scheduler.config)):
+        public = {k: v for k, v in config.items() if not k.startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
+    h.update(type(unet).__name__.encode() + type(scheduler).__name__.encode())
+    return h.hexdigest()
 
 
 class DiffusersScore(torch.nn.Module):
@@ -130,10 +257,12 @@ class DiffusersScore(torch.nn.Module):
 
     VP: eps_hat = unet(x, t (N-1)) (v_prediction and sample converted), score = -eps_hat / sigma.
     VE: the UNet takes sigma(t) and returns the score itself (ScoreSdeVe / NCSN++ convention).
+    A UNet that also predicts its variance (out_channels = 2 in_channels) gives eps_hat first.
+    x is in the model's data range (`data_range`: [-1, 1] for VP, [0, 1] for VE by default).
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: VPSchedule | VESchedule,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", data_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
@@ -143,17 +272,19 @@ class DiffusersScore(torch.nn.Module):
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type  # what the network outputs
+        self.data_range = data_range  # the range of the images the model was trained on
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        timestep = self.schedule.timestep(t).to(self.dtype).expand(x.shape[0]).to(x.device)
-        out = self.unet(x.to(self.dtype), timestep).sample.to(x.dtype)
-        sigma = self.schedule.sigma(t).to(x.dtype)
+        # float32 whatever the network's dtype: an fp16 timestep rounds to 0.5 near 999
+        timestep = self.schedule.timestep(t).to(torch.float32).expand(x.shape[0]).to(x.device)
+        out = self.unet(x.to(self.dtype), timestep).sample.to(x.dtype)[:, :x.shape[1]]
         if isinstance(self.schedule, VESchedule):
             return out
+        sigma = self.schedule.sigma(t).to(x.dtype)
         if self.prediction_type == "epsilon":
             eps_hat = out
         elif self.prediction_type == "v_prediction":  # v = sqrt(abar) eps - sigma x_0
@@ -167,26 +298,43 @@ class DiffusersScore(torch.nn.Module):
 class LoadedModel:
     """A checkpoint ready to score with."""
 
-    score_fn: DiffusersScore  # s(x, t) with its schedule
-    fingerprint: str  # sha256 of weights and configs
+    score_fn: DiffusersScore  # s(x, t) with its schedule and data range
+    fingerprint: str  # sha256 of the loaded weights and the configs
     channels: int  # the network's input channels
     sample_size: tuple[int, int]  # (H, W) the network was trained on
-    paths: ModelPaths
+    checkpoint: Checkpoint
     scheduler_class: str  # e.g. DDPMScheduler
 
+    @property
+    def data_range(self) -> tuple[float, float]:
+        return self.score_fn.data_range
 
-def load_model(path: str | os.PathLike, allow_pickle: bool = False,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a local checkpoint (either layout) as a score function on `device`."""
-    paths = resolve_checkpoint(path, allow_pickle)
-    scheduler = load_scheduler(paths.scheduler_config)
+
+def resolve_data_range(choice: str, schedule: VPSchedule | VESchedule) -> tuple[float, float]:
+    """auto: the family's range (VP [-1, 1], VE [0, 1]); signed or unit: that range."""
+    if choice == "auto":
+        choice = FAMILY_RANGE[schedule.kind]
+    if choice not in DATA_RANGES:
+        raise ValueError(f"data range {choice!r} is not one of {('auto', *DATA_RANGES)}")
+    return DATA_RANGES[choice]
+
+
+def load_model(path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu",
+               variant: str | None = None, data_range: str = "auto") -> LoadedModel:
+    """Load a local checkpoint (any layout diffusers loads) as a score function on `device`."""
+    ckpt = resolve_checkpoint(path, allow_pickle, variant)
+    scheduler = load_scheduler(ckpt)
     schedule = schedule_from_scheduler(scheduler)
-    unet = load_unet(paths).to(device)
+    unet = load_unet(ckpt)
+    c = unet.config
+    if c.out_channels not in (c.in_channels, 2 * c.in_channels):
+        raise CheckpointError(f"{str(ckpt.unet_dir)!r}: out_channels {c.out_channels} for in_channels "
+                              f"{c.in_channels}: not a noise, v or sample prediction (nor one with its variance)")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    score_fn = DiffusersScore(unet, schedule, prediction_type)
-    size = unet.config.sample_size
+    score_fn = DiffusersScore(unet.to(device), schedule, prediction_type, resolve_data_range(data_range, schedule))
+    size = c.sample_size
     sample_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    log.info("loaded %s (%s, %s) from %s", type(unet).__name__, type(scheduler).__name__,
-             prediction_type, paths.root)
-    return LoadedModel(score_fn, fingerprint(paths), int(unet.config.in_channels), sample_size,
-                       paths, type(scheduler).__name__)
+    log.info("loaded %s (%s, %s, %s layout, data in %s) from %s", type(unet).__name__, type(scheduler).__name__,
+             prediction_type, ckpt.layout, score_fn.data_range, ckpt.root)
+    return LoadedModel(score_fn, fingerprint(unet, scheduler), int(c.in_channels), sample_size, ckpt,
+                       type(scheduler).__name__)

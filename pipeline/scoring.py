@@ -19,7 +19,11 @@ SCORE_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe
 def image_spec(model: LoadedModel, max_pixels: int = ImageSpec.max_pixels,
                min_size: int = ImageSpec.min_size) -> ImageSpec:
     """What `model` takes, with the input limits."""
-    return ImageSpec(model.channels, model.sample_size, max_pixels, min_size)
+    return ImageSpec(model.channels, model.sample_size, max_pixels, min_size, model.data_range)
+
+
+def format_range(data_range: tuple[float, float]) -> str:
+    return f"[{data_range[0]:g}, {data_range[1]:g}]"
 
 
 def base_row(d: Decoded) -> dict:
@@ -36,7 +40,8 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
                 cache: ScoreCache | None = None) -> list[dict]:
     """Rows for one decoded batch: scores for the decodable images (from `cache` where it has
     them, solved otherwise), nulls for the rejected. `reused` says which came from the cache."""
-    settings_cols = {**settings.to_dict(), "model_fingerprint": model.fingerprint}
+    settings_cols = {**settings.to_dict(), "model_fingerprint": model.fingerprint,
+                     "data_range": format_range(model.data_range)}
     ok = [d for d in batch if d.pixels is not None]
     scores: dict[int, dict] = {}
     if cache is not None:

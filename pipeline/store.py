@@ -32,11 +32,12 @@ SCORE_SCHEMA = pa.schema([
     ("log_volume_growth", pa.float64()),  # V(x) = integral_eps^1 div f dt (nats)
     ("prior_logp", pa.float64()),  # log p_1(x_1)
     ("logp", pa.float64()),  # prior_logp + log_volume_growth (nats)
-    ("bits_per_dim", pa.float64()),  # -logp / (D ln 2) + 7
+    ("bits_per_dim", pa.float64()),  # -logp / (D ln 2) + log2(255 / (hi - lo)), the data range's bins
     ("nfe", pa.int64()),  # drift evaluations spent on this image
     ("reused", pa.bool_()),  # the score came from the cache of an earlier run (not solved again)
     ("divergence", pa.string()),  # the settings that produced the score ...
     ("probes", pa.int64()),
+    ("probe_mode", pa.string()),  # fresh (new probes at every drift evaluation) | fixed
     ("solver", pa.string()),
     ("steps", pa.int64()),
     ("rtol", pa.float64()),
@@ -44,6 +45,8 @@ SCORE_SCHEMA = pa.schema([
     ("eps", pa.float64()),
     ("seed", pa.int64()),
     ("grid", pa.string()),  # fixed-grid times: log_snr or uniform (dopri5 ignores it)
+    ("precision", pa.string()),  # the network's arithmetic: fp32 | tf32 | bf16
+    ("data_range", pa.string()),  # the range the image was scored in: [-1, 1] (VP) or [0, 1] (VE)
     ("model_fingerprint", pa.string()),
 ])
 

@@ -1,27 +1,82 @@
-"""Checkpoint loading (both layouts, pickle refusal), fingerprints and prediction types."""
+"""Checkpoint loading through diffusers (every layout, variants, shards, pickle refusal),
+refusals of what cannot be scored, fingerprints, data ranges and prediction types."""
 import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, ScoreSdeVeScheduler
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, ScoreSdeVeScheduler, UNet2DConditionModel)
 
 from pipeline.models import CheckpointError, DiffusersScore, load_model, resolve_checkpoint
 from pipeline.schedules import InterpolatedVP, LinearVP, VESchedule
+from pipeline.volume import ScorerSettings, log_volume_growth
 from tests.conftest import save_checkpoint
 from tests.exact import GaussianScore, tiny_unet
 
+LAYOUTS = ["flat", "pipeline", "root", "sharded"]
+TWO_LEVELS = dict(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
 
-@pytest.mark.parametrize("layout", ["flat", "pipeline"])
-def test_both_layouts_load_with_the_same_fingerprint(tmp_path, layout):
+
+def save_layout(unet, scheduler, path, layout):
+    """The same weights in each layout users have: save_pretrained pipelines (optionally with
+    sharded weights), a UNet and scheduler saved into one folder, and google/ddpm-*'s root
+    layout (model_index.json beside the UNet's own files, written by hand as those ship)."""
+    if layout in ("flat", "pipeline"):
+        return save_checkpoint(unet, scheduler, path, layout)
+    if layout == "sharded":
+        save_checkpoint(unet, scheduler, path, "pipeline")
+        for f in (path / "unet").glob("diffusion_pytorch_model*"):
+            f.unlink()
+        unet.save_pretrained(path / "unet", max_shard_size="40KB")
+        assert (path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+        return path
+    unet.save_pretrained(path)
+    scheduler.save_pretrained(path)
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": "0.1.0",
+        "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", type(unet).__name__]}))
+    return path
+
+
+def score_of(model, x, steps=2):
+    return log_volume_growth(model.score_fn, x, ScorerSettings(solver="heun", steps=steps)).log_volume_growth
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_with_the_same_fingerprint_and_scores(tmp_path, layout):
     unet, sched = tiny_unet(), DDPMScheduler()
-    a = load_model(save_checkpoint(unet, sched, tmp_path / "a", layout))
-    b = load_model(save_checkpoint(unet, sched, tmp_path / "b", layout))
-    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
-    assert (a.channels, a.sample_size, a.scheduler_class) == (1, (8, 8), "DDPMScheduler")
-    assert isinstance(a.score_fn.schedule, LinearVP)
-    x = torch.rand(2, 1, 8, 8)
-    t = torch.tensor(0.3, dtype=torch.float64)
-    assert torch.allclose(a.score_fn.score(x, t), DiffusersScore(unet, a.score_fn.schedule).score(x, t))
+    flat = load_model(save_layout(unet, sched, tmp_path / "flat", "flat"))
+    other = load_model(save_layout(unet, sched, tmp_path / layout, layout))
+    assert other.checkpoint.layout == {"sharded": "pipeline"}.get(layout, layout)
+    assert other.fingerprint == flat.fingerprint and len(flat.fingerprint) == 64
+    assert (other.channels, other.sample_size, other.scheduler_class) == (1, (8, 8), "DDPMScheduler")
+    assert isinstance(other.score_fn.schedule, LinearVP)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    assert torch.equal(score_of(other, x), score_of(flat, x))
+
+
+def test_a_weight_variant_loads_with_variant_and_is_named_without(tmp_path):
+    path = tmp_path / "m"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(path, variant="fp16")
+    assert (path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="--variant"):
+        load_model(path)
+    m = load_model(path, variant="fp16")
+    assert m.checkpoint.variant == "fp16" and m.checkpoint.weights[0].name.endswith(".fp16.safetensors")
+    assert torch.isfinite(score_of(m, torch.rand(1, 1, 8, 8) * 2 - 1)).all()
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(), DDIMScheduler(), PNDMScheduler(),
+                                       DPMSolverMultistepScheduler(), EulerDiscreteScheduler(),
+                                       DDPMScheduler(prediction_type="v_prediction"),
+                                       ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0)],
+                         ids=lambda s: type(s).__name__ + "-" + s.config.get("prediction_type", ""))
+def test_pipelines_of_each_scheduler_load_and_score(tmp_path, scheduler):
+    m = load_model(save_layout(tiny_unet(), scheduler, tmp_path / "m", "pipeline"))
+    assert m.scheduler_class == type(scheduler).__name__
+    ve = isinstance(scheduler, ScoreSdeVeScheduler)
+    assert m.data_range == ((0.0, 1.0) if ve else (-1.0, 1.0))
+    assert torch.isfinite(score_of(m, torch.rand(2, 1, 8, 8))).all()
 
 
 def test_fingerprint_changes_with_weights_and_schedule(tmp_path):
@@ -31,12 +86,90 @@ def test_fingerprint_changes_with_weights_and_schedule(tmp_path):
     assert len({base, other_weights, other_sched}) == 3
 
 
-def test_pickle_only_checkpoint_is_refused_without_the_flag(tmp_path):
-    path = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m", safe=False)
-    assert (path / "diffusion_pytorch_model.bin").exists()
+@pytest.mark.parametrize("layout", ["flat", "pipeline"])
+def test_pickle_only_checkpoint_is_refused_without_the_flag(tmp_path, layout):
+    path = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m", layout, safe=False)
     with pytest.raises(CheckpointError, match="--allow-pickle"):
         load_model(path)
-    assert load_model(path, allow_pickle=True).paths.weights.name.endswith(".bin")
+    m = load_model(path, allow_pickle=True)
+    assert m.checkpoint.weights[0].name == "diffusion_pytorch_model.bin"
+    assert m.fingerprint == load_model(save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "s", layout)).fingerprint
+
+
+def refuse(path, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+
+
+def test_conditional_and_class_conditional_unets_are_refused(tmp_path):
+    cond = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    refuse(save_checkpoint(cond, DDPMScheduler(), tmp_path / "cond"), "conditional")
+    from diffusers import UNet2DModel
+
+    classes = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, num_class_embeds=10,
+                          block_out_channels=(8, 16), norm_num_groups=4, **TWO_LEVELS)
+    refuse(save_checkpoint(classes, DDPMScheduler(), tmp_path / "cls"), "class-conditional")
+
+
+def test_latent_and_text_pipelines_are_refused(tmp_path):
+    path = save_layout(tiny_unet(), DDPMScheduler(), tmp_path / "ldm", "pipeline")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "vqvae": ["diffusers", "VQModel"]}))
+    refuse(path, "latent")
+    (path / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["transformers", "CLIPTextModel"]}))
+    refuse(path, "conditional")
+
+
+def test_schedules_without_a_gaussian_prior_and_unknown_outputs_are_refused(tmp_path):
+    refuse(save_checkpoint(tiny_unet(), DDPMScheduler(rescale_betas_zero_snr=True), tmp_path / "z"), "zero")
+    path = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "p")
+    config = json.loads((path / "scheduler_config.json").read_text())
+    (path / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "flow"}))
+    refuse(path, "prediction_type")
+
+
+@pytest.mark.parametrize("key,value", [("sample_size", 10**9), ("in_channels", -3), ("block_out_channels", [8, -16]),
+                                       ("layers_per_block", 0)])
+def test_absurd_configs_fail_before_anything_is_allocated(tmp_path, monkeypatch, key, value):
+    path = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    import diffusers
+
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", lambda *a, **k: pytest.fail("allocated"))
+    refuse(path, key)
+
+
+def test_a_unet_that_predicts_its_variance_scores_with_its_noise_half(tmp_path):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4, **TWO_LEVELS).eval()
+    m = load_model(save_checkpoint(unet, DDPMScheduler(variance_type="learned_range"), tmp_path / "m"))
+    x, t = torch.rand(2, 1, 8, 8), torch.tensor(0.5, dtype=torch.float64)
+    eps = unet(x, torch.full((2,), 0.5 * 999)).sample[:, :1]
+    assert torch.allclose(m.score_fn.score(x, t), -eps / m.score_fn.schedule.sigma(t).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_timestep_stays_float32_for_a_half_precision_network():
+    seen = []
+
+    class HalfNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float16))
+
+        def forward(self, x, timestep):
+            seen.append(timestep)
+            return type("Out", (), {"sample": x * self.w})()
+
+    score = DiffusersScore(HalfNet(), LinearVP(1000, 1e-4, 0.02))
+    score.score(torch.rand(1, 1, 2, 2), torch.tensor(0.9995, dtype=torch.float64))
+    assert seen[0].dtype == torch.float32 and float(seen[0][0]) == pytest.approx(0.9995 * 999, abs=1e-4)
 
 
 def test_missing_and_broken_checkpoints_name_the_path(tmp_path):
@@ -48,6 +181,10 @@ def test_missing_and_broken_checkpoints_name_the_path(tmp_path):
     path = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m")
     (path / "scheduler_config.json").unlink()
     with pytest.raises(CheckpointError, match="scheduler_config.json"):
+        resolve_checkpoint(path)
+    path = save_layout(tiny_unet(), DDPMScheduler(), tmp_path / "noweights", "pipeline")
+    (path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights in .*unet.*diffusion_pytorch_model.safetensors"):
         resolve_checkpoint(path)
     path = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "broken")
     (path / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
@@ -90,9 +227,11 @@ def test_prediction_types_convert_to_the_same_score(prediction_type):
     gauss = GaussianScore(torch.zeros(1, 2, 2) + 0.3, torch.full((1, 2, 2), 0.5), schedule)
     wrapped = DiffusersScore(GaussianNet(gauss, prediction_type).double(), schedule, prediction_type)
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
-    for t in (0.01, 0.5, 0.99):
-        t = torch.tensor(t, dtype=torch.float64)
-        assert torch.allclose(wrapped.score(x, t), gauss.score(x, t), rtol=1e-9, atol=1e-9)
+    for k in (10, 500, 989):
+        # t (N - 1) = k is exact in the float32 timestep, so the network sees t itself; the
+        # conversions are float64 arithmetic on O(1) values divided by sigma >= 0.1: 1e-13
+        t = torch.tensor(k / 999, dtype=torch.float64)
+        assert torch.allclose(wrapped.score(x, t), gauss.score(x, t), rtol=1e-11, atol=1e-11)
 
 
 def test_unknown_prediction_type_is_refused():
