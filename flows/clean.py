@@ -18,8 +18,8 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.cache import default_cache_dir
-from pipeline.clean import (CleanSettings, RunContext, ScoreJob, abort_run, finish_run, gather,
-                            score_shard, shard_items, start_run)
+from pipeline.clean import (CleanSettings, RunContext, ScoreJob, Stage, abort_run, finish_run, gather,
+                            score_shard, scoring_summary, shard_items, shard_name, stage_name, start_run)
 from pipeline.data import Item, discover
 from pipeline.flagging import FlagSettings
 from pipeline.remediate import RemediationSettings
@@ -92,31 +92,35 @@ def publish(manifest: dict[str, Any], out: str) -> None:
 
 @flow(name="clean", log_prints=False)
 def clean(data: str, model: str, out: str,
-          reference: str | None = None, flag_fpr: float | None = None, flag_quantile: float = 0.95,
+          reference: str | None = None, flag_fpr: float | None = None, flag_quantile: float | None = None,
           flag_zscore: float | None = None, flag_threshold: float | None = None,
           score: Literal["log_volume_growth", "logp"] = "log_volume_growth",
           embedder: str = "pixel", embed_size: int = 224, dup_threshold: float | None = None,
           dedup_flip: bool = False, against: str | None = None,
           action: Literal["auto", "dedup", "augment", "drop", "none"] = "auto", augment_tries: int = 3,
-          on_failure: Literal["drop", "keep"] = "drop", augment_seed: int = 0,
+          on_failure: Literal["drop", "keep"] = "drop", augment_seed: int = 0, accept_band: float = 0.01,
           divergence: Literal["exact", "rademacher", "gaussian"] = "rademacher", probes: int = 1,
-          solver: Literal["dopri5", "euler", "heun", "rk4"] = "dopri5", steps: int = 100,
+          probe_mode: Literal["fresh", "fixed"] | None = None,
+          solver: Literal["heun", "euler", "rk4", "dopri5"] = "heun", steps: int = ScorerSettings.steps,
           rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5, seed: int = 0,
-          grid: Literal["log_snr", "uniform"] = "log_snr",
-          batch_size: int = 16, device: Literal["cpu", "cuda"] = "cpu", image_column: str | None = None,
+          grid: Literal["log_snr", "uniform"] = "log_snr", precision: Literal["fp32", "tf32", "bf16"] = "fp32",
+          batch_size: int = 16, device: Literal["cpu", "cuda"] = "cpu", variant: str | None = None,
+          data_range: Literal["auto", "signed", "unit"] = "auto", image_column: str | None = None,
           max_pixels: int = 89_478_485, min_size: int = 8, shard_size: int = 256,
           cache_dir: str | None = None, no_cache: bool = False, overwrite: bool = False,
           allow_pickle: bool = False, task_runner: Literal["threads", "dask"] = "threads",
           dask_address: str | None = None, dask_workers: int = 2) -> dict[str, Any]:
     """memclean clean as a flow: the parameters mean what `memclean clean`'s options mean."""
     logger = get_run_logger()
-    scorer = ScorerSettings(divergence, probes, solver, steps, rtol, atol, eps, seed, grid)
+    scorer = ScorerSettings(divergence=divergence, probes=probes, probe_mode=probe_mode, solver=solver,
+                            steps=steps, rtol=rtol, atol=atol, eps=eps, seed=seed, grid=grid,
+                            precision=precision)
     settings = CleanSettings(
         flag=FlagSettings(flag_quantile, flag_fpr, flag_zscore, flag_threshold),
-        remediation=RemediationSettings(action, augment_tries, on_failure, augment_seed),
+        remediation=RemediationSettings(action, augment_tries, on_failure, augment_seed, accept_band),
         score=score, reference=reference, embedder=embedder, embed_size=embed_size,
         dup_threshold=dup_threshold, dedup_flip=dedup_flip, against=against, batch_size=batch_size,
-        device=device, image_column=image_column, max_pixels=max_pixels, min_size=min_size,
+        device=device, variant=variant, data_range=data_range, image_column=image_column, max_pixels=max_pixels, min_size=min_size,
         shard_size=shard_size)
     cache = None if no_cache else (cache_dir or str(default_cache_dir()))
     ctx = start_task(data=data, model=model, out=out, scorer=scorer, settings=settings,
@@ -128,13 +132,11 @@ def clean(data: str, model: str, out: str,
             if path is None:
                 continue
             shards = list(shard_items(discover(path, image_column), shard_size))
-            names = [f"{prefix}-{k:06d}" for k in range(len(shards))]
-            results = score_shards.with_options(task_runner=runner)(ctx.job, shards, names, embed)
-            ctx.scoring[prefix] = {"fresh": sum(r["fresh"] for r in results),
-                                   "reused": sum(r["reused"] for r in results)}
+            names = [shard_name(prefix, k) for k in range(len(shards))]
+            with Stage(ctx, stage_name(prefix)):
+                results = score_shards.with_options(task_runner=runner)(ctx.job, shards, names, embed)
+            scoring_summary(ctx, prefix, results)
             scored_sets[prefix] = gather(ctx.job, names)
-            logger.info("%s: %d images scored afresh, %d reused", prefix, ctx.scoring[prefix]["fresh"],
-                        ctx.scoring[prefix]["reused"])
         manifest = finish_task(ctx, scored_sets["input"], scored_sets.get("reference"))
     except BaseException:
         abort_run(ctx)

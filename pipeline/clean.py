@@ -16,7 +16,7 @@ import resource
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,14 +31,14 @@ from .cache import ScoreCache, namespace, open_cache
 from .data import ImageSpec, Item, Rejected, Source, batched, decode_image, discover, open_image
 from .dedup import Clusters, build_index, find_clusters, near_matches, on_gpu, to_cpu
 from .embeddings import Embedder, make_embedder
-from .flagging import FlagSettings, Threshold, flag
+from .flagging import FlagSettings, Threshold, band_low, flag
 from .models import LoadedModel, load_model
 from .remediate import RemediationSettings, augment_and_rescore, plan, record_json
 from .report import ids_to_show, write_report, write_thumbnails
 from .scoring import image_spec, score_batch
 from .store import (DECISION_SCHEMA, SCORE_SCHEMA, AtomicParquetWriter, check_output_dir,
                     cleaned_schema, commit_dir, staging_dir, write_json_atomic)
-from .volume import ScorerSettings
+from .volume import SCORER_VERSION, ScorerSettings, bits_offset
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class CleanSettings:
     against: str | None = None  # an earlier output folder to check new images against
     batch_size: int = 16  # images decoded and solved together
     device: str = "cpu"  # where the model runs
+    variant: str | None = None  # diffusers weight variant to load (fp16, ...)
+    data_range: str = "auto"  # the model's data range: auto (VP [-1, 1], VE [0, 1]) | signed | unit
     image_column: str | None = None  # Parquet sources: the column holding images
     max_pixels: int = ImageSpec.max_pixels  # larger images are rejected (decompression bombs)
     min_size: int = ImageSpec.min_size  # images with a shorter side are rejected
@@ -76,6 +78,9 @@ class CleanSettings:
         if self.dup_threshold is not None and not -1 <= self.dup_threshold <= 1:
             raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
         self.flag.policy(self.reference is not None)  # validates the policy choice
+        if self.against is not None and not self.remediation.dedups:
+            raise ValueError(f"--against compares new images with an earlier output's duplicates, which only "
+                             f"--action auto or dedup does; this run has --action {self.remediation.action}")
 
 
 @dataclass
@@ -151,24 +156,26 @@ def _checkpoint_stamp(path: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_once(path: str, allow_pickle: bool, device: str, stamp: tuple) -> LoadedModel:
-    return load_model(path, allow_pickle, device)
+def _load_once(path: str, allow_pickle: bool, device: str, variant: str | None, data_range: str,
+               stamp: tuple) -> LoadedModel:
+    return load_model(path, allow_pickle, device, variant, data_range)
 
 
-def shared_model(path: str, allow_pickle: bool, device: str) -> LoadedModel:
+def shared_model(path: str, allow_pickle: bool, settings: CleanSettings) -> LoadedModel:
     """load_model once per process (the run and its scoring threads share it); a checkpoint
     rewritten in place since is loaded afresh."""
-    return _load_once(str(path), allow_pickle, device, _checkpoint_stamp(str(path)))
+    return _load_once(str(path), allow_pickle, settings.device, settings.variant, settings.data_range,
+                      _checkpoint_stamp(str(path)))
 
 
 def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreCache | None]:
     """The model, embedder, input spec and cache of a job (loaded once per process)."""
-    model = shared_model(job.model, job.allow_pickle, job.settings.device)
+    model = shared_model(job.model, job.allow_pickle, job.settings)
     embedder = make_embedder(job.settings.embedder, model, job.settings.embed_size, job.settings.device)
     spec = image_spec(model, job.settings.max_pixels, job.settings.min_size)
     cache = None
     if job.cache_dir is not None:
-        key = namespace(model.fingerprint, job.scorer.to_dict(), asdict(spec))
+        key = namespace(model.fingerprint, {**job.scorer.to_dict(), "scorer_version": SCORER_VERSION}, asdict(spec))
         cache = open_cache(job.cache_dir, key)
     return model, embedder, spec, cache
 
@@ -223,14 +230,32 @@ def gather(job: ScoreJob, names: list[str]) -> Scored:
 
 
 def score_source(job: ScoreJob, source: Source, prefix: str, embed: bool, shard_size: int,
-                 progress: Callable[[int], None] | None = None) -> tuple[Scored, dict[str, int]]:
+                 progress: Callable[[int], None] | None = None) -> tuple[Scored, list[dict[str, Any]]]:
     """Score a whole source shard by shard in this process (the flow maps shards instead)."""
-    names, fresh, reused = [], 0, 0
-    for k, items in enumerate(shard_items(source, shard_size)):
-        r = score_shard(job, items, f"{prefix}-{k:06d}", embed, progress)
-        names.append(r["name"])
-        fresh, reused = fresh + r["fresh"], reused + r["reused"]
-    return gather(job, names), {"fresh": fresh, "reused": reused}
+    results = [score_shard(job, items, shard_name(prefix, k), embed, progress)
+               for k, items in enumerate(shard_items(source, shard_size))]
+    return gather(job, [r["name"] for r in results]), results
+
+
+def shard_name(prefix: str, k: int) -> str:
+    return f"{prefix}-{k:06d}"
+
+
+def stage_name(prefix: str) -> str:
+    """The timings key of scoring a source: score (the input) or score_reference."""
+    return "score" if prefix == "input" else f"score_{prefix}"
+
+
+def scoring_summary(ctx: RunContext, prefix: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record a source's scoring in ctx.scoring: images solved afresh and reused from the cache,
+    seconds, and images/s over the fresh ones (what the solver cost)."""
+    fresh, reused = sum(r["fresh"] for r in results), sum(r["reused"] for r in results)
+    seconds = ctx.timings.get(stage_name(prefix), 0.0)
+    ctx.scoring[prefix] = {"fresh": fresh, "reused": reused, "seconds": seconds,
+                           "images_per_s": round(fresh / seconds, 3) if fresh and seconds > 0 else None}
+    log.info("%s: %d images scored afresh (%s images/s), %d reused", prefix, fresh,
+             ctx.scoring[prefix]["images_per_s"], reused)
+    return ctx.scoring[prefix]
 
 
 def ok_mask(table: pa.Table) -> np.ndarray:
@@ -241,17 +266,25 @@ def score_values(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def previous_survivors(ctx: RunContext) -> tuple[list[str], np.ndarray]:
-    """Ids and embeddings of the kept and augmented images of an earlier output (--against)."""
-    prev = Path(ctx.settings.against)
+def check_against(against: str, embedder: Embedder) -> dict[str, Any]:
+    """The manifest of an earlier output (--against), checked before any work: it must be a
+    memclean output with embeddings from the same embedder."""
+    prev = Path(against)
     try:
         manifest = json.loads((prev / "manifest.json").read_text())
-        table = pq.read_table(prev / EMBEDDINGS)
-    except (OSError, ValueError) as e:
+        pq.read_schema(prev / EMBEDDINGS)
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise ValueError(f"--against {str(prev)!r} is not a memclean output with embeddings: {e}") from e
-    if manifest.get("dedup", {}).get("embedder") != ctx.embedder.name:
+    if manifest.get("dedup", {}).get("embedder") != embedder.name:
         raise ValueError(f"--against {str(prev)!r} was embedded with {manifest.get('dedup', {}).get('embedder')!r}, "
-                         f"this run with {ctx.embedder.name!r}: they cannot be compared")
+                         f"this run with {embedder.name!r}: they cannot be compared")
+    return manifest
+
+
+def previous_survivors(ctx: RunContext) -> tuple[list[str], np.ndarray]:
+    """Ids and embeddings of the kept and augmented images of an earlier output (--against)."""
+    check_against(ctx.settings.against, ctx.embedder)
+    table = pq.read_table(Path(ctx.settings.against) / EMBEDDINGS)
     keep = np.isin(np.array(table.column("action").to_pylist(), dtype=object), ["kept", "augmented"])
     ids = [i for i, k in zip(table.column("id").to_pylist(), keep) if k]
     vecs = np.array(table.column("embedding").to_pylist(), dtype=np.float32)[keep] if keep.any() else np.zeros((0, 1), np.float32)
@@ -295,6 +328,10 @@ def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple
     values = score_values(table, s.score)
     ref = score_values(reference, s.score)[ok_mask(reference)] if reference is not None else None
     threshold = s.flag.threshold_for(values[ok], ref)
+    low = band_low(ref if ref is not None else values[ok], s.remediation.accept_band)
+    threshold = replace(threshold, details={**threshold.details, "accept_band": [low, threshold.value],
+                                            "accept_band_quantile": s.remediation.accept_band,
+                                            "accept_band_of": "reference" if ref is not None else "dataset"})
     flagged = flag(values, threshold) & ok
     cols = dedup(ctx, scored, ok, values)
     action, reason, augment = plan(ok, flagged, cols["dup_of"], s.remediation)
@@ -332,7 +369,9 @@ def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: 
     folder.mkdir(exist_ok=True)
     images = read_selected(ctx.source, set(rows), ctx.spec)
     r = ctx.settings.remediation
-    results = augment_and_rescore(images, ctx.model.score_fn, ctx.spec, ctx.scorer, threshold.value,
+    low = threshold.details["accept_band"][0]
+    band = f"[{'-inf' if low is None else format(low, '.4g')}, {threshold.value:.4g}]"
+    results = augment_and_rescore(images, ctx.model.score_fn, ctx.spec, ctx.scorer, threshold, low,
                                   ctx.settings.score, r, folder, ctx.settings.batch_size,
                                   ctx.settings.device, progress)
     for id_, row in rows.items():
@@ -344,12 +383,12 @@ def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: 
         cols["augmented_score"][row], cols["augmentation"][row] = a.score, record_json(a)
         if a.accepted:
             cols["action"][row] = "augmented"
-            cols["action_reason"][row] = f"{a.preset} augmentation re-scored {a.score:.4g} < {threshold.value:.4g}"
+            cols["action_reason"][row] = f"{a.preset} augmentation re-scored {a.score:.4g}, inside the accept band {band}"
             cols["augmented_png"][row] = str(a.png)
         else:
             cols["action"][row] = "dropped" if r.on_failure == "drop" else "kept"
-            cols["action_reason"][row] = (f"no augmentation in {a.tries} tries scored below {threshold.value:.4g} "
-                                          f"(last {a.score:.4g}); on failure: {r.on_failure}")
+            cols["action_reason"][row] = (f"no augmentation in {a.tries} tries scored inside the accept band {band} "
+                                          f"(last {a.preset} {a.score:.4g}: {a.verdict}); on failure: {r.on_failure}")
 
 
 def decided_table(table: pa.Table, cols: dict[str, list]) -> pa.Table:
@@ -429,22 +468,28 @@ def write_tables(ctx: RunContext, decided: pa.Table, metadata: dict[str, Any]) -
 
 
 def write_embeddings(ctx: RunContext, decided: pa.Table, scored: Scored) -> None:
-    """embeddings.parquet (id, action, embedding of what the cleaned set holds) and index.faiss."""
+    """embeddings.parquet (id, action, embedding of what the cleaned set holds) and index.faiss.
+
+    The vectors belong to the rows that decoded at scoring time (scored.table's ok rows, in
+    order); a row rejected since (its input changed during the run) is left out with its vector.
+    """
     import faiss
 
     if scored.vectors is None:
         return
-    ok = ok_mask(decided)
-    vectors = scored.vectors.copy()
-    ids = [i for i, o in zip(decided.column("id").to_pylist(), ok) if o]
-    actions = [a for a, o in zip(decided.column("action").to_pylist(), ok) if o]
-    pngs = [p for p, o in zip(decided.column("augmented_png").to_pylist(), ok) if o]
-    for k, (a, png) in enumerate(zip(actions, pngs)):
-        if a == "augmented":  # the cleaned set holds the augmentation: embed that
-            x = decode_image(Path(png).read_bytes(), ctx.spec)[None].to(ctx.settings.device)
+    at_scoring = ok_mask(scored.table)
+    rows = [dict(zip(("id", "action", "png"), r)) for r, o in zip(zip(
+        decided.column("id").to_pylist(), decided.column("action").to_pylist(),
+        decided.column("augmented_png").to_pylist()), at_scoring) if o]
+    keep = np.array([r["action"] != "rejected" for r in rows], dtype=bool)
+    vectors = scored.vectors[keep].copy()
+    rows = [r for r, k in zip(rows, keep) if k]
+    for k, r in enumerate(rows):
+        if r["action"] == "augmented":  # the cleaned set holds the augmentation: embed that
+            x = decode_image(Path(r["png"]).read_bytes(), ctx.spec)[None].to(ctx.settings.device)
             vectors[k] = ctx.embedder(x).cpu().numpy()[0]
-    d = vectors.shape[1]
-    table = pa.table({"id": ids, "action": actions,
+    d = scored.vectors.shape[1]
+    table = pa.table({"id": [r["id"] for r in rows], "action": [r["action"] for r in rows],
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), d)})
     with AtomicParquetWriter(ctx.staging / EMBEDDINGS, table.schema, {"embedder": ctx.embedder.name}) as w:
         w.write_table(table)
@@ -486,7 +531,9 @@ def manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference
                                        "are duplicates", "against": ctx.settings.against},
         "reference": None if reference is None else {"path": ctx.settings.reference, "input": reference.num_rows,
                                                      "scored": int(ok_mask(reference).sum())},
-        "model": {"path": str(ctx.model.paths.root), "fingerprint": ctx.model.fingerprint,
+        "model": {"path": str(ctx.model.checkpoint.root), "fingerprint": ctx.model.fingerprint,
+                  "layout": ctx.model.checkpoint.layout, "variant": ctx.model.checkpoint.variant,
+                  "data_range": list(ctx.model.data_range), "bits_per_dim_offset": bits_offset(ctx.model.data_range),
                   "scheduler": ctx.model.scheduler_class, "channels": ctx.model.channels,
                   "sample_size": list(ctx.model.sample_size)},
         "data": {"path": ctx.source.path, "kind": ctx.source.kind},
@@ -510,8 +557,10 @@ def start_run(data: str | os.PathLike, model: str | os.PathLike, out: str | os.P
     source = discover(data, settings.image_column)
     if settings.reference:
         discover(settings.reference, settings.image_column)
-    loaded = shared_model(str(model), allow_pickle, settings.device)
+    loaded = shared_model(str(model), allow_pickle, settings)
     embedder = make_embedder(settings.embedder, loaded, settings.embed_size, settings.device)
+    if settings.against:
+        check_against(settings.against, embedder)
     staging = staging_dir(out)
     job = ScoreJob(str(model), allow_pickle, scorer, settings, str(staging),
                    None if cache_dir is None else str(cache_dir))
@@ -571,15 +620,15 @@ def run_clean(data: str | os.PathLike, model: str | os.PathLike, out: str | os.P
     """The whole clean run into `out`, in this process; returns the manifest."""
     ctx = start_run(data, model, out, scorer, settings, allow_pickle, overwrite, cache_dir)
     try:
-        with Stage(ctx, "score"):
-            scored, ctx.scoring["input"] = score_source(ctx.job, ctx.source, "input", True, settings.shard_size, progress)
-        reference = None
+        scored = {}
+        sources = [("input", ctx.source, True)]
         if settings.reference:
-            with Stage(ctx, "score_reference"):
-                reference, ctx.scoring["reference"] = score_source(
-                    ctx.job, discover(settings.reference, settings.image_column), "reference", False,
-                    settings.shard_size, progress)
-        return finish_run(ctx, scored, reference)
+            sources.append(("reference", discover(settings.reference, settings.image_column), False))
+        for prefix, source, embed in sources:
+            with Stage(ctx, stage_name(prefix)):
+                scored[prefix], results = score_source(ctx.job, source, prefix, embed, settings.shard_size, progress)
+            scoring_summary(ctx, prefix, results)
+        return finish_run(ctx, scored["input"], scored.get("reference"))
     except BaseException:
         abort_run(ctx)
         raise

@@ -10,7 +10,8 @@ from typing import Sequence
 
 from . import __version__
 from .data import ImageSpec
-from .volume import DIVERGENCES, GRIDS, SOLVERS, ScorerSettings
+from .models import DATA_RANGES
+from .volume import DIVERGENCES, GRIDS, PRECISIONS, PROBE_MODES, SOLVERS, ScorerSettings
 
 log = logging.getLogger("pipeline.cli")
 
@@ -20,6 +21,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="local diffusers checkpoint folder (flat layout or save_pretrained pipeline)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; they can run code when loaded")
+    p.add_argument("--variant", default=None,
+                   help="diffusers weight variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
+    p.add_argument("--data-range", choices=("auto", *DATA_RANGES), default="auto",
+                   help="the range the model was trained on: auto (VP/DDPM models [-1, 1], VE/NCSN++ [0, 1]), "
+                        "signed [-1, 1] or unit [0, 1]; V, log p and bits/dim are for the image in it")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
     p.add_argument("--batch-size", type=int, default=16, help="images decoded and solved together")
 
@@ -30,9 +36,16 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--divergence", choices=DIVERGENCES, default=d.divergence,
                    help="div f: exact (D backward passes, tiny images) or Hutchinson probes "
                         f"(default {d.divergence})")
-    g.add_argument("--probes", type=int, default=d.probes, help=f"Hutchinson probes per image (default {d.probes})")
+    g.add_argument("--probes", type=int, default=d.probes,
+                   help=f"Hutchinson probes per drift evaluation (default {d.probes})")
+    g.add_argument("--probe-mode", "--probes-per-step", choices=PROBE_MODES, default=None,
+                   help="fresh: new probes at every drift evaluation (fixed grids; the noise averages "
+                        "over the evaluations); fixed: one set for the whole solve (default: fresh for "
+                        "euler/heun/rk4; dopri5 always uses fixed, its step control needs a "
+                        "deterministic right-hand side)")
     g.add_argument("--solver", choices=SOLVERS, default=d.solver,
-                   help=f"dopri5 is adaptive (rtol/atol); euler, heun, rk4 use --steps (default {d.solver})")
+                   help=f"heun, euler, rk4: a fixed grid of --steps; dopri5: adaptive (--rtol/--atol, "
+                        f"fixed probes, one image at a time, about 40x slower) (default {d.solver})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"fixed-grid steps (default {d.steps})")
     g.add_argument("--grid", choices=GRIDS, default=d.grid,
                    help="fixed-grid times: uniform in log-SNR (accurate on sharply peaked image data) "
@@ -40,7 +53,11 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, default=d.rtol, help=f"dopri5 relative tolerance (default {d.rtol})")
     g.add_argument("--atol", type=float, default=d.atol, help=f"dopri5 absolute tolerance (default {d.atol})")
     g.add_argument("--eps", type=float, default=d.eps, help=f"start time of the solve (default {d.eps})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"probe seed, mixed with each image's content (default {d.seed})")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help=f"probe seed, hashed with each image's content (default {d.seed})")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="the network's arithmetic: fp32, tf32 (CUDA matmuls and convolutions) or bf16 "
+                        f"(autocast); V is float64 whatever it is (default {d.precision})")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -57,9 +74,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ScorerSettings:
-    return ScorerSettings(divergence=args.divergence, probes=args.probes, solver=args.solver,
-                          steps=args.steps, rtol=args.rtol, atol=args.atol, eps=args.eps,
-                          seed=args.seed, grid=args.grid)
+    return ScorerSettings(divergence=args.divergence, probes=args.probes, probe_mode=args.probe_mode,
+                          solver=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol,
+                          eps=args.eps, seed=args.seed, grid=args.grid, precision=args.precision)
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -80,16 +97,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .models import load_model
     from .scoring import image_spec, score_items
     from .store import SCORE_SCHEMA, AtomicParquetWriter
+    from .volume import bits_offset
 
     settings = settings_from_args(args)
     check_common(args)
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
     source = discover(args.data, args.image_column)
-    model = load_model(args.model, args.allow_pickle, args.device)
+    model = load_model(args.model, args.allow_pickle, args.device, args.variant, args.data_range)
     spec = image_spec(model, args.max_pixels, args.min_size)
     metadata = {"settings": settings.to_dict(), "model": {"path": str(args.model),
-                "fingerprint": model.fingerprint, "scheduler": model.scheduler_class},
+                "fingerprint": model.fingerprint, "scheduler": model.scheduler_class,
+                "layout": model.checkpoint.layout, "variant": args.variant,
+                "data_range": list(model.data_range), "bits_per_dim_offset": bits_offset(model.data_range)},
                 "data": str(args.data), "batch_size": args.batch_size, "device": args.device,
                 "memclean_version": __version__}
     rejected = 0
@@ -116,11 +136,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
         flag=FlagSettings(quantile=args.flag_quantile, fpr=args.flag_fpr, zscore=args.flag_zscore,
                           threshold=args.flag_threshold),
         remediation=RemediationSettings(action=args.action, tries=args.augment_tries,
-                                        on_failure=args.on_failure, seed=args.augment_seed),
+                                        on_failure=args.on_failure, seed=args.augment_seed,
+                                        accept_band=args.accept_band),
         score=args.score, reference=None if args.reference is None else str(args.reference),
         embedder=args.embedder, embed_size=args.embed_size, dup_threshold=args.dup_threshold,
         dedup_flip=args.dedup_flip, against=None if args.against is None else str(args.against),
-        batch_size=args.batch_size, device=args.device, image_column=args.image_column,
+        batch_size=args.batch_size, device=args.device, variant=args.variant, data_range=args.data_range,
+        image_column=args.image_column,
         max_pixels=args.max_pixels, min_size=args.min_size, shard_size=args.shard_size)
     total = discover(args.data, args.image_column).count()
     if args.reference is not None:
@@ -141,6 +163,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def add_decision_args(p: argparse.ArgumentParser) -> None:
     from .cache import default_cache_dir
     from .clean import SCORE_CHOICES, CleanSettings
+    from .flagging import DEFAULT_QUANTILE
     from .remediate import ACTION_MODES, ON_FAILURE
 
     c = CleanSettings()
@@ -149,8 +172,9 @@ def add_decision_args(p: argparse.ArgumentParser) -> None:
                    help="held-out images the model never saw: flag above their (1 - A) quantile")
     g.add_argument("--flag-fpr", type=float, default=None,
                    help="A, the share of unmemorized images flagged, with --reference (default 0.05)")
-    g.add_argument("--flag-quantile", type=float, default=c.flag.quantile,
-                   help=f"without a reference: flag above this quantile of the dataset (default {c.flag.quantile})")
+    g.add_argument("--flag-quantile", type=float, default=None,
+                   help=f"flag above this quantile of the dataset's own scores (the policy when none is named, "
+                        f"at {DEFAULT_QUANTILE})")
     g.add_argument("--flag-zscore", type=float, default=None,
                    help="flag above median + Z * 1.4826 MAD of the dataset's scores")
     g.add_argument("--flag-threshold", type=float, default=None,
@@ -174,10 +198,16 @@ def add_decision_args(p: argparse.ArgumentParser) -> None:
                    help="auto: dedup, then augment flagged survivors; dedup; augment; drop flagged; "
                         f"none (default {c.remediation.action})")
     g.add_argument("--augment-tries", type=int, default=c.remediation.tries,
-                   help=f"augmentations per image, escalating light -> medium -> strong (default {c.remediation.tries})")
+                   help="augmentations per image, each with a new seed; the preset rises (light -> medium -> "
+                        "strong) after a variant above the threshold and falls after one below the band "
+                        f"(default {c.remediation.tries}, at most 20)")
     g.add_argument("--on-failure", choices=ON_FAILURE, default=c.remediation.on_failure,
                    help="what happens to an image no augmentation brought below the threshold")
     g.add_argument("--augment-seed", type=int, default=c.remediation.seed, help="augmentation seed")
+    g.add_argument("--accept-band", type=float, default=c.remediation.accept_band,
+                   help="a variant is accepted only at or above this quantile of ordinary images' scores (the "
+                        "reference's, else the dataset's) and not above the threshold: replacements must stay "
+                        f"in distribution; 0 for no floor (default {c.remediation.accept_band})")
     g = p.add_argument_group("caching and resuming")
     g.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="score cache, by image content + model fingerprint + scorer settings "
@@ -189,7 +219,7 @@ def add_decision_args(p: argparse.ArgumentParser) -> None:
 
 DEMO = {  # the bundled demo: digits with planted duplicates, a held-out split, a small DDPM
     "data": "examples/digits/train", "reference": "examples/digits/heldout", "model": "examples/model",
-    "solver": "heun", "steps": 50, "batch_size": 100, "dup_threshold": 0.985,
+    "batch_size": 100, "dup_threshold": 0.985,
 }
 
 
@@ -239,7 +269,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(sample_size=args.sample_size, channels=args.channels,
                              block_out_channels=tuple(args.block_out_channels), steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             beta_schedule=args.beta_schedule)
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
     images = load_images(discover(args.data), ImageSpec(settings.channels, (settings.sample_size,) * 2))
@@ -285,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder, replaced if present (demo-out)")
     p.set_defaults(func=cmd_demo)
 
-    from .train import TrainSettings
+    from .train import BETA_SCHEDULES, TrainSettings
 
     t = TrainSettings()
     p = sub.add_parser("train", help="train a small DDPM (demo and proxy models)")
@@ -300,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="images per step")
     p.add_argument("--lr", type=float, default=t.lr, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=t.seed, help="seed for initialisation and noise")
+    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=t.beta_schedule,
+                   help=f"the DDPM noise schedule (default {t.beta_schedule})")
     p.set_defaults(func=cmd_train)
     return parser
 

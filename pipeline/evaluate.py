@@ -37,22 +37,36 @@ def separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
 @torch.no_grad()
 def denoising_loss(unet, scheduler, x: torch.Tensor, timestep: int = 100, repeats: int = 8,
                    seed: int = 0) -> np.ndarray:
-    """Loss-based membership baseline: mean ||eps - eps_theta(x_k, k)||^2 at a fixed step k,
-    over `repeats` seeded noises: x [B, C, H, W] -> [B] (lower = more likely a member)."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.full((x.shape[0],), timestep, dtype=torch.long)
+    """Loss-based membership baseline: mean ||eps - eps_hat(x_k, k)||^2 at a fixed step k over
+    `repeats` noises: x [B, C, H, W] -> [B] (lower = more likely a member).
+
+    eps_hat is the network's output turned into a noise prediction whatever it predicts
+    (v_prediction: eps = sqrt(abar) v + sqrt(1 - abar) x_k; sample: eps = (x_k - sqrt(abar) x_0) /
+    sqrt(1 - abar)). The noises are a hash of (seed, image content) (`ProbeStream`), so an image's
+    loss does not depend on its batch or device.
+    """
+    from .probes import ProbeStream
+
+    abar = scheduler.alphas_cumprod[timestep].to(torch.float64)
+    a, s = float(abar.sqrt()), float((1 - abar).sqrt())
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    k = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device)
+    noises = ProbeStream(x, seed, repeats, "gaussian", fresh=False)(0).to(x.dtype)  # [R, B, ...]
+    dtype = next(unet.parameters()).dtype
     losses = []
-    for _ in range(repeats):
-        eps = torch.randn(x.shape, generator=g)
-        pred = unet(scheduler.add_noise(x, eps, k), k).sample
-        losses.append(((pred - eps) ** 2).flatten(1).mean(1))
-    return torch.stack(losses).mean(0).numpy()
+    for eps in noises:
+        x_k = a * x + s * eps
+        out = unet(x_k.to(dtype), k).sample.to(x.dtype)[:, :x.shape[1]]
+        eps_hat = {"epsilon": out, "v_prediction": a * out + s * x_k, "sample": (x_k - a * out) / s}[prediction]
+        losses.append(((eps_hat - eps) ** 2).flatten(1).mean(1))
+    return torch.stack(losses).mean(0).cpu().numpy()
 
 
 def nearest(query: np.ndarray, train: np.ndarray, exclude_self: bool = False,
             chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """L2 distances to the nearest and second-nearest training images, and the nearest's index.
-    query [Q, D], train [N, D]; with exclude_self, query i is train i and is skipped."""
+    """L2 distances to the nearest and second-nearest training images (inf where there is none),
+    and the nearest's index. query [Q, D], train [N, D]; with exclude_self, query i is train i and
+    is skipped."""
     q2 = (query**2).sum(1)[:, None]
     t2 = (train**2).sum(1)[None, :]
     d1, d2, idx = [], [], []
@@ -60,6 +74,7 @@ def nearest(query: np.ndarray, train: np.ndarray, exclude_self: bool = False,
         d = np.maximum(q2[s:s + chunk] + t2 - 2 * query[s:s + chunk] @ train.T, 0)
         if exclude_self:
             d[np.arange(len(d)), np.arange(s, s + len(d))] = np.inf
+        d = np.concatenate([d, np.full((len(d), 1), np.inf)], 1)  # a sentinel: a 1-image set has no second
         order = np.argsort(d, axis=1)[:, :2]
         rows = np.arange(len(d))
         d1.append(np.sqrt(d[rows, order[:, 0]]))
@@ -84,11 +99,12 @@ def memorized(samples: np.ndarray, train: np.ndarray, ratio: float = 1 / 3,
     gid = gid.reshape(-1)
     order = np.argsort(gid, kind="stable")
     starts = np.searchsorted(gid[order], np.arange(len(labels)))
-    t2 = (train**2).sum(1)[None, order]
+    ordered = train[order]  # grouped rows, built once
+    t2 = (ordered**2).sum(1)[None, :]
     hit, nearest_row = [], []
     for s in range(0, len(samples), chunk):
         q = samples[s:s + chunk]
-        d = np.maximum((q**2).sum(1)[:, None] + t2 - 2 * q @ train[order].T, 0)
+        d = np.maximum((q**2).sum(1)[:, None] + t2 - 2 * q @ ordered.T, 0)
         per_group = np.minimum.reduceat(d, starts, axis=1)  # [Q, groups]: distance to each distinct image
         two = np.sort(np.partition(per_group, min(1, per_group.shape[1] - 1), axis=1)[:, :2], axis=1)
         second = two[:, 1] if per_group.shape[1] > 1 else np.full(len(q), np.inf)

@@ -1,14 +1,24 @@
 """Threshold policies: which scores count as high risk.
 
-Every policy turns a sample of scores into one `Threshold`; an image is flagged when its score
-is strictly above it. Policies share one signature and are chosen by name from POLICIES.
+Every policy turns a sample of scores into one `Threshold`. The one rule, used everywhere: an
+image is flagged when its score is strictly above the threshold (`flag`); an augmented variant
+is accepted when it would not be flagged and lies in the band of ordinary unmemorized images,
+at or above a low quantile of their scores (`accept`). Policies share one signature and are
+chosen by name from POLICIES.
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUANTILE = 0.95  # the quantile policy's q when no policy is named
+DEFAULT_FPR = 0.05  # the reference policy's A when --flag-fpr is not given
 
 
 @dataclass(frozen=True)
@@ -45,24 +55,43 @@ def quantile_threshold(scores: np.ndarray, q: float) -> Threshold:
     return Threshold(float(np.quantile(s, q)), "quantile", {"q": q}, {"n": int(s.size)})
 
 
-def reference_threshold(reference: np.ndarray, fpr: float, confidence: float = 0.95) -> Threshold:
-    """The (1 - A) quantile of scores of images the model never saw (a held-out split).
+def order_statistic_ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
+    """1-based ranks (r, s) with P(X_(r) <= xi_q <= X_(s)) >= confidence for n continuous samples.
 
-    About A of unmemorized images score above it. Its confidence interval comes from order
-    statistics: the number of reference scores below the true quantile is Binomial(n, 1 - A),
-    so the ranks of its (1 -/+ confidence) / 2 quantiles bracket the threshold.
+    B = #{X_i <= xi_q} ~ Binomial(n, q), X_(r) <= xi_q iff B >= r and X_(s) >= xi_q iff B <= s - 1,
+    so r - 1 is the largest k with P(B <= k) <= (1 - confidence) / 2 and s - 1 the smallest with
+    P(B <= k) >= (1 + confidence) / 2. r = 0 or s = n + 1: the sample cannot bound that end.
     """
     from scipy.stats import binom
 
+    alpha = 1 - confidence
+    cdf = binom.cdf(np.arange(n + 1), n, q)  # P(B <= k), k = 0..n
+    r = int(np.searchsorted(cdf, alpha / 2, side="right"))  # count of k with cdf(k) <= alpha/2
+    s = int(np.searchsorted(cdf, 1 - alpha / 2, side="left")) + 1
+    return r, s
+
+
+def reference_threshold(reference: np.ndarray, fpr: float, confidence: float = 0.95) -> Threshold:
+    """The (1 - A) quantile of scores of images the model never saw (a held-out split).
+
+    About A of unmemorized images score above it. Its confidence interval is exact (order
+    statistics, `order_statistic_ranks`); an end the sample cannot bound is null (unbounded),
+    and a reference too small for A is warned about, with the size it would take.
+    """
     if not 0 < fpr < 1:
         raise ValueError(f"--flag-fpr must lie in (0, 1), got {fpr}")
     s = np.sort(_finite(reference, "reference"))
     n = s.size
-    lo_rank, hi_rank = binom.ppf([(1 - confidence) / 2, (1 + confidence) / 2], n, 1 - fpr).astype(int)
-    ci = [float(s[max(lo_rank - 1, 0)]), float(s[min(hi_rank, n - 1)])]
-    details = {"n_reference": n, "ci": ci, "confidence": confidence}
-    if n * fpr < 5:
-        details["warning"] = f"only {n} reference scores: about {n * fpr:.1f} lie above a {fpr} tail"
+    r, k = order_statistic_ranks(n, 1 - fpr, confidence)
+    ci = [float(s[r - 1]) if r >= 1 else None, float(s[k - 1]) if k <= n else None]
+    details: dict[str, Any] = {"n_reference": n, "ci": ci, "confidence": confidence}
+    needed = math.ceil(math.log((1 - confidence) / 2) / math.log(1 - fpr))  # (1 - A)^n <= alpha / 2
+    if ci[1] is None or n * fpr < 5:
+        details["warning"] = (f"{n} reference images are too few for --flag-fpr {fpr}: about {n * fpr:.1f} lie above "
+                              f"the threshold (5 or more take {math.ceil(5 / fpr)} images)"
+                              + (f", and its {confidence:.0%} interval is unbounded above ({needed} images would "
+                                 "bound it)" if ci[1] is None else ""))
+        log.warning("%s", details["warning"])
     return Threshold(float(np.quantile(s, 1 - fpr)), "reference_fpr", {"fpr": fpr}, details)
 
 
@@ -93,29 +122,39 @@ POLICIES: dict[str, Callable[..., Threshold]] = {
 
 @dataclass(frozen=True)
 class FlagSettings:
-    """Which policy sets the threshold; at most one of the optional ones may be given."""
+    """Which policy sets the threshold: at most one of them may be given; none means the
+    quantile policy at DEFAULT_QUANTILE. Every value is checked when the settings are built."""
 
-    quantile: float = 0.95  # default policy: flag above this quantile of the dataset
+    quantile: float | None = None  # flag above this quantile of the dataset (default 0.95 when no policy is named)
     fpr: float | None = None  # with a reference: flag above its (1 - fpr) quantile
     zscore: float | None = None  # flag above median + z * 1.4826 MAD
     threshold: float | None = None  # flag above this absolute value
 
+    def __post_init__(self) -> None:
+        for name, value, ok, allowed in (("--flag-quantile", self.quantile, lambda v: 0 < v < 1, "in (0, 1)"),
+                                         ("--flag-fpr", self.fpr, lambda v: 0 < v < 1, "in (0, 1)"),
+                                         ("--flag-zscore", self.zscore, math.isfinite, "finite"),
+                                         ("--flag-threshold", self.threshold, math.isfinite, "finite")):
+            if value is not None and not ok(value):
+                raise ValueError(f"{name} must be {allowed}, got {value}")
+
     def policy(self, has_reference: bool) -> str:
-        chosen = [name for name, v in (("robust_zscore", self.zscore), ("absolute", self.threshold)) if v is not None]
         if self.fpr is not None and not has_reference:
             raise ValueError("--flag-fpr needs --reference: held-out images to calibrate against")
-        if has_reference:
-            chosen.append("reference_fpr")
+        chosen = [name for name, given in (("reference_fpr", has_reference), ("quantile", self.quantile is not None),
+                                           ("robust_zscore", self.zscore is not None),
+                                           ("absolute", self.threshold is not None)) if given]
         if len(chosen) > 1:
-            raise ValueError(f"choose one flagging policy, got {chosen} (--reference, --flag-zscore, --flag-threshold)")
+            raise ValueError(f"choose one flagging policy, got {chosen} (--reference [--flag-fpr], "
+                             "--flag-quantile, --flag-zscore, --flag-threshold)")
         return chosen[0] if chosen else "quantile"
 
     def threshold_for(self, scores: np.ndarray, reference: np.ndarray | None) -> Threshold:
         """The threshold of the chosen policy, from POLICIES."""
         policy = self.policy(reference is not None)
-        args = {"reference_fpr": (reference, 0.05 if self.fpr is None else self.fpr),
+        args = {"reference_fpr": (reference, DEFAULT_FPR if self.fpr is None else self.fpr),
                 "robust_zscore": (scores, self.zscore), "absolute": (self.threshold,),
-                "quantile": (scores, self.quantile)}[policy]
+                "quantile": (scores, DEFAULT_QUANTILE if self.quantile is None else self.quantile)}[policy]
         return POLICIES[policy](*args)
 
 
@@ -123,3 +162,18 @@ def flag(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
     """Boolean mask of scores strictly above the threshold (NaN is never flagged)."""
     scores = np.asarray(scores, dtype=np.float64)
     return np.greater(scores, threshold.value, where=np.isfinite(scores), out=np.zeros(scores.shape, bool))
+
+
+def accept(scores: np.ndarray, threshold: Threshold, low: float | None) -> np.ndarray:
+    """Boolean mask of scores that are finite, not flagged, and at or above the band's low end."""
+    scores = np.asarray(scores, dtype=np.float64)
+    inside = np.isfinite(scores) & ~flag(scores, threshold)
+    return inside if low is None else inside & (scores >= low)
+
+
+def band_low(scores: np.ndarray, q: float) -> float | None:
+    """The accept band's low end: the q quantile of ordinary unmemorized images' scores (the
+    reference's, or the dataset's without one); None for q = 0 (no low end)."""
+    if q == 0:
+        return None
+    return float(np.quantile(_finite(scores, "band"), q))

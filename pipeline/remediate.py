@@ -6,9 +6,12 @@
     augment  replace flagged images by augmented variants only (no dedup)
     drop     drop flagged images
     none     flag only; everything that decodes is kept
-An augmentation is accepted only if its re-score (same model and settings) falls below the
-threshold; each failed try escalates the preset (light -> medium -> strong). After the last try
-the image is dropped or kept-and-flagged, as --on-failure says.
+An augmentation is accepted only if its re-score (same model and settings) would not be flagged
+and lies in the band of ordinary unmemorized images (at or above the --accept-band quantile of
+their scores): a replacement far below every held-out image is no longer an image like the
+others. Each try draws a new seed; the preset rises (light -> medium -> strong) after a score
+above the threshold and falls back after one below the band. After the last try the image is
+dropped or kept-and-flagged, as --on-failure says.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from PIL import Image
 import transforms
 
 from .data import ImageSpec, center_crop_resize, to_tensor
+from .flagging import Threshold, accept, flag
 from .volume import ScorerSettings, log_volume_growth
 
 log = logging.getLogger(__name__)
@@ -40,17 +44,20 @@ class RemediationSettings:
     """How flagged and duplicated images are handled."""
 
     action: str = "auto"  # auto | dedup | augment | drop | none
-    tries: int = 3  # augmentation attempts per image, escalating the preset
-    on_failure: str = "drop"  # drop | keep an image no augmentation brought below the threshold
+    tries: int = 3  # augmentation attempts per image, each with a new seed
+    on_failure: str = "drop"  # drop | keep an image no augmentation brought into the accept band
     seed: int = 0  # augmentation seed, mixed with each image's sha256 and the try number
+    accept_band: float = 0.01  # a variant must score at or above this quantile of ordinary images (0: no floor)
 
     def __post_init__(self) -> None:
         if self.action not in ACTION_MODES:
             raise ValueError(f"--action {self.action!r} is not one of {ACTION_MODES}")
         if self.on_failure not in ON_FAILURE:
             raise ValueError(f"--on-failure {self.on_failure!r} is not one of {ON_FAILURE}")
-        if self.tries < 1:
-            raise ValueError(f"--augment-tries must be at least 1, got {self.tries}")
+        if not 1 <= self.tries <= 20:
+            raise ValueError(f"--augment-tries must be between 1 and 20, got {self.tries}")
+        if not 0 <= self.accept_band < 0.5:
+            raise ValueError(f"--accept-band is a low quantile in [0, 0.5), got {self.accept_band}")
 
     @property
     def dedups(self) -> bool:
@@ -102,40 +109,58 @@ def to_image(arr: np.ndarray) -> Image.Image:
 class Attempt:
     """The outcome of remediating one flagged image."""
 
-    accepted: bool  # its last try scored below the threshold
+    accepted: bool  # its last try scored inside the accept band
     tries: int  # attempts made
     preset: str  # preset of the last attempt
     score: float  # re-score of the last attempt
     record: dict  # the albumentations record of the last attempt (replay reproduces it)
     png: Path  # the last attempt, losslessly encoded, on disk until cleaned/ is written
+    level: int = 0  # preset index of the last attempt
+    verdict: str = ""  # accepted | above the threshold | below the accept band | not finite
+
+
+def verdict(score: float, threshold: Threshold, low: float | None) -> str:
+    if bool(accept(np.array([score]), threshold, low)[0]):
+        return "accepted"
+    if not np.isfinite(score):
+        return "not finite"
+    return "above the threshold" if bool(flag(np.array([score]), threshold)[0]) else "below the accept band"
+
+
+def next_level(a: Attempt) -> int:
+    """The next try's preset: stronger after a score above the threshold, milder after one below the band."""
+    step = 1 if a.verdict == "above the threshold" else -1
+    return min(max(a.level + step, 0), len(transforms.PRESETS) - 1)
 
 
 def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], score_fn, spec: ImageSpec,
-                        scorer: ScorerSettings, threshold: float, score_name: str,
+                        scorer: ScorerSettings, threshold: Threshold, low: float | None, score_name: str,
                         settings: RemediationSettings, folder: Path, batch_size: int = 16,
                         device: str | torch.device = "cpu",
                         progress: Callable[[int], None] | None = None) -> dict[str, Attempt]:
     """Augment each image (id -> (full-size image in the model's mode, sha256)) and re-score,
-    in rounds: every image still above the threshold gets the next preset."""
+    in rounds: every image whose variant is not yet accepted gets another try."""
     results: dict[str, Attempt] = {}
     pending = sorted(images)
     for attempt in range(settings.tries):
-        name = transforms.PRESETS[min(attempt, len(transforms.PRESETS) - 1)]
         for start in range(0, len(pending), batch_size):
             chunk = pending[start:start + batch_size]
             made = []
             for i in chunk:
                 img, sha = images[i]
-                arr, record = transforms.apply(name, to_array(img), augmentation_seed(settings.seed, sha, attempt))
-                made.append((i, arr, record))
-            x = torch.stack([to_tensor(center_crop_resize(to_image(a), spec.size)) for _, a, _ in made]).to(device)
-            r = log_volume_growth(score_fn, x, scorer)
-            values = getattr(r, score_name).tolist()
-            for (i, arr, record), v in zip(made, values):
+                level = next_level(results[i]) if i in results else 0
+                arr, record = transforms.apply(transforms.PRESETS[level], to_array(img),
+                                               augmentation_seed(settings.seed, sha, attempt))
+                made.append((i, arr, record, level))
+            x = torch.stack([to_tensor(center_crop_resize(to_image(a), spec.size), spec.data_range)
+                             for _, a, _, _ in made]).to(device)
+            values = getattr(log_volume_growth(score_fn, x, scorer), score_name).tolist()
+            for (i, arr, record, level), v in zip(made, values):
                 buf = io.BytesIO()
                 to_image(arr).save(buf, "PNG")
-                png = save_png(folder, i, buf.getvalue())
-                results[i] = Attempt(v < threshold, attempt + 1, name, v, record, png)
+                why = verdict(v, threshold, low)
+                results[i] = Attempt(why == "accepted", attempt + 1, transforms.PRESETS[level], v, record,
+                                     save_png(folder, i, buf.getvalue()), level, why)
             if progress:
                 progress(len(chunk))
         pending = [i for i in pending if not results[i].accepted]

@@ -167,10 +167,13 @@ def fmt(v: float) -> str:
 
 
 def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: float, label: str,
-                  width: int = 760, height: int = 260, bins: int = 40) -> str:
-    """Overlaid histograms (dataset, reference) as densities, with the threshold drawn."""
+                  width: int = 760, height: int = 260, bins: int = 40, band_low: float | None = None) -> str:
+    """Overlaid histograms (dataset, reference) as densities, with the threshold drawn and the
+    accept band of augmented replacements [band_low, threshold] shaded."""
     allv = np.concatenate([scores, reference]) if reference is not None and len(reference) else scores
     lo, hi = float(min(allv.min(), threshold)), float(max(allv.max(), threshold))
+    if band_low is not None:
+        lo = min(lo, band_low)
     if hi == lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
@@ -184,6 +187,11 @@ def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: f
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="histogram of {esc(label)}">',
              f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>']
+    if band_low is not None:
+        parts.append(f'<rect x="{x(band_low):.1f}" y="{T}" width="{x(threshold) - x(band_low):.1f}" height="{height - T - B}" '
+                     f'fill="#2a7" fill-opacity="0.08" stroke="#2a7" stroke-opacity="0.5" stroke-dasharray="2,2">'
+                     f'<title>accept band of augmented replacements</title></rect>'
+                     f'<text x="{x(band_low) + 4:.1f}" y="{height - B - 6}" fill="#2a7" font-size="11">accept band</text>')
     for (name, _, color), d in zip(series, dens):
         for k in range(bins):
             parts.append(f'<rect x="{x(edges[k]):.1f}" y="{y(d[k]):.1f}" width="{max(x(edges[k + 1]) - x(edges[k]) - 1, 1):.1f}" '
@@ -224,6 +232,11 @@ def table(rows: Iterable[dict[str, Any]], cols: list[str]) -> str:
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def _bound(v: float | None, open_end: str) -> str:
+    """An interval end: the number, or the open end where the reference cannot bound it."""
+    return open_end if v is None else f"{v:.6g}"
+
+
 def write_report(out: str | os.PathLike) -> Path:
     """Build OUT/report.html from the outputs of a clean run."""
     out = Path(out)
@@ -241,11 +254,16 @@ def write_report(out: str | os.PathLike) -> Path:
              f"<style>{CSS}</style><script>{ERROR_JS}</script></head><body>",
              f"<h1>memclean report</h1><p class='muted'>{esc(m['data']['path'])} &rarr; {esc(m['out'])}</p>",
              "<h2>Counts</h2>", table([c], list(c)),
-             "<h2>Scores</h2>", histogram_svg(ok, reference, t["value"], score),
+             "<h2>Scores</h2>", histogram_svg(ok, reference, t["value"], score,
+                                              band_low=t.get("details", {}).get("accept_band", [None])[0]),
              f"<p>Threshold <b>{t['value']:.6g}</b> ({esc(t['policy'])}, {esc(json.dumps(t['parameters']))})"
-             + (f", 95% CI [{t['details']['ci'][0]:.6g}, {t['details']['ci'][1]:.6g}] from {t['details']['n_reference']} reference images"
-                if "ci" in t.get("details", {}) else "")
-             + f"; realised flag rate {t['realised_flag_rate']:.3f}.</p>",
+             + (f", 95% CI [{_bound(t['details']['ci'][0], '-inf')}, {_bound(t['details']['ci'][1], '+inf')}] "
+                f"from {t['details']['n_reference']} reference images" if "ci" in t.get("details", {}) else "")
+             + f"; realised flag rate {t['realised_flag_rate']:.3f}."
+             + (f" Augmented replacements are accepted between {_bound(t['details']['accept_band'][0], '-inf')} "
+                f"and the threshold (the {t['details']['accept_band_quantile']:g} quantile of the "
+                f"{esc(t['details']['accept_band_of'])}'s scores)." if "accept_band" in t.get("details", {}) else "")
+             + "</p>",
              f"<h2>Top flagged images ({len(flagged)} cards for {c['flagged']} flagged images, highest "
              f"{esc(score)} first; a duplicate cluster shows once)</h2>",
              "<div class='gallery' id='flagged'>"]

@@ -214,11 +214,47 @@ def test_a_sigkilled_process_resumes_to_the_same_outputs(tmp_path, model, corpus
 def test_a_run_loads_its_model_once_and_a_rewritten_checkpoint_afresh(tmp_path):
     """The run and its in-process scoring share one loaded model; a checkpoint rewritten at
     the same path (a retrain) is not served from the earlier load."""
-    from pipeline.clean import shared_model
+    from pipeline.clean import CleanSettings, shared_model
 
     path = save_checkpoint(tiny_unet(seed=0), DDPMScheduler(num_train_timesteps=100), tmp_path / "m")
-    first = shared_model(str(path), False, "cpu")
-    assert shared_model(str(path), False, "cpu") is first
+    first = shared_model(str(path), False, CleanSettings())
+    assert shared_model(str(path), False, CleanSettings()) is first
     save_checkpoint(tiny_unet(seed=1), DDPMScheduler(num_train_timesteps=100), path)
-    again = shared_model(str(path), False, "cpu")
+    again = shared_model(str(path), False, CleanSettings())
     assert again is not first and again.fingerprint != first.fingerprint
+
+
+def test_an_input_that_changes_during_the_run_is_rejected_and_every_vector_stays_with_its_image(
+        tmp_path, model, corpus, monkeypatch):
+    """The file rand03.png is rewritten between scoring and writing: it becomes a rejected row
+    (changed_during_run), and embeddings.parquet pairs every remaining id with the vector of
+    its own image (the rows after the changed one once got their neighbour's)."""
+    import pipeline.clean
+    from pipeline.data import ImageSpec, decode_image
+    from pipeline.embeddings import make_embedder
+    from pipeline.models import load_model
+
+    data, _ = corpus
+    real = pipeline.clean.write_cleaned
+
+    def rewrite_then_write(ctx, decided):
+        Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(data / "rand03.png")
+        return real(ctx, decided)
+
+    monkeypatch.setattr(pipeline.clean, "write_cleaned", rewrite_then_write)
+    assert run(tmp_path, model, data, "--no-cache", "--action", "none") == 0
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "scores.parquet").to_pylist()}
+    assert rows["rand03.png"]["status"] == "rejected" and rows["rand03.png"]["reject_reason"] == "changed_during_run"
+    assert rows["rand03.png"]["action"] == "rejected"
+    emb = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pylist()
+    ids = [r["id"] for r in emb]
+    assert "rand03.png" not in ids and "rand04.png" in ids
+    assert set(ids) == {i for i, r in rows.items() if r["status"] == "ok"}
+    embedder = make_embedder("pixel", load_model(model))
+    spec = ImageSpec(3, (8, 8), max_pixels=50000)
+    for r in emb:
+        raw = open(rows[r["id"]]["path_bytes"], "rb").read()  # the exact path (names may not be UTF-8)
+        expected = embedder(decode_image(raw, spec)[None]).numpy()[0]
+        # a unit vector from float32 resampling and blurring, computed in another batch: rounding
+        # of a few dozen accumulated terms, 64 * 2^-23 of its norm; a neighbour's vector is ~1 away
+        assert np.allclose(r["embedding"], expected, atol=64 * 2.0**-23), r["id"]

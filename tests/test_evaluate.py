@@ -43,3 +43,43 @@ def test_memorized_counts_copies_of_a_duplicated_image():
     near = train + np.array([[0, 0], [0.05, 0], [0, 0.05], [0, 0], [0, 0]])
     assert memorized(samples, near)["count"] == 1  # without groups the near copies excuse each other
     assert memorized(samples, near, groups=np.array([0, 0, 0, 1, 2]))["count"] == 2
+
+
+def test_nearest_on_a_one_image_training_set():
+    d1, d2, idx = nearest(np.array([[1.0, 0.0]]), np.array([[0.0, 0.0]]))
+    assert d1.tolist() == [1.0] and d2.tolist() == [np.inf] and idx.tolist() == [0]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoising_loss_is_the_same_for_every_prediction_type(prediction_type):
+    """An oracle network for Gaussian data, asked for eps, v or x_0, has one noise-prediction
+    error: the baseline must give the same loss for all three (it once compared every output
+    with eps). The loss is also independent of the image's place in the batch."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from pipeline.evaluate import denoising_loss
+    from pipeline.schedules import LinearVP
+    from tests.exact import GaussianScore
+    from tests.test_models import GaussianNet
+
+    schedule = LinearVP(1000, 1e-4, 0.02)
+    gauss = GaussianScore(torch.zeros(1, 2, 2) + 0.3, torch.full((1, 2, 2), 0.5), schedule)
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    x = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+
+    class Oracle(GaussianNet):
+        def forward(self, x_k, k):  # the discrete step k: abar_k from the scheduler itself
+            abar = scheduler.alphas_cumprod[int(k[0])].double()
+            eps = -(1 - abar).sqrt() * ((x_k.double() - abar.sqrt() * self.gauss.mu) / (abar * self.gauss.s**2 + 1 - abar))
+            x0 = (x_k.double() - (1 - abar).sqrt() * eps) / abar.sqrt()
+            out = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}
+            return type("Out", (), {"sample": out[self.prediction_type]})()
+
+    net = Oracle(gauss, prediction_type).double()
+    loss = denoising_loss(net, scheduler, x, timestep=300, repeats=4)
+    reference = denoising_loss(Oracle(gauss, "epsilon").double(), DDPMScheduler(), x, timestep=300, repeats=4)
+    # float64 conversions of O(1) values divided by sqrt(1 - abar) >= 0.5: 1e-12
+    assert loss == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    flipped = denoising_loss(net, scheduler, x.flip(0), timestep=300, repeats=4)
+    assert flipped[::-1] == pytest.approx(loss, rel=1e-12)

@@ -1,10 +1,10 @@
 """Threshold policies, and reference calibration against a known score distribution."""
 import numpy as np
 import pytest
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
-from pipeline.flagging import (FlagSettings, absolute_threshold, flag, quantile_threshold,
-                               reference_threshold, zscore_threshold)
+from pipeline.flagging import (FlagSettings, absolute_threshold, flag, order_statistic_ranks,
+                               quantile_threshold, reference_threshold, zscore_threshold)
 
 
 @pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])
@@ -29,16 +29,34 @@ def test_reference_calibration_realises_the_false_flag_rate(fpr):
     assert all(lo - 0.01 <= h <= hi + 0.01 for h in hits)
 
 
-def test_reference_ci_covers_the_true_quantile():
-    rng = np.random.default_rng(1)
-    true_q = 15 * 1.6448536269514722 + 100  # 95% quantile of N(100, 15^2)
-    covered = [reference_threshold(rng.normal(100, 15, 500), 0.05).details["ci"] for _ in range(300)]
-    rate = np.mean([lo <= true_q <= hi for lo, hi in covered])
-    assert 0.91 <= rate <= 0.99
+@pytest.mark.parametrize("n,fpr", [(50, 0.05), (100, 0.01), (200, 0.01), (500, 0.05), (2000, 0.01)])
+def test_reference_ci_covers_the_true_quantile_at_its_claimed_rate(n, fpr):
+    """Simulated coverage of the claimed 95% interval, open ends counted as covering: at least
+    0.95 less 4 Monte Carlo standard errors (sqrt(0.95 * 0.05 / trials)); the old clamped interval
+    covered 0.61 at n = 100, A = 0.01."""
+    rng = np.random.default_rng(n)
+    trials = 2000
+    true_q = 100 + 15 * norm.ppf(1 - fpr)
+    cis = [reference_threshold(rng.normal(100, 15, n), fpr).details["ci"] for _ in range(trials)]
+    covered = np.mean([(lo is None or lo <= true_q) and (hi is None or true_q <= hi) for lo, hi in cis])
+    assert covered >= 0.95 - 4 * np.sqrt(0.95 * 0.05 / trials), covered
+    open_above = np.mean([hi is None for _, hi in cis])
+    assert open_above == (1.0 if (1 - fpr) ** n > 0.025 else 0.0)  # (1 - A)^n > alpha/2: no rank bounds it
 
 
-def test_small_reference_warns():
+def test_order_statistic_ranks_match_the_binomial():
+    r, s = order_statistic_ranks(1000, 0.95, 0.95)
+    assert binom.cdf(r - 1, 1000, 0.95) <= 0.025 < binom.cdf(r, 1000, 0.95)
+    assert binom.cdf(s - 2, 1000, 0.95) < 0.975 <= binom.cdf(s - 1, 1000, 0.95)
+    assert order_statistic_ranks(100, 0.99, 0.95)[1] == 101  # unbounded above
+
+
+def test_small_reference_warns_with_the_size_it_needs():
+    t = reference_threshold(np.arange(100.0), 0.01)
+    assert t.details["ci"][1] is None
+    assert "368" in t.details["warning"] and "unbounded above" in t.details["warning"]
     assert "warning" in reference_threshold(np.arange(20.0), 0.05).details
+    assert "warning" not in reference_threshold(np.arange(2000.0), 0.01).details
 
 
 def test_quantile_zscore_absolute():
@@ -58,6 +76,12 @@ def test_policy_choice_is_validated():
         FlagSettings(fpr=0.1).policy(False)
     with pytest.raises(ValueError, match="one flagging policy"):
         FlagSettings(zscore=3, threshold=1.0).policy(False)
+    with pytest.raises(ValueError, match="one flagging policy"):  # a reference no longer silently wins
+        FlagSettings(quantile=0.9).policy(True)
+    for bad in (dict(quantile=1.5), dict(quantile=0.0), dict(fpr=1.0), dict(zscore=float("inf")),
+                dict(threshold=float("nan"))):
+        with pytest.raises(ValueError, match="must be"):
+            FlagSettings(**bad)
     with pytest.raises(ValueError):
         quantile_threshold(np.array([1.0]), 1.5)
     with pytest.raises(ValueError, match="no finite"):

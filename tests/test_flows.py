@@ -82,11 +82,13 @@ def test_dask_local_cluster_gives_the_same_scores(harness, setup):
     clean(data=str(data), model=str(model), out=str(tmp / "dask"), no_cache=True, task_runner="dask",
           dask_workers=2, **FAST)
     a, b = scores(tmp / "threads"), scores(tmp / "dask")
-    # Dask workers run torch with one thread: float sums in another order, so equal to rounding
+    # Dask workers run torch with one thread: float32 sums in another order inside the network,
+    # 2^-23 relative per evaluation, carried through the (here 2-step Euler) NFE-term sum of V:
+    # within 64 * 2^-23 of |V| (as tests/test_volume.py's batch-invariance bound)
     assert [{k: v for k, v in r.items() if k != "log_volume_growth"} for r in a] == \
         [{k: v for k, v in r.items() if k != "log_volume_growth"} for r in b]
     for r, q in zip(a, b):
-        assert r["log_volume_growth"] == pytest.approx(q["log_volume_growth"], rel=1e-6, abs=1e-9) \
+        assert r["log_volume_growth"] == pytest.approx(q["log_volume_growth"], rel=64 * 2.0**-23) \
             if r["log_volume_growth"] is not None else q["log_volume_growth"] is None
 
 
