@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-IGNORED_COLUMNS = {"reused", "augmented_png"}
+IGNORED_COLUMNS = {"reused", "augmented_png", "path", "path_bytes"}  # paths differ between clones
 MANIFEST_KEYS = ("counts", "reject_reasons", "threshold", "reference")
 DEDUP_KEYS = ("embedder", "threshold", "clusters", "in_clusters", "flip")
 

@@ -32,14 +32,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.cache import default_cache_dir  # noqa: E402
-from pipeline.clean import SCORE_CHOICES, CleanSettings, run_clean  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
-from pipeline.cli import DEMO  # noqa: E402
-from pipeline.data import ImageSpec, decode_item, discover  # noqa: E402
-from pipeline.evaluate import denoising_loss, generate, memorized, nearest, roc_auc, separation  # noqa: E402
-from pipeline.train import TrainSettings, load_images, train  # noqa: E402
-from pipeline.volume import ScorerSettings  # noqa: E402
+from memclean.cli import demo_parameters  # noqa: E402
+from pipeline.decide.flagging import SCORE_CHOICES, FlagSettings  # noqa: E402
+from pipeline.io.data import ImageSpec, decode_item, discover  # noqa: E402
+from pipeline.run.lifecycle import run_clean  # noqa: E402
+from pipeline.run.settings import RunSettings  # noqa: E402
+from pipeline.tools.evaluate import denoising_loss, generate, memorized, nearest, roc_auc, separation  # noqa: E402
+from pipeline.tools.train import TrainSettings, load_images, train  # noqa: E402
 
 
 def load_pipeline(path: Path):
@@ -78,24 +78,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    model_dir = REPO / DEMO["model"]
-    data = REPO / DEMO["data"]
+    demo = demo_parameters(REPO)  # prefect.yaml's clean/demo: what memclean demo runs
+    model_dir, data = Path(demo["model"]), Path(demo["data"])
     unet, scheduler = load_pipeline(model_dir)
     spec = ImageSpec(unet.config.in_channels, (unet.config.sample_size,) * 2)
-    scorer = ScorerSettings()  # memclean demo runs the default scorer
     work = Path(tempfile.mkdtemp(prefix="memclean-evidence-"))
 
     # 1: a demo clean run scores members and held-out images
-    settings = CleanSettings(reference=str(REPO / DEMO["reference"]), batch_size=DEMO["batch_size"],
-                             dup_threshold=DEMO["dup_threshold"])
-    manifest = run_clean(data, model_dir, work / "clean", scorer, settings, overwrite=True,
-                         cache_dir=default_cache_dir())
+    settings = RunSettings.from_flat({**demo, "out": str(work / "clean")})
+    scorer = settings.scorer
+    manifest = run_clean(settings)
     import pyarrow.parquet as pq
 
     by_id = {r["id"]: r for r in pq.read_table(work / "clean" / "scores.parquet").to_pylist()}
     held = pq.read_table(work / "clean" / "reference_scores.parquet").to_pylist()
     member_ids, x_train = flat(str(data), spec)
-    _, x_held = flat(str(REPO / DEMO["reference"]), spec)
+    _, x_held = flat(demo["reference"], spec)
     plant = planted(data)
     copies = np.array([plant[i]["copies"] if i in plant else 1 for i in member_ids])
     kind = np.array([plant[i]["kind"] if i in plant else "unique" for i in member_ids])
@@ -158,7 +156,7 @@ def main() -> None:
     mem2 = memorized(generate(unet2, dict(sched2.config), args.samples, seed=0).flatten(1).numpy(), tr, groups=group)
 
     best = max(auc, key=auc.get)
-    default = CleanSettings().score
+    default = FlagSettings().score
     c = manifest["counts"]
     t = manifest["threshold"]
     out = [

@@ -17,7 +17,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipeline.cli import main as memclean  # noqa: E402
+from memclean.cli import main as memclean  # noqa: E402
 from tests.planted import scene  # noqa: E402
 
 

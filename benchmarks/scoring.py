@@ -41,11 +41,11 @@ from scipy.stats import spearmanr
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.results import hardware, write_section  # noqa: E402
-from pipeline.data import batched, discover  # noqa: E402
-from pipeline.evaluate import roc_auc  # noqa: E402
-from pipeline.models import LoadedModel, load_model  # noqa: E402
-from pipeline.scoring import image_spec  # noqa: E402
-from pipeline.volume import STAGES, ScorerSettings, log_volume_growth  # noqa: E402
+from pipeline.io.data import batched, discover  # noqa: E402
+from pipeline.tools.evaluate import roc_auc  # noqa: E402
+from pipeline.score.models import LoadedModel, load_model  # noqa: E402
+from pipeline.score.scoring import image_spec  # noqa: E402
+from pipeline.score.volume import STAGES, ScorerSettings, log_volume_growth  # noqa: E402
 
 DEFAULT = ScorerSettings()  # what memclean runs with no options
 PEAK_FLOPS = {  # dense peak FLOP/s by precision, from the vendors' data sheets

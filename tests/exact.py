@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from pipeline.schedules import VESchedule, VPSchedule
+from pipeline.score.schedules import VESchedule, VPSchedule
 
 
 class GaussianScore:

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.cli import main
-from pipeline.schedules import LinearVP
-from pipeline.store import read_metadata
+from memclean.cli import main
+from pipeline.score.schedules import LinearVP
+from pipeline.io.store import read_metadata
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 
@@ -62,16 +62,16 @@ def test_existing_output_needs_overwrite_and_nothing_partial_is_left(tmp_path, z
     data = write_images(n=1)
     out = tmp_path / "s.parquet"
     out.write_text("previous")
-    with pytest.raises(SystemExit, match="--overwrite"):
-        main(["score", "--data", str(data), "--model", str(zero_model), "--out", str(out)])
+    assert main(["score", "--data", str(data), "--model", str(zero_model), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "previous"
 
 
 def test_a_crash_mid_run_leaves_no_partial_output(tmp_path, zero_model, write_images, monkeypatch):
-    import pipeline.scoring
+    import pipeline.score.scoring
 
     data = write_images(n=4)
-    real = pipeline.scoring.score_batch
+    real = pipeline.score.scoring.score_batch
     calls = []
 
     def crash_on_second_batch(*args, **kwargs):
@@ -80,7 +80,7 @@ def test_a_crash_mid_run_leaves_no_partial_output(tmp_path, zero_model, write_im
             raise RuntimeError("worker killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.scoring, "score_batch", crash_on_second_batch)
+    monkeypatch.setattr(pipeline.score.scoring, "score_batch", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="worker killed"):
         main(["score", "--data", str(data), "--model", str(zero_model), "--out", str(tmp_path / "o.parquet"),
               "--batch-size", "2", "--solver", "euler", "--steps", "2"])
@@ -108,7 +108,7 @@ def test_a_ve_model_scores_images_in_its_data_range(tmp_path, write_images, data
 
     from diffusers import ScoreSdeVeScheduler
 
-    from pipeline.data import ImageSpec, decode_image
+    from pipeline.io.data import ImageSpec, decode_image
 
     unet = tiny_unet(channels=3, size=4)
     with torch.no_grad():
@@ -145,10 +145,10 @@ def test_a_ve_model_scores_images_in_its_data_range(tmp_path, write_images, data
 ])
 def test_bad_clean_settings_fail_before_any_image_is_decoded(tmp_path, zero_model, write_images, monkeypatch,
                                                             capsys, extra, message):
-    import pipeline.data
+    import pipeline.io.data
 
     data = write_images(n=2)
-    monkeypatch.setattr(pipeline.data, "decode_item", lambda *a, **k: pytest.fail("an image was decoded"))
+    monkeypatch.setattr(pipeline.io.data, "decode_item", lambda *a, **k: pytest.fail("an image was decoded"))
     extra = [str(data) if e in ("REF", "PREV") else e for e in extra]
     rc = main(["clean", "--data", str(data), "--model", str(zero_model), "--out", str(tmp_path / "out"), *extra])
     assert rc == 2 and message in capsys.readouterr().err

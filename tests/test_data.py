@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import (ImageSpec, Item, Rejected, center_crop_resize, decode_image, decode_item,
+from pipeline.io.data import (ImageSpec, Item, Rejected, center_crop_resize, decode_image, decode_item,
                            discover, to_model_mode)
 
 
@@ -151,7 +151,7 @@ def hostile_folder(root):
 
 
 def test_hostile_folder_every_input_accounted_for(tmp_path):
-    from pipeline.data import batched
+    from pipeline.io.data import batched
 
     expected = hostile_folder(tmp_path / "data")
     spec = ImageSpec(3, (8, 8), max_pixels=50_000, min_size=8)
@@ -168,7 +168,7 @@ def test_hostile_folder_every_input_accounted_for(tmp_path):
 
 
 def test_pixel_hash_is_format_independent():
-    from pipeline.data import open_image, pixel_sha256
+    from pipeline.io.data import open_image, pixel_sha256
 
     img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
     spec = ImageSpec(1, (8, 8))

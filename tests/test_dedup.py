@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ImageSpec, batched, discover
-from pipeline.dedup import UnionFind, build_index, find_clusters, near_matches, range_pairs
-from pipeline.embeddings import CosineSimilarity, PixelEmbedder, make_embedder
+from pipeline.io.data import ImageSpec, batched, discover
+from pipeline.decide.dedup import UnionFind, build_index, find_clusters, near_matches, range_pairs
+from pipeline.decide.embeddings import CosineSimilarity, PixelEmbedder
 from tests.planted import planted_set
 
 
@@ -88,7 +88,7 @@ def test_knn_emulation_of_range_search_finds_the_same_pairs(caplog, monkeypatch)
     threshold) returns exactly the range search's pairs, also for a cluster far larger than
     the first k, for flat and IVF indexes; a CUDA device without GPU FAISS falls back to the
     CPU with a warning."""
-    import pipeline.dedup as dedup
+    import pipeline.decide.dedup as dedup
 
     rng = np.random.default_rng(1)
     base = rng.normal(size=(2000, 16)).astype(np.float32)
@@ -133,39 +133,3 @@ def test_near_matches_against_an_earlier_output(tmp_path):
     new_ids = [i for i, p in zip(ids, previous) if not p]
     for i, m in zip(new_ids, match):
         assert (m >= 0) == i.startswith("g"), i
-
-
-def test_embedder_registry_and_torchscript(tmp_path):
-    class Tiny(torch.nn.Module):
-        def forward(self, x):
-            return x.mean((2, 3))
-
-    path = tmp_path / "tiny.pt"
-    torch.jit.script(Tiny()).save(str(path))
-    emb = make_embedder(f"torchscript:{path}", size=16)
-    out = emb(torch.rand(2, 1, 8, 8) * 2 - 1)
-    assert out.shape == (2, 3) and torch.allclose(out.norm(dim=1), torch.ones(2))
-    with pytest.raises(ValueError, match="not found"):
-        make_embedder("torchscript:/nonexistent.pt")
-    with pytest.raises(ValueError, match="one of"):
-        make_embedder("sscd")
-
-
-def test_pixel_embedder_tolerates_one_image_pixel_on_small_images():
-    """On images smaller than the 32 px thumbnail, one image pixel spans several thumbnail
-    pixels: the shift search widens to one image pixel, so a 1 px shift of a 16 px image is
-    still a duplicate, while an unrelated image is not."""
-    rng = np.random.default_rng(0)
-    img = torch.zeros(2, 1, 16, 16)
-    img[0, 0, 3:13, 5:9] = 1.0
-    img[0, 0, 4:7, 3:12] = 0.6
-    img[1] = torch.from_numpy(rng.uniform(-1, 1, (1, 16, 16)).astype(np.float32))
-    shifted = torch.zeros_like(img[:1])
-    shifted[0, 0, 1:, 1:] = img[0, 0, :-1, :-1]  # 1 px down-right, the edge left at 0
-    for side, expect in ((16, True), (None, False)):
-        emb = PixelEmbedder(image_side=side)
-        v, w = emb(img).numpy(), emb(shifted).numpy()
-        sims = emb.similarity(np.repeat(w, 2, 0), v)
-        assert (sims[0] >= emb.default_threshold) == expect, (side, sims)
-        assert sims[1] < 0.5
-    assert PixelEmbedder(image_side=64).max_shift == 1 and PixelEmbedder(image_side=16).max_shift == 2

@@ -15,6 +15,7 @@ import pytest
 from diffusers import DDPMScheduler
 from PIL import Image
 
+from pipeline.fields import options
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 
@@ -102,12 +103,23 @@ def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
         worker.wait(timeout=30)
 
 
-def test_demo_deployment_matches_memclean_demo():
-    """`prefect deployment run clean/demo` and `memclean demo` run the same settings."""
+def test_every_deployment_names_only_flow_parameters_with_valid_values():
+    """prefect.yaml is the one source of the demo's settings (`memclean demo` reads it): every
+    parameter a deployment sets is one of the flow's (derived from the settings model), and
+    the values build valid settings."""
     import yaml
 
-    from pipeline.cli import DEMO
+    from flows.clean import PARAMETERS
+    from memclean.cli import demo_parameters
+    from pipeline.run.settings import FlowSettings, RunSettings
 
-    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "prefect.yaml").read_text())
-    params = next(d for d in spec["deployments"] if d["name"] == "demo")["parameters"]
-    assert {k: params[k] for k in DEMO} == DEMO
+    root = Path(__file__).resolve().parent.parent
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    names = {o.name for o in PARAMETERS}
+    flow_names = {o.name for o in options(FlowSettings)}
+    for d in spec["deployments"]:
+        params = d["parameters"]
+        assert set(params) <= names, (d["name"], set(params) - names)
+        RunSettings.from_flat({k: v for k, v in params.items() if k not in flow_names})
+    demo = demo_parameters(root)
+    assert Path(demo["model"]).is_dir() and demo["dup_threshold"] == 0.985

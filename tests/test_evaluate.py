@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluate import memorized, nearest, roc_auc, separation, tpr_at_fpr
+from pipeline.tools.evaluate import memorized, nearest, roc_auc, separation, tpr_at_fpr
 
 
 def test_auc_against_exact_counts():
@@ -58,8 +58,8 @@ def test_denoising_loss_is_the_same_for_every_prediction_type(prediction_type):
     import torch
     from diffusers import DDPMScheduler
 
-    from pipeline.evaluate import denoising_loss
-    from pipeline.schedules import LinearVP
+    from pipeline.tools.evaluate import denoising_loss
+    from pipeline.score.schedules import LinearVP
     from tests.exact import GaussianScore
     from tests.test_models import GaussianNet
 

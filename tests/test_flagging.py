@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
-from pipeline.flagging import (FlagSettings, absolute_threshold, flag, order_statistic_ranks,
+from pipeline.decide.flagging import (FlagSettings, absolute_threshold, flag, order_statistic_ranks,
                                quantile_threshold, reference_threshold, zscore_threshold)
 
 
@@ -70,14 +70,14 @@ def test_quantile_zscore_absolute():
 
 
 def test_policy_choice_is_validated():
-    assert FlagSettings().policy(False) == "quantile"
-    assert FlagSettings().policy(True) == "reference_fpr"
+    assert FlagSettings().policy() == "quantile"
+    assert FlagSettings(reference="held").policy() == "reference_fpr"
     with pytest.raises(ValueError, match="needs --reference"):
-        FlagSettings(fpr=0.1).policy(False)
+        FlagSettings(fpr=0.1)
     with pytest.raises(ValueError, match="one flagging policy"):
-        FlagSettings(zscore=3, threshold=1.0).policy(False)
+        FlagSettings(zscore=3, threshold=1.0)
     with pytest.raises(ValueError, match="one flagging policy"):  # a reference no longer silently wins
-        FlagSettings(quantile=0.9).policy(True)
+        FlagSettings(quantile=0.9, reference="held")
     for bad in (dict(quantile=1.5), dict(quantile=0.0), dict(fpr=1.0), dict(zscore=float("inf")),
                 dict(threshold=float("nan"))):
         with pytest.raises(ValueError, match="must be"):

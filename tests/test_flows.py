@@ -7,7 +7,7 @@ import pytest
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from pipeline.cli import main
+from memclean.cli import main
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 

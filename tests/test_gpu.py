@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pipeline.models import DiffusersScore
-from pipeline.schedules import LinearVP
-from pipeline.volume import ScorerSettings, log_volume_growth
+from pipeline.score.models import DiffusersScore
+from pipeline.score.schedules import LinearVP
+from pipeline.score.volume import ScorerSettings, log_volume_growth
 from tests.exact import tiny_unet
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

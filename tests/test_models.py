@@ -7,9 +7,9 @@ import torch
 from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, PNDMScheduler, ScoreSdeVeScheduler, UNet2DConditionModel)
 
-from pipeline.models import CheckpointError, DiffusersScore, load_model, resolve_checkpoint
-from pipeline.schedules import InterpolatedVP, LinearVP, VESchedule
-from pipeline.volume import ScorerSettings, log_volume_growth
+from pipeline.score.models import CheckpointError, DiffusersScore, load_model, resolve_checkpoint
+from pipeline.score.schedules import InterpolatedVP, LinearVP, VESchedule
+from pipeline.score.volume import ScorerSettings, log_volume_growth
 from tests.conftest import save_checkpoint
 from tests.exact import GaussianScore, tiny_unet
 

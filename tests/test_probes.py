@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.probes import ProbeStream, mix32, splitmix64
+from pipeline.score.probes import ProbeStream, mix32, splitmix64
 
 
 def test_mix32_is_a_bijection_without_overflow():

@@ -8,12 +8,12 @@ import torch
 from diffusers import DDPMScheduler
 
 import transforms
-from pipeline.cli import main
-from pipeline.data import ImageSpec, decode_image, open_image
-from pipeline.models import load_model
-from pipeline.flagging import Threshold
-from pipeline.remediate import Attempt, RemediationSettings, next_level, plan, to_array, verdict
-from pipeline.volume import ScorerSettings, log_volume_growth
+from memclean.cli import main
+from pipeline.io.data import ImageSpec, decode_image, open_image
+from pipeline.score.models import load_model
+from pipeline.decide.flagging import Threshold
+from pipeline.decide.remediate import Attempt, RemediationSettings, next_level, plan, to_array, verdict
+from pipeline.score.volume import ScorerSettings, log_volume_growth
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 from tests.planted import planted_set

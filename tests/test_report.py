@@ -9,8 +9,8 @@ import pytest
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.report import histogram_svg
+from memclean.cli import main
+from pipeline.io.report import histogram_svg
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 from tests.planted import planted_set

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, ScoreSdeVeScheduler
 
-from pipeline.schedules import (InterpolatedVP, LinearVP, ScaledLinearVP, VESchedule,
+from pipeline.score.schedules import (InterpolatedVP, LinearVP, ScaledLinearVP, VESchedule,
                                 schedule_from_scheduler)
 
 T = torch.linspace(1e-5, 1.0, 101, dtype=torch.float64)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline.models import DiffusersScore
-from pipeline.schedules import LinearVP, ScaledLinearVP, VESchedule, schedule_from_scheduler
-from pipeline.volume import (ScorerSettings, drift, exact_divergence, field_and_vjps, hutchinson_divergence,
+from pipeline.score.models import DiffusersScore
+from pipeline.score.schedules import LinearVP, ScaledLinearVP, VESchedule, schedule_from_scheduler
+from pipeline.score.volume import (ScorerSettings, drift, exact_divergence, field_and_vjps, hutchinson_divergence,
                              log_volume_growth, network_precision, stage_weights, time_grid)
 from tests.exact import FullGaussianScore, GaussianScore, ZeroScore, tiny_unet
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.fields import setting
+
 log = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 0.95  # the quantile policy's q when no policy is named
@@ -120,15 +122,24 @@ POLICIES: dict[str, Callable[..., Threshold]] = {
 }
 
 
+SCORE_CHOICES = ("log_volume_growth", "logp")  # the score columns a threshold can judge
+
+
 @dataclass(frozen=True)
 class FlagSettings:
-    """Which policy sets the threshold: at most one of them may be given; none means the
-    quantile policy at DEFAULT_QUANTILE. Every value is checked when the settings are built."""
+    """Which policy sets the threshold, and on which score: at most one policy may be named; none
+    means the quantile policy at DEFAULT_QUANTILE. Every value is checked when this is built."""
 
-    quantile: float | None = None  # flag above this quantile of the dataset (default 0.95 when no policy is named)
-    fpr: float | None = None  # with a reference: flag above its (1 - fpr) quantile
-    zscore: float | None = None  # flag above median + z * 1.4826 MAD
-    threshold: float | None = None  # flag above this absolute value
+    reference: str | None = setting(None, "held-out images the model never saw: flag above their (1 - A) quantile")
+    fpr: float | None = setting(None, f"A, the share of unmemorized images flagged, with --reference "
+                                f"(default {DEFAULT_FPR})", name="flag_fpr")
+    quantile: float | None = setting(None, f"flag above this quantile of the dataset's own scores (the policy when "
+                                     f"none is named, at {DEFAULT_QUANTILE})", name="flag_quantile")
+    zscore: float | None = setting(None, "flag above median + Z * 1.4826 MAD of the dataset's scores",
+                                   name="flag_zscore")
+    threshold: float | None = setting(None, "flag above this absolute score (e.g. an earlier run's manifest "
+                                      "threshold)", name="flag_threshold")
+    score: str = setting("log_volume_growth", "the score that flagging judges", choices=SCORE_CHOICES)
 
     def __post_init__(self) -> None:
         for name, value, ok, allowed in (("--flag-quantile", self.quantile, lambda v: 0 < v < 1, "in (0, 1)"),
@@ -137,11 +148,16 @@ class FlagSettings:
                                          ("--flag-threshold", self.threshold, math.isfinite, "finite")):
             if value is not None and not ok(value):
                 raise ValueError(f"{name} must be {allowed}, got {value}")
+        if self.score not in SCORE_CHOICES:
+            raise ValueError(f"--score {self.score!r} is not one of {SCORE_CHOICES}")
+        self.policy()
 
-    def policy(self, has_reference: bool) -> str:
-        if self.fpr is not None and not has_reference:
+    def policy(self) -> str:
+        """The one policy named (validated): reference_fpr, quantile, robust_zscore or absolute."""
+        if self.fpr is not None and self.reference is None:
             raise ValueError("--flag-fpr needs --reference: held-out images to calibrate against")
-        chosen = [name for name, given in (("reference_fpr", has_reference), ("quantile", self.quantile is not None),
+        chosen = [name for name, given in (("reference_fpr", self.reference is not None),
+                                           ("quantile", self.quantile is not None),
                                            ("robust_zscore", self.zscore is not None),
                                            ("absolute", self.threshold is not None)) if given]
         if len(chosen) > 1:
@@ -150,8 +166,10 @@ class FlagSettings:
         return chosen[0] if chosen else "quantile"
 
     def threshold_for(self, scores: np.ndarray, reference: np.ndarray | None) -> Threshold:
-        """The threshold of the chosen policy, from POLICIES."""
-        policy = self.policy(reference is not None)
+        """The threshold of the chosen policy, from POLICIES (reference: the held-out scores)."""
+        policy = self.policy()
+        if policy == "reference_fpr" and reference is None:
+            raise ValueError("the reference policy needs the reference's scores")
         args = {"reference_fpr": (reference, DEFAULT_FPR if self.fpr is None else self.fpr),
                 "robust_zscore": (scores, self.zscore), "absolute": (self.threshold,),
                 "quantile": (scores, DEFAULT_QUANTILE if self.quantile is None else self.quantile)}[policy]

@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .schedules import VESchedule, VPSchedule, schedule_from_scheduler
+from pipeline.fields import setting
+from pipeline.score.schedules import VESchedule, VPSchedule, schedule_from_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,24 @@ CONDITIONING = ("text_encoder", "tokenizer", "text_encoder_2", "image_encoder", 
 DATA_RANGES = {"signed": (-1.0, 1.0), "unit": (0.0, 1.0)}  # --data-range choices besides auto
 FAMILY_RANGE = {"vp": "signed", "ve": "unit"}  # DDPM-style models see [-1, 1]; score_sde's VE (NCSN++) [0, 1]
 LIMITS = {"sample_size": 8192, "in_channels": 64, "out_channels": 128, "layers_per_block": 64, "block_out_channels": 16384}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which checkpoint scores, how it is loaded, and where it runs."""
+
+    model: str = setting(help="a local diffusers checkpoint folder (any layout diffusers loads: see README, Models)")
+    allow_pickle: bool = setting(False, "also load pickle (.bin) weights; they can run code when loaded")
+    variant: str | None = setting(None, "diffusers weight variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
+    data_range: str = setting("auto", "the range the model was trained on: auto (VP/DDPM models [-1, 1], VE/NCSN++ "
+                              "[0, 1]), signed [-1, 1] or unit [0, 1]; V, log p and bits/dim are for the image in it",
+                              choices=("auto", "signed", "unit"))
+    device: str = setting("cpu", "where the model runs", choices=("cpu", "cuda"))
+    batch_size: int = setting(16, "images decoded and solved together (throughput grows with it)")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 class CheckpointError(ValueError):
@@ -322,6 +341,8 @@ def resolve_data_range(choice: str, schedule: VPSchedule | VESchedule) -> tuple[
 def load_model(path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu",
                variant: str | None = None, data_range: str = "auto") -> LoadedModel:
     """Load a local checkpoint (any layout diffusers loads) as a score function on `device`."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for, but torch sees no CUDA device")
     ckpt = resolve_checkpoint(path, allow_pickle, variant)
     scheduler = load_scheduler(ckpt)
     schedule = schedule_from_scheduler(scheduler)

@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .data import ImageSpec, Item, batched
+from pipeline.fields import setting
+from pipeline.io.data import ImageSpec, Item, batched
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,18 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 class TrainSettings:
     """The whole training recipe: with the data it reproduces a checkpoint."""
 
-    sample_size: int = 32  # images are center-cropped and resized to this square size
-    channels: int = 1  # 1 (L) or 3 (RGB)
-    block_out_channels: tuple[int, ...] = (32, 64)  # UNet width per resolution level
-    layers_per_block: int = 1  # ResNet blocks per level
-    num_train_timesteps: int = 1000  # N of the DDPM schedule
-    beta_start: float = 1e-4  # linear beta schedule, as DDPM
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 (diffusers' names)
-    steps: int = 2000  # optimiser steps
-    batch_size: int = 64  # images per step
-    lr: float = 1e-3  # AdamW learning rate (cosine decay to 0)
-    seed: int = 0  # initialisation, batches and noise
+    sample_size: int = setting(32, "square image size: images are centre-cropped and resized to it")
+    channels: int = setting(1, "image channels: 1 (L) or 3 (RGB)", choices=(1, 3))
+    block_out_channels: tuple[int, ...] = setting((32, 64), "UNet width per resolution level")
+    layers_per_block: int = setting(1, "ResNet blocks per level")
+    num_train_timesteps: int = setting(1000, "N of the DDPM schedule")
+    beta_start: float = setting(1e-4, "the first beta of the schedule, as DDPM")
+    beta_end: float = setting(0.02, "the last beta")
+    beta_schedule: str = setting("linear", "the DDPM noise schedule (diffusers' names)", choices=BETA_SCHEDULES)
+    steps: int = setting(2000, "optimiser steps")
+    batch_size: int = setting(64, "images per step")
+    lr: float = setting(1e-3, "AdamW learning rate (cosine decay to 0)")
+    seed: int = setting(0, "seed for initialisation, batches and noise")
 
     def __post_init__(self) -> None:
         for name in ("sample_size", "steps", "batch_size", "num_train_timesteps"):
@@ -99,7 +100,7 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
         opt.step()
         sched.step()
         if progress:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

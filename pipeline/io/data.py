@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.fields import setting
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -50,13 +52,29 @@ class Item:
 
 
 @dataclass(frozen=True)
+class InputSettings:
+    """Where the images come from and what an input must be to be taken."""
+
+    data: str = setting(help="a folder of images (recursive), a Parquet file or folder with an image column, "
+                        "or a text file listing image paths")
+    image_column: str | None = setting(None, "Parquet: the column holding images (default: 'image', or the "
+                                       "only binary one)")
+    max_pixels: int = setting(89_478_485, "reject larger images as decompression bombs")
+    min_size: int = setting(8, "reject images whose shorter side is smaller, in pixels")
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.min_size < 1:
+            raise ValueError(f"--max-pixels and --min-size must be positive, got {self.max_pixels}, {self.min_size}")
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     """What the model takes, and what an input must be to be taken."""
 
     channels: int  # 1 (L), 3 (RGB) or 4 (RGBA)
     size: tuple[int, int]  # (H, W)
-    max_pixels: int = 89_478_485  # larger images are rejected as decompression bombs (Pillow's limit)
-    min_size: int = 8  # images whose shorter side is smaller are rejected as too_small
+    max_pixels: int = InputSettings.max_pixels  # larger images are rejected as decompression bombs (Pillow's limit)
+    min_size: int = InputSettings.min_size  # images whose shorter side is smaller are rejected as too_small
     data_range: tuple[float, float] = (-1.0, 1.0)  # pixel values 0 and 255 map to these ends
 
     def __post_init__(self) -> None:
@@ -379,3 +397,17 @@ def batched(items: Iterable[Item], spec: ImageSpec, size: int) -> Iterator[list[
             batch = []
     if batch:
         yield batch
+
+
+def read_selected(source: Source, ids: set[str], spec: ImageSpec) -> dict[str, tuple[Image.Image, str]]:
+    """The full-size images (model mode) and sha256 of the selected ids, in one pass; an input
+    that can no longer be read (changed since scoring) is left out, with a warning."""
+    found = {}
+    for item in source:
+        if item.id in ids:
+            try:
+                data = item.read()
+                found[item.id] = (open_image(data, spec), hashlib.sha256(data).hexdigest())
+            except (Rejected, OSError) as e:
+                log.warning("cannot re-read %s: %s", item.path, e)
+    return found

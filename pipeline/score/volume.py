@@ -26,8 +26,9 @@ from typing import Callable, Iterator
 import torch
 from torchdiffeq import odeint
 
-from .models import ScoreFunction
-from .probes import ProbeStream
+from pipeline.fields import setting
+from pipeline.score.models import ScoreFunction
+from pipeline.score.probes import ProbeStream
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,24 @@ SCORER_VERSION = 2  # bumped when the same settings would give a different numbe
 class ScorerSettings:
     """Everything that, with the model and the image, determines a score."""
 
-    divergence: str = "rademacher"  # exact | rademacher | gaussian (Hutchinson-Skilling probes)
-    probes: int = 1  # K Hutchinson probes per drift evaluation (exact ignores it)
-    probe_mode: str | None = None  # fresh | fixed; None: fresh on fixed grids, fixed for dopri5
-    solver: str = "heun"  # heun | euler | rk4 (fixed grid of `steps`) | dopri5 (adaptive)
-    steps: int = 8  # grid steps for the fixed-grid solvers (benchmarks/scoring.py chose it)
-    rtol: float = 1e-5  # dopri5 relative tolerance (score_sde's default)
-    atol: float = 1e-5  # dopri5 absolute tolerance
-    eps: float = 1e-5  # start time of the solve; the image is x_eps
-    seed: int = 0  # probes are a hash of (seed, image content, evaluation, element)
-    grid: str = "log_snr"  # fixed-grid times: uniform in log-SNR (log_snr) or in t (uniform)
-    precision: str = "fp32"  # the network's arithmetic: fp32 | tf32 (CUDA) | bf16 (autocast)
+    divergence: str = setting("rademacher", "div f: exact (D backward passes; tiny images) or Hutchinson-Skilling "
+                              "probes", choices=DIVERGENCES)
+    probes: int = setting(1, "Hutchinson probes per drift evaluation")
+    probe_mode: str | None = setting(
+        None, "fresh: new probes at every drift evaluation (fixed grids; the noise averages over the evaluations); "
+        "fixed: one set for the whole solve; default: fresh for heun/euler/rk4, fixed for dopri5, whose step "
+        "control needs a deterministic right-hand side", choices=PROBE_MODES, aliases=("probes_per_step",))
+    solver: str = setting("heun", "heun, euler, rk4: a fixed grid of --steps; dopri5: adaptive (--rtol/--atol, "
+                          "fixed probes, one image at a time, about 40x slower)", choices=SOLVERS)
+    steps: int = setting(8, "fixed-grid steps (8: benchmarks/scoring.py chose it)")
+    rtol: float = setting(1e-5, "dopri5 relative tolerance (score_sde's)")
+    atol: float = setting(1e-5, "dopri5 absolute tolerance")
+    eps: float = setting(1e-5, "start time of the solve: the image is x_eps")
+    seed: int = setting(0, "probe seed, hashed with each image's content, the evaluation and the element")
+    grid: str = setting("log_snr", "fixed-grid times: uniform in log-SNR (accurate on sharply peaked image data) "
+                        "or in t", choices=GRIDS)
+    precision: str = setting("fp32", "the network's arithmetic: fp32, tf32 (CUDA matmuls and convolutions) or bf16 "
+                             "(autocast); V is float64 whatever it is", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:

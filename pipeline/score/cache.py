@@ -12,22 +12,43 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.fields import setting
+
 log = logging.getLogger(__name__)
 
-CACHED_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe")
-CACHE_SCHEMA = pa.schema([("sha256", pa.string()), ("log_volume_growth", pa.float64()),
-                          ("prior_logp", pa.float64()), ("logp", pa.float64()),
-                          ("bits_per_dim", pa.float64()), ("nfe", pa.int64())])
+SCORE_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe")  # what a score is
+CACHE_SCHEMA = pa.schema([("sha256", pa.string())] + [(c, pa.int64() if c == "nfe" else pa.float64())
+                                                       for c in SCORE_COLUMNS])
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEMCLEAN_CACHE", Path.home() / ".cache" / "memclean"))
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where scores are cached, and the unit of caching and resuming."""
+
+    cache_dir: str | None = setting(None, "score cache, by image content + model fingerprint + scorer settings "
+                                    "(default $MEMCLEAN_CACHE or ~/.cache/memclean)")
+    no_cache: bool = setting(False, "score everything afresh, cache nothing")
+    shard_size: int = setting(256, "images per scoring shard: the unit of caching, resuming and mapping")
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
+
+    @property
+    def root(self) -> str | None:
+        """The cache folder this run uses, or None without a cache."""
+        return None if self.no_cache else str(self.cache_dir or default_cache_dir())
 
 
 def namespace(model_fingerprint: str, settings: dict[str, Any], spec: dict[str, Any]) -> str:
@@ -37,8 +58,8 @@ def namespace(model_fingerprint: str, settings: dict[str, Any], spec: dict[str, 
 
 
 class ScoreCache:
-    """Score columns by file sha256, for one (model, settings, spec) namespace. Get one with
-    open_cache: instances are shared in a process, and each refresh reads only new files."""
+    """Score columns by file sha256, for one (model, settings, spec) namespace. A process shares
+    one instance per namespace (run.resources), and each refresh reads only new files."""
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.dir = Path(root) / key  # one folder per namespace
@@ -78,14 +99,6 @@ class ScoreCache:
         os.replace(tmp, path)
         self._read.add(path.name)
         for r in rows:
-            self._known[r["sha256"]] = {c: r[c] for c in CACHED_COLUMNS}
+            self._known[r["sha256"]] = {c: r[c] for c in SCORE_COLUMNS}
 
 
-_OPEN: dict[tuple[str, str], ScoreCache] = {}
-
-
-def open_cache(root: str | os.PathLike, key: str) -> ScoreCache:
-    """The process's cache for (root, key), refreshed: every shard of a run shares it, so no
-    shard re-reads the files the others already read."""
-    cache = _OPEN.setdefault((str(root), key), ScoreCache(root, key))
-    return cache.refresh()

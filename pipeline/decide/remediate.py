@@ -12,6 +12,9 @@ their scores): a replacement far below every held-out image is no longer an imag
 others. Each try draws a new seed; the preset rises (light -> medium -> strong) after a score
 above the threshold and falls back after one below the band. After the last try the image is
 dropped or kept-and-flagged, as --on-failure says.
+
+This module owns a row's action, from the first decision (`plan`) through augmentation
+(`settle`) to inputs that changed during the run (`reject_changed`); nothing else sets it.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ from PIL import Image
 
 import transforms
 
-from .data import ImageSpec, center_crop_resize, to_tensor
-from .flagging import Threshold, accept, flag
-from .volume import ScorerSettings, log_volume_growth
+from pipeline.fields import setting
+from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
+from pipeline.decide.flagging import Threshold, accept, flag
+from pipeline.score.volume import ScorerSettings, log_volume_growth
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +47,17 @@ ON_FAILURE = ("drop", "keep")
 class RemediationSettings:
     """How flagged and duplicated images are handled."""
 
-    action: str = "auto"  # auto | dedup | augment | drop | none
-    tries: int = 3  # augmentation attempts per image, each with a new seed
-    on_failure: str = "drop"  # drop | keep an image no augmentation brought into the accept band
-    seed: int = 0  # augmentation seed, mixed with each image's sha256 and the try number
-    accept_band: float = 0.01  # a variant must score at or above this quantile of ordinary images (0: no floor)
+    action: str = setting("auto", "auto: dedup, then augment flagged survivors; dedup; augment; drop flagged; none",
+                          choices=ACTION_MODES)
+    tries: int = setting(3, "augmentations per image, each with a new seed; the preset rises (light -> medium -> "
+                         "strong) after a variant above the threshold and falls after one below the band (at most 20)",
+                         name="augment_tries")
+    on_failure: str = setting("drop", "what happens to an image no augmentation brought into the accept band",
+                              choices=ON_FAILURE)
+    seed: int = setting(0, "augmentation seed, mixed with each image's sha256 and the try number", name="augment_seed")
+    accept_band: float = setting(0.01, "a variant is accepted only at or above this quantile of ordinary images' "
+                                 "scores (the reference's, else the dataset's) and not above the threshold: "
+                                 "replacements must stay in distribution; 0 for no floor")
 
     def __post_init__(self) -> None:
         if self.action not in ACTION_MODES:
@@ -167,6 +177,35 @@ def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], score_fn, sp
         if not pending:
             break
     return results
+
+
+def settle(action: list[str], reason: list[str | None], rows: dict[str, int], results: dict[str, Attempt],
+           threshold: Threshold, low: float | None, on_failure: str) -> None:
+    """The final action of each row sent to augmentation (id -> row): augmented when its last
+    variant is accepted, else dropped or kept as on_failure says, or dropped when the image could
+    not be read again."""
+    band = f"[{'-inf' if low is None else format(low, '.4g')}, {threshold.value:.4g}]"
+    for id_, row in rows.items():
+        a = results.get(id_)
+        if a is None:
+            action[row], reason[row] = "dropped", "could not be re-read for augmentation"
+        elif a.accepted:
+            action[row] = "augmented"
+            reason[row] = f"{a.preset} augmentation re-scored {a.score:.4g}, inside the accept band {band}"
+        else:
+            action[row] = "dropped" if on_failure == "drop" else "kept"
+            reason[row] = (f"no augmentation in {a.tries} tries scored inside the accept band {band} "
+                           f"(last {a.preset} {a.score:.4g}: {a.verdict}); on failure: {on_failure}")
+
+
+def reject_changed(ids: list[str], action: list[str], changed: set[str]) -> list[bool]:
+    """Inputs whose bytes changed between scoring and writing end rejected (their score is of
+    other bytes); returns which rows that turned."""
+    hit = [i in changed for i in ids]
+    for k, h in enumerate(hit):
+        if h:
+            action[k] = "rejected"
+    return hit
 
 
 def record_json(a: Attempt) -> str:

@@ -6,14 +6,13 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .data import Decoded, ImageSpec, Item, batched
-from .cache import ScoreCache
-from .models import LoadedModel
-from .volume import ScorerSettings, log_volume_growth
+from pipeline.io.data import Decoded, ImageSpec, Item, batched
+from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
+from pipeline.score.models import LoadedModel
+from pipeline.score.volume import ScorerSettings, log_volume_growth
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe")
 
 
 def image_spec(model: LoadedModel, max_pixels: int = ImageSpec.max_pixels,

@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from pipeline.fields import setting
+
 log = logging.getLogger(__name__)
 
 # Above FLAT_MAX vectors, an IVF index. benchmarks/dedup.py (2 CPU cores, d = 1024): the exact
@@ -26,6 +28,64 @@ FLAT_MAX = 100_000
 QUERY_BATCH = 4096  # queries per range search call
 KNN_START = 32  # first k of the k-nearest emulation of a range search
 GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
+THRESHOLD_MEANING = ("cosine similarity of the embeddings (pixel: correlation of 32x32 blurred grey thumbnails, "
+                     "maximised over shifts of up to 1/32 of the image or one image pixel, whichever is larger); "
+                     "pairs at or above it are duplicates")
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    """How duplicates are found."""
+
+    embedder: str = setting("pixel", "pixel (model-free, default), unet (the model's own features) or "
+                            "torchscript:PATH (a local TorchScript model, e.g. SSCD)")
+    embed_size: int = setting(224, "torchscript embedders: input side")
+    dup_threshold: float | None = setting(None, "cosine similarity at or above which two images are duplicates "
+                                          "(pixel: the correlation of 32x32 blurred grey thumbnails maximised over "
+                                          "1-pixel shifts, default 0.95; unet 0.95; torchscript 0.75)")
+    dedup_flip: bool = setting(False, "also match horizontally mirrored copies")
+    against: str | None = setting(None, "an earlier memclean output: new images that duplicate its kept images "
+                                  "are dropped")
+
+    def __post_init__(self) -> None:
+        if self.dup_threshold is not None and not -1 <= self.dup_threshold <= 1:
+            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
+        if self.embed_size < 1:
+            raise ValueError(f"--embed-size must be positive, got {self.embed_size}")
+
+
+def duplicate_columns(vectors: np.ndarray, flipped: np.ndarray | None, ids: Sequence[str],
+                      hashes: Sequence[str | None], risk: np.ndarray, ok: np.ndarray, threshold: float,
+                      embedder, index) -> dict[str, list]:
+    """dup_cluster, dup_of (the cluster's keeper) and dup_similarity for every row; vectors,
+    flipped and the index are over the ok rows, in order."""
+    n = len(ok)
+    cols: dict[str, list] = {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
+    rows = np.where(ok)[0]
+    if not len(rows):
+        return cols
+    c = find_clusters(vectors, [hashes[r] for r in rows], risk[rows], [ids[r] for r in rows],
+                      threshold, embedder, flipped, index)
+    for k, r in enumerate(rows):
+        if c.cluster[k] >= 0:
+            cols["dup_cluster"][r] = int(c.cluster[k])
+            cols["dup_similarity"][r] = float(c.best_similarity[k])
+            keeper = rows[c.keeper[k]]
+            cols["dup_of"][r] = ids[keeper] if keeper != r else None
+    return cols
+
+
+def mark_earlier_duplicates(cols: dict[str, list], ok: np.ndarray, vectors: np.ndarray, label: str,
+                            earlier_ids: list[str], earlier: np.ndarray, threshold: float, embedder,
+                            device: str = "cpu") -> None:
+    """Point dup_of of each ok row that duplicates an earlier output's kept image (and no image
+    of its own cluster) at it, as `label:id`."""
+    rows = np.where(ok)[0]
+    match, sim = near_matches(vectors, earlier, threshold, embedder, device)
+    for k, r in enumerate(rows):
+        if match[k] >= 0 and cols["dup_of"][r] is None:
+            cols["dup_of"][r] = f"{label}:{earlier_ids[match[k]]}"
+            cols["dup_similarity"][r] = float(sim[k])
 
 
 def gpu_faiss_available() -> bool:
@@ -43,6 +103,13 @@ def to_cpu(index):
     import faiss
 
     return faiss.index_gpu_to_cpu(index) if on_gpu(index) else index
+
+
+def save_index(index, path) -> None:
+    """Write the index (from a CPU copy when it lives on a GPU)."""
+    import faiss
+
+    faiss.write_index(to_cpu(index), str(path))
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu"):

@@ -9,11 +9,15 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.fields import setting
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,30 @@ HF_FEATURES = {"info": {"features": {
     "log_volume_growth": {"dtype": "float64", "_type": "Value"},
 }}}
 COMPLETE_MARKER = "_COMPLETE"  # written last into a finished output folder
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where the outputs go and how the cleaned dataset is split."""
+
+    out: str = setting(help="where the outputs go: a .parquet file (memclean score) or a folder (memclean clean)")
+    overwrite: bool = setting(False, "replace an existing output")
+    shard_rows: int = setting(10_000, "rows per cleaned/ Parquet file", cli=False)
+    row_group_rows: int = setting(256, "rows per row group in cleaned/", cli=False)
+
+    def __post_init__(self) -> None:
+        if min(self.shard_rows, self.row_group_rows) < 1:
+            raise ValueError("shard_rows and row_group_rows must be at least 1")
+
+
+def ok_mask(table: pa.Table) -> np.ndarray:
+    """Which rows of a score table decoded and were scored: [rows] bool."""
+    return np.array([s == "ok" for s in table.column("status").to_pylist()], dtype=bool)
+
+
+def score_values(table: pa.Table, name: str) -> np.ndarray:
+    """A score column as float64, NaN where null: [rows]."""
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def _temporary(path: Path) -> Path:

@@ -74,7 +74,7 @@ def fill_missing_thumbnails(out: Path) -> int:
     in the model's mode) from the source files still at their `path`. Returns how many were
     made; rows whose source is gone (or is a Parquet cell) stay missing, and the page's image
     counter says so."""
-    from .data import ImageSpec, Rejected, open_image, read_file
+    from pipeline.io.data import ImageSpec, Rejected, open_image, read_file
 
     m = json.loads((out / "manifest.json").read_text())
     score = m["threshold"]["score"]
@@ -105,6 +105,20 @@ def write_thumbnails(out: Path, images: dict[str, Image.Image], augmented_png: d
         save_thumbnail(img, folder, id_)
     for id_, png in augmented_png.items():
         save_thumbnail(Image.open(io.BytesIO(png)), folder, "augmented:" + id_)
+
+
+def write_report_assets(out: Path, source, spec, decided, score: str) -> None:
+    """Thumbnails of the images the report shows (originals re-read from `source` in one pass;
+    augmented variants from their PNGs)."""
+    from pipeline.io.data import read_selected
+
+    cols = ["id", "status", "flagged", "dup_cluster", "dup_of", "action", "augmented_png", score]
+    rows = decided.select(cols).to_pylist()
+    wanted = ids_to_show(rows, score)
+    images = {i: img for i, (img, _) in read_selected(source, wanted, spec).items()}
+    augmented = {r["id"]: Path(r["augmented_png"]).read_bytes() for r in rows
+                 if r["id"] in wanted and r["action"] == "augmented" and r["augmented_png"]}
+    write_thumbnails(out, images, augmented)
 
 
 def ids_to_show(scores: list[dict[str, Any]], score: str) -> set[str]:

@@ -45,7 +45,7 @@ def denoising_loss(unet, scheduler, x: torch.Tensor, timestep: int = 100, repeat
     sqrt(1 - abar)). The noises are a hash of (seed, image content) (`ProbeStream`), so an image's
     loss does not depend on its batch or device.
     """
-    from .probes import ProbeStream
+    from pipeline.score.probes import ProbeStream
 
     abar = scheduler.alphas_cumprod[timestep].to(torch.float64)
     a, s = float(abar.sqrt()), float((1 - abar).sqrt())

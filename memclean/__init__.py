@@ -1,0 +1,1 @@
+"""The `memclean` command line, on top of the pipeline library and the Prefect flows."""

@@ -1,0 +1,5 @@
+import sys
+
+from memclean.cli import main
+
+sys.exit(main())

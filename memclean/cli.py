@@ -1,0 +1,198 @@
+"""The `memclean` command line: one verb per job (DESIGN.md), on top of the library.
+
+Every option of `score`, `clean` and `train` is derived from the settings model
+(pipeline/run/settings.py, pipeline/fields.py): its name, type, default, help and validation live
+there, once. `demo` runs the flow `clean` with the parameters of prefect.yaml's `clean/demo`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline import __version__
+from pipeline.fields import add_options, from_args, options
+
+log = logging.getLogger("memclean.cli")
+
+SECTION_TITLES = {  # RunSettings section -> the help group its options are listed under
+    "input": "input", "model": "model", "output": "output", "scorer": "scoring (the probability-flow ODE solve)",
+    "cache": "caching and resuming", "flag": "flagging (one policy)", "dedup": "duplicates",
+    "remediation": "remediation",
+}
+
+
+def add_sections(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One help group per section of a settings model, with its options."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        opts = [o for o in options(cls) if o.path[0] == f.name and o.name not in skip]
+        add_options(parser, opts, SECTION_TITLES.get(f.name, f.name))
+
+
+def progress_bar(total: int, desc: str = "scoring"):
+    """A tqdm bar with images/s and the time left."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.run.score import count_inputs, score_to_parquet
+    from pipeline.run.settings import ScoreSettings
+
+    settings = from_args(ScoreSettings, args)
+    with progress_bar(count_inputs(settings.input.data, settings.input.image_column)) as bar:
+        rows, rejected = score_to_parquet(settings, bar.update)
+    print(f"scored {rows - rejected} images ({rejected} rejected) -> {settings.output.out}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from pipeline.run.lifecycle import run_clean
+    from pipeline.run.score import count_inputs
+    from pipeline.run.settings import RunSettings
+
+    settings = from_args(RunSettings, args)
+    total = count_inputs(settings.input.data, settings.input.image_column)
+    if settings.flag.reference is not None:
+        total += count_inputs(settings.flag.reference, settings.input.image_column)
+    with progress_bar(total) as bar:
+        result = run_clean(settings, bar.update)
+    c, sc, t = result["counts"], result["scoring"], result["threshold"]
+    out = Path(settings.output.out)
+    print(f"scored {sc['scored_fresh']} images afresh, reused {sc['reused']} cached scores")
+    print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
+          f"{c['rejected']} rejected ({c['flagged']} flagged at {t['value']:.6g}, {t['policy']}) -> {out}")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def demo_parameters(root: Path) -> dict[str, Any]:
+    """The parameters of prefect.yaml's clean/demo deployment (its one source), with the
+    bundled demo's paths made absolute."""
+    import yaml
+
+    with open(root / "prefect.yaml") as f:
+        config = yaml.safe_load(f)
+    (demo,) = [d for d in config["deployments"] if d["name"] == "demo"]
+    params = dict(demo["parameters"])
+    for k in ("data", "reference", "model"):
+        params[k] = str(root / params[k])
+    return params
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The clean flow on the bundled demo, in Prefect's ephemeral mode (no server needed)."""
+    root = repo_root()
+    if not (root / "prefect.yaml").is_file():
+        raise SystemExit("memclean: the bundled demo is not here; run from a clone of the repository")
+    params = demo_parameters(root)
+    missing = [params[k] for k in ("data", "reference", "model") if not Path(params[k]).exists()]
+    if missing:
+        raise SystemExit(f"memclean: the bundled demo is not here ({', '.join(missing)}); run from a clone of the repository")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the ephemeral server phones nowhere
+    from flows.clean import clean
+
+    out = args.out.resolve()
+    manifest = clean(**{**params, "out": str(out), "overwrite": True})
+    c = manifest["counts"]
+    print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
+          f"{c['rejected']} rejected ({c['flagged']} flagged)")
+    print(f"outputs: {out}")
+    report = out / "report.html"
+    if report.exists():
+        print(f"report:  {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.io.report import fill_missing_thumbnails, write_report
+
+    if not (args.dir / "manifest.json").is_file():
+        raise SystemExit(f"memclean: {args.dir} is not a memclean clean output (no manifest.json)")
+    made = fill_missing_thumbnails(args.dir)
+    if made:
+        print(f"made {made} missing thumbnails from the source images")
+    print(f"report: {write_report(args.dir)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.io.data import ImageSpec, discover
+    from pipeline.tools.train import TrainSettings, load_images, train
+
+    settings = from_args(TrainSettings, args)
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
+    images = load_images(discover(args.data), ImageSpec(settings.channels, (settings.sample_size,) * 2))
+    with tqdm(total=settings.steps, desc="training", unit="step", file=sys.stderr) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        train(images, args.out, settings, progress, recipe={"command": "memclean " + " ".join(sys.argv[1:])})
+    print(f"trained on {len(images)} images -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.run.settings import RunSettings, ScoreSettings
+    from pipeline.tools.train import TrainSettings
+
+    parser = argparse.ArgumentParser(prog="memclean", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"memclean {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score images by log volume growth, nothing else (--out FILE.parquet)")
+    add_sections(p, ScoreSettings)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("clean", help="the whole pipeline: score, flag, dedup, remediate, write a cleaned "
+                                     "dataset (--out DIR)")
+    add_sections(p, RunSettings)
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("demo", help="the clean flow on the bundled demo (Prefect, ephemeral; ~1 min on 2 cores)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="(re)write DIR/report.html from a clean output")
+    p.add_argument("dir", type=Path, help="a memclean clean output folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train", help="train a small DDPM (demo and proxy models)")
+    p.add_argument("--data", required=True, type=Path, help="folder of training images (recursive)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (save_pretrained layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_options(p, options(TrainSettings))
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: models are local
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError) as e:  # bad settings, checkpoints, outputs: no traceback
+        print(f"memclean: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

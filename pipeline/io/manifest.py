@@ -1,0 +1,86 @@
+"""manifest.json: what a clean run did, in numbers (counts, threshold, duplicates, model,
+settings, versions, timings), so that every output can be traced and reproduced.
+"""
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import __version__
+from pipeline.io.store import ok_mask
+
+
+def versions() -> dict[str, str]:
+    """The versions of everything that makes the numbers."""
+    import albumentations
+    import diffusers
+    import faiss
+    import torchdiffeq
+
+    return {"memclean": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "torchdiffeq": torchdiffeq.__version__,
+            "pyarrow": pa.__version__, "numpy": np.__version__, "faiss": faiss.__version__,
+            "albumentations": albumentations.__version__}
+
+
+def counts(decided: pa.Table) -> dict[str, int]:
+    """The manifest counts; input = kept + augmented + dropped + rejected always."""
+    actions = Counter(decided.column("action").to_pylist())
+    statuses = Counter(decided.column("status").to_pylist())
+    flagged = sum(bool(f) for f in decided.column("flagged").to_pylist())
+    c = {"input": decided.num_rows, "rejected": actions["rejected"], "scored": statuses["ok"],
+         "flagged": flagged, **{a: actions[a] for a in ("kept", "augmented", "dropped")}}
+    assert c["input"] == c["kept"] + c["augmented"] + c["dropped"] + c["rejected"], c
+    return c
+
+
+def threshold_section(threshold: dict[str, Any], score: str, c: dict[str, int]) -> dict[str, Any]:
+    """The threshold (policy, value, interval, accept band) with the flag rate it gave."""
+    return {**threshold, "score": score, "realised_flag_rate": c["flagged"] / c["scored"] if c["scored"] else None}
+
+
+def dedup_section(decided: pa.Table, dedup: dict[str, Any]) -> dict[str, Any]:
+    """The duplicate search's settings and index (`dedup`) with the clusters it found."""
+    clusters = [d for d in decided.column("dup_cluster").to_pylist() if d is not None]
+    return {**dedup, "clusters": len(set(clusters)), "in_clusters": len(clusters)}
+
+
+def reference_section(reference: pa.Table | None, path: str | None) -> dict[str, Any] | None:
+    if reference is None:
+        return None
+    return {"path": path, "input": reference.num_rows, "scored": int(ok_mask(reference).sum())}
+
+
+def scoring_section(by_source: dict[str, dict[str, Any]], cache_dir: str | None) -> dict[str, Any]:
+    return {"scored_fresh": sum(v["fresh"] for v in by_source.values()),
+            "reused": sum(v["reused"] for v in by_source.values()), "by_source": by_source, "cache_dir": cache_dir}
+
+
+def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup: dict[str, Any],
+             reference: pa.Table | None, reference_path: str | None, model: dict[str, Any],
+             data: dict[str, Any], settings: dict[str, Any], timings: dict[str, float],
+             peak_rss_mb: dict[str, float], scoring: dict[str, dict[str, Any]], cache_dir: str | None,
+             out: str) -> dict[str, Any]:
+    """The manifest of a finished run (every argument is already plain data)."""
+    reasons = Counter(r for r in decided.column("reject_reason").to_pylist() if r)
+    c = counts(decided)
+    return {
+        "counts": c,
+        "reject_reasons": dict(sorted(reasons.items())),
+        "threshold": threshold_section(threshold, score, c),
+        "dedup": dedup_section(decided, dedup),
+        "reference": reference_section(reference, reference_path),
+        "model": model,
+        "data": data,
+        "settings": settings,
+        "versions": versions(),
+        "timings_s": timings,
+        "peak_rss_mb": peak_rss_mb,
+        "scoring": scoring_section(scoring, cache_dir),
+        "out": out,
+    }

@@ -1,0 +1,89 @@
+"""The settings of a run: one typed model, the only place a setting is defined.
+
+A run's settings are sections, each a frozen dataclass that lives beside its concept and checks
+itself when it is built (pipeline/fields.py):
+
+    input        InputSettings        io/data.py           --data, --image-column, --max-pixels, --min-size
+    model        ModelSettings        score/models.py      --model, --allow-pickle, --variant, --data-range, ...
+    output       OutputSettings       io/store.py          --out, --overwrite
+    scorer       ScorerSettings       score/volume.py      --solver, --steps, --probes, ...
+    cache        CacheSettings        score/cache.py       --cache-dir, --no-cache, --shard-size
+    flag         FlagSettings         decide/flagging.py   --reference, --flag-fpr, --flag-quantile, ...
+    dedup        DedupSettings        decide/dedup.py      --embedder, --dup-threshold, --against, ...
+    remediation  RemediationSettings  decide/remediate.py  --action, --augment-tries, --accept-band, ...
+
+`memclean clean`'s options and the Prefect flow `clean`'s parameters are derived from
+RunSettings (fields.options); `memclean score`'s from ScoreSettings. What involves two sections
+is checked here, so a run's settings are whole and valid before its first image is decoded, and
+`flat()` is what every output records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.decide.dedup import DedupSettings
+from pipeline.decide.flagging import FlagSettings
+from pipeline.decide.remediate import RemediationSettings
+from pipeline.fields import build, flatten, section, setting, unknown
+from pipeline.io.data import InputSettings
+from pipeline.io.store import OutputSettings
+from pipeline.score.cache import CacheSettings
+from pipeline.score.models import ModelSettings
+from pipeline.score.volume import ScorerSettings
+
+
+class SettingsMixin:
+    """flat() and from_flat() for a settings model made of sections."""
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name, resolved (what every output records)."""
+        return flatten(self)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]):
+        """Build (and so validate) from flat names; an unknown name is an error, not ignored."""
+        extra = unknown(cls, values)
+        if extra:
+            raise ValueError(f"unknown settings {extra}")
+        return build(cls, values)
+
+
+@dataclass(frozen=True)
+class ScoreSettings(SettingsMixin):
+    """`memclean score`: images in, one score row per image out."""
+
+    input: InputSettings = section()
+    model: ModelSettings = section()
+    output: OutputSettings = section()
+    scorer: ScorerSettings = section(ScorerSettings)
+
+
+@dataclass(frozen=True)
+class RunSettings(ScoreSettings):
+    """`memclean clean` and the flow `clean`: the whole pipeline (a score's settings and more)."""
+
+    cache: CacheSettings = section(CacheSettings)
+    flag: FlagSettings = section(FlagSettings)
+    dedup: DedupSettings = section(DedupSettings)
+    remediation: RemediationSettings = section(RemediationSettings)
+
+    def __post_init__(self) -> None:
+        if self.dedup.against is not None and not self.remediation.dedups:
+            raise ValueError(f"--against compares new images with an earlier output's duplicates, which only "
+                             f"--action auto or dedup does; this run has --action {self.remediation.action}")
+
+
+@dataclass(frozen=True)
+class FlowSettings(SettingsMixin):
+    """Where the flow `clean` maps its scoring shards (the flow's own parameters)."""
+
+    task_runner: str = setting("threads", "threads: shards one after another in this process (each solve "
+                               "already uses every core); dask: a LocalCluster, or the scheduler at dask_address",
+                               choices=("threads", "dask"))
+    dask_address: str | None = setting(None, "an existing Dask scheduler (tcp://host:8786)")
+    dask_workers: int = setting(2, "LocalCluster worker processes (each gets cores / workers threads)")
+
+    def __post_init__(self) -> None:
+        if self.dask_workers < 1:
+            raise ValueError(f"dask_workers must be at least 1, got {self.dask_workers}")

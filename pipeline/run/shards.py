@@ -1,0 +1,117 @@
+"""Sharded scoring: a source is cut into shards of --shard-size items; each shard is scored (or
+its scores reused from the cache) into the run's staging folder by whichever worker runs it (a
+thread, a process, a Dask worker), and the shards are gathered back in order.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.decide.embeddings import Embedder, make_embedder
+from pipeline.io.data import ImageSpec, Item, Source, batched
+from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
+from pipeline.run.resources import resources
+from pipeline.run.settings import RunSettings
+from pipeline.score.cache import ScoreCache, namespace
+from pipeline.score.models import LoadedModel
+from pipeline.score.scoring import image_spec, score_batch
+from pipeline.score.volume import SCORER_VERSION
+
+
+@dataclass
+class Scored:
+    """Pass one over a source: score rows, and embeddings of the decodable rows in order."""
+
+    table: pa.Table
+    vectors: np.ndarray | None  # [n_ok, d]
+    flipped: np.ndarray | None  # [n_ok, d] of mirrored images, with --dedup-flip
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Everything a worker needs to score shards (picklable, for Dask)."""
+
+    settings: RunSettings
+    staging: str  # the run's staging folder (shard files go to staging/shards/)
+
+
+def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreCache | None]:
+    """The model, embedder, input spec and cache of a job (loaded once per process)."""
+    s = job.settings
+    model = resources().model(s.model)
+    embedder = make_embedder(s.dedup.embedder, model, s.dedup.embed_size, s.model.device)
+    spec = image_spec(model, s.input.max_pixels, s.input.min_size)
+    cache = None
+    if s.cache.root is not None:
+        key = namespace(model.fingerprint, {**s.scorer.to_dict(), "scorer_version": SCORER_VERSION}, asdict(spec))
+        cache = resources().cache(s.cache.root, key)
+    return model, embedder, spec, cache
+
+
+def shard_items(source: Source, size: int) -> Iterator[list[Item]]:
+    """The source in consecutive shards of `size` items."""
+    shard: list[Item] = []
+    for item in source:
+        shard.append(item)
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def shard_name(prefix: str, k: int) -> str:
+    return f"{prefix}-{k:06d}"
+
+
+def score_shard(job: ScoreJob, items: list[Item], name: str, embed: bool,
+                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Score (or reuse cached scores of) one shard into staging/shards/name.parquet, with the
+    embeddings of its decodable images in name.npy. Returns the name and counts."""
+    model, embedder, spec, cache = job_context(job)
+    s = job.settings
+    folder = Path(job.staging) / "shards"
+    folder.mkdir(exist_ok=True)
+    rows, vectors, flipped = [], [], []
+    for batch in batched(items, spec, s.model.batch_size):
+        rows += score_batch(model, batch, s.scorer, s.model.device, progress, cache)
+        pixels = [d.pixels for d in batch if d.pixels is not None]
+        if embed and pixels:
+            x = torch.stack(pixels).to(s.model.device)
+            vectors.append(embedder(x).cpu().numpy())
+            if s.dedup.dedup_flip:
+                flipped.append(embedder(x, flip=True).cpu().numpy())
+    with AtomicParquetWriter(folder / f"{name}.parquet", SCORE_SCHEMA, {}) as w:
+        w.write(rows)
+    for suffix, parts in (("npy", vectors), ("flip.npy", flipped)):
+        if parts:
+            np.save(folder / f"{name}.{suffix}", np.concatenate(parts))
+    reused = sum(bool(r["reused"]) for r in rows)
+    return {"name": name, "rows": len(rows), "reused": reused,
+            "fresh": sum(r["status"] == "ok" for r in rows) - reused}
+
+
+def gather(job: ScoreJob, names: list[str]) -> Scored:
+    """Concatenate shard files in order."""
+    folder = Path(job.staging) / "shards"
+    table = pa.concat_tables([pq.read_table(folder / f"{n}.parquet") for n in names]) if names \
+        else SCORE_SCHEMA.empty_table()
+
+    def stack(suffix: str) -> np.ndarray | None:
+        parts = [np.load(folder / f"{n}.{suffix}") for n in names if (folder / f"{n}.{suffix}").exists()]
+        return np.concatenate(parts) if parts else None
+    return Scored(table, stack("npy"), stack("flip.npy"))
+
+
+def score_source(job: ScoreJob, source: Source, prefix: str, embed: bool,
+                 progress: Callable[[int], None] | None = None) -> tuple[Scored, list[dict[str, Any]]]:
+    """Score a whole source shard by shard in this process (the flow maps shards instead)."""
+    results = [score_shard(job, items, shard_name(prefix, k), embed, progress)
+               for k, items in enumerate(shard_items(source, job.settings.cache.shard_size))]
+    return gather(job, [r["name"] for r in results]), results

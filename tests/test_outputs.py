@@ -1,0 +1,64 @@
+"""The files of a run: cleaned/ holds exactly the kept and augmented images, flagged.parquet
+the flagged rows, embeddings.parquet each vector with its own image; earlier outputs checked."""
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.data import discover
+from pipeline.io.outputs import (EMBEDDINGS, check_against, earlier_survivors, write_cleaned, write_embeddings,
+                                 write_tables)
+from pipeline.io.store import OutputSettings
+
+
+def table_for(data, actions, flagged=None):
+    ids = sorted(p.name for p in data.iterdir())
+    n = len(ids)
+    return pa.table({"id": ids, "status": ["ok"] * n, "sha256": [hashlib.sha256((data / i).read_bytes()).hexdigest() for i in ids],
+                     "action": actions, "log_volume_growth": [float(k) for k in range(n)],
+                     "augmented_png": [None] * n, "augmented_score": [None] * n,
+                     "flagged": flagged or [False] * n})
+
+
+def test_cleaned_holds_the_kept_images_and_reports_changed_ones(tmp_path, write_images):
+    data = write_images(n=4, size=(8, 8))
+    decided = table_for(data, ["kept", "dropped", "kept", "kept"])
+    (data / "img002.png").write_bytes(b"changed since scoring")
+    changed = write_cleaned(tmp_path / "cleaned", discover(data), decided, "log_volume_growth",
+                            OutputSettings(out="x", shard_rows=1))
+    assert changed == {"img002.png"}
+    rows = pq.read_table(tmp_path / "cleaned").to_pylist()
+    assert sorted(r["id"] for r in rows) == ["img000.png", "img003.png"]
+    assert all(r["image"]["bytes"] == (data / r["id"]).read_bytes() for r in rows)
+    assert len(list((tmp_path / "cleaned").glob("train-*-of-00003.parquet"))) == 2  # 3 planned, 1 changed
+
+
+def test_tables_and_embeddings(tmp_path, write_images):
+    data = write_images(n=3, size=(8, 8))
+    decided = table_for(data, ["kept", "rejected", "dropped"], flagged=[True, False, False])
+    write_tables(tmp_path, decided, {"k": 1})
+    assert pq.read_table(tmp_path / "flagged.parquet").column("id").to_pylist() == ["img000.png"]
+    assert "augmented_png" not in pq.read_schema(tmp_path / "scores.parquet").names
+    vectors = np.eye(3, 4, dtype=np.float32)  # one per row ok at scoring time
+    write_embeddings(tmp_path, decided, decided, vectors, lambda b: pytest.fail("nothing augmented"), "pixel")
+    emb = pq.read_table(tmp_path / EMBEDDINGS).to_pylist()
+    assert [r["id"] for r in emb] == ["img000.png", "img002.png"]  # the row rejected since is left out
+    assert np.array_equal(emb[1]["embedding"], vectors[2])
+
+
+def test_an_earlier_output_must_match_the_embedder(tmp_path):
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    with pytest.raises(ValueError, match="not a memclean output"):
+        check_against(str(prev), "pixel")
+    (prev / "manifest.json").write_text(json.dumps({"dedup": {"embedder": "pixel"}}))
+    pq.write_table(pa.table({"id": ["a", "b"], "action": ["kept", "dropped"],
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 0, 0, 1.0], pa.float32()), 2)}),
+                   prev / EMBEDDINGS)
+    with pytest.raises(ValueError, match="cannot be compared"):
+        check_against(str(prev), "unet")
+    ids, vecs = earlier_survivors(str(prev), "pixel")
+    assert ids == ["a"] and vecs.tolist() == [[1.0, 0.0]]

@@ -1,0 +1,25 @@
+"""`memclean score` as a library call: one Parquet file, written whole, with its settings."""
+import pyarrow.parquet as pq
+import pytest
+from diffusers import DDPMScheduler
+
+from pipeline.io.store import read_metadata
+from pipeline.run.score import count_inputs, score_to_parquet
+from pipeline.run.settings import ScoreSettings
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+
+
+def test_score_to_parquet(tmp_path, write_images):
+    data = write_images(n=3, size=(8, 8))
+    (data / "empty.png").write_bytes(b"")
+    model = save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m")
+    out = tmp_path / "s.parquet"
+    s = ScoreSettings.from_flat({"data": str(data), "model": str(model), "out": str(out), "solver": "euler", "steps": 2})
+    assert count_inputs(str(data), None) == 4
+    assert score_to_parquet(s) == (4, 1)
+    assert pq.read_table(out).num_rows == 4
+    meta = read_metadata(out)
+    assert meta["settings"] == s.flat() and meta["model"]["layout"] == "flat"
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        score_to_parquet(s)

@@ -1,0 +1,54 @@
+"""Batch scoring: one row per input in order, rejected rows with null scores, cached scores
+reused without a solve."""
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+import pipeline.score.scoring as scoring
+from pipeline.io.data import Item, discover
+from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
+from pipeline.score.models import load_model
+from pipeline.score.scoring import image_spec, score_items
+from pipeline.score.volume import ScorerSettings
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+
+SETTINGS = ScorerSettings(solver="euler", steps=2)
+
+
+@pytest.fixture
+def model(tmp_path):
+    return load_model(save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m"))
+
+
+def test_rows_in_input_order_with_rejections_and_settings(model, write_images):
+    data = write_images(n=3, size=(8, 8))
+    (data / "bad.png").write_bytes(b"nope")
+    rows = [r for batch in score_items(model, discover(data), SETTINGS, batch_size=2) for r in batch]
+    assert [r["id"] for r in rows] == ["bad.png", "img000.png", "img001.png", "img002.png"]
+    assert rows[0]["status"] == "rejected" and all(rows[0][c] is None for c in SCORE_COLUMNS)
+    for r in rows[1:]:
+        assert r["status"] == "ok" and r["nfe"] == 2 and r["reused"] is False
+        assert r["solver"] == "euler" and r["model_fingerprint"] == model.fingerprint and r["data_range"] == "[-1, 1]"
+        assert r["logp"] == pytest.approx(r["prior_logp"] + r["log_volume_growth"], rel=1e-12)
+
+
+def test_cached_scores_are_reused_without_solving(model, write_images, tmp_path, monkeypatch):
+    data = write_images(n=2, size=(8, 8))
+    spec = image_spec(model)
+    cache = ScoreCache(tmp_path / "c", "k")
+    first = [r for b in scoring.batched(discover(data), spec, 8) for r in scoring.score_batch(model, b, SETTINGS, cache=cache)]
+    monkeypatch.setattr(scoring, "log_volume_growth", lambda *a, **k: pytest.fail("solved again"))
+    again = [r for b in scoring.batched(discover(data), spec, 8) for r in scoring.score_batch(model, b, SETTINGS, cache=cache)]
+    assert all(r["reused"] for r in again)
+    assert [r["log_volume_growth"] for r in again] == [r["log_volume_growth"] for r in first]
+
+
+def test_progress_counts_every_input(model, write_images):
+    data = write_images(n=5, size=(8, 8))
+    (data / "bad.png").write_bytes(b"")
+    seen = []
+    list(score_items(model, discover(data), SETTINGS, batch_size=2, progress=seen.append))
+    assert sum(seen) == 6

@@ -1,0 +1,40 @@
+"""The run's settings model: one source for the CLI and the flow, checked whole before any work."""
+import pytest
+
+from pipeline.fields import options
+from pipeline.run.settings import FlowSettings, RunSettings, ScoreSettings
+
+BASE = {"data": "d", "model": "m", "out": "o"}
+
+
+def test_defaults_and_flat_names_users_type():
+    s = RunSettings.from_flat(BASE)
+    flat = s.flat()
+    assert flat["solver"] == "heun" and flat["steps"] == 8 and flat["probe_mode"] == "fresh"
+    assert flat["flag_quantile"] is None and flat["augment_tries"] == 3 and flat["augment_seed"] == 0
+    assert {"data", "model", "out", "reference", "flag_fpr", "dup_threshold", "accept_band", "shard_size",
+            "cache_dir", "no_cache", "variant", "data_range", "precision"} <= set(flat)
+    assert RunSettings.from_flat(flat) == s
+
+
+def test_every_name_is_unique_across_the_run_and_the_flow():
+    names = [o.name for o in options(RunSettings) + options(FlowSettings)]
+    assert len(names) == len(set(names))
+    assert {o.name for o in options(ScoreSettings)} <= {o.name for o in options(RunSettings)}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"flag_quantile": 1.5}, "--flag-quantile"), ({"reference": "r", "flag_zscore": 2.0}, "one flagging policy"),
+    ({"against": "prev", "action": "drop"}, "--against"), ({"steps": 0}, "steps"),
+    ({"accept_band": 0.6}, "--accept-band"), ({"batch_size": 0}, "--batch-size"),
+    ({"shard_size": 0}, "--shard-size"), ({"nonsense": 1}, "unknown settings"),
+])
+def test_bad_settings_are_refused_when_built(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_flat({**BASE, **bad})
+
+
+def test_flow_settings():
+    assert FlowSettings.from_flat({}).task_runner == "threads"
+    with pytest.raises(ValueError):
+        FlowSettings.from_flat({"dask_workers": 0})

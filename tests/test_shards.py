@@ -1,0 +1,40 @@
+"""Sharded scoring: shards in order, gathered whole, cached scores reused by a second job."""
+import numpy as np
+from diffusers import DDPMScheduler
+
+from pipeline.io.data import discover
+from pipeline.run.settings import RunSettings
+from pipeline.run.shards import ScoreJob, gather, score_shard, score_source, shard_items, shard_name
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+
+
+def settings(tmp_path, data, **extra):
+    model = save_checkpoint(tiny_unet(channels=1, size=8), DDPMScheduler(), tmp_path / "m")
+    return RunSettings.from_flat({"data": str(data), "model": str(model), "out": str(tmp_path / "out"),
+                                  "solver": "euler", "steps": 2, "batch_size": 2, "shard_size": 3,
+                                  "cache_dir": str(tmp_path / "cache"), **extra})
+
+
+def test_shards_cover_the_source_in_order_and_gather_whole(tmp_path, write_images):
+    data = write_images(n=7, size=(8, 8))
+    (data / "bad.png").write_bytes(b"x")
+    s = settings(tmp_path, data)
+    shards = list(shard_items(discover(data), 3))
+    assert [len(sh) for sh in shards] == [3, 3, 2]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    job = ScoreJob(s, str(staging))
+    scored, results = score_source(job, discover(data), "input", embed=True)
+    assert [r["name"] for r in results] == [shard_name("input", k) for k in range(3)]
+    assert scored.table.column("id").to_pylist() == sorted(i.id for sh in shards for i in sh)
+    ok = np.array(scored.table.column("status").to_pylist()) == "ok"
+    assert scored.vectors.shape[0] == ok.sum() == 7 and scored.flipped is None
+    assert sum(r["fresh"] for r in results) == 7 and sum(r["reused"] for r in results) == 0
+    # a second job (a restarted run) reuses every score from the cache
+    again = [score_shard(job, sh, f"again-{k}", embed=False) for k, sh in enumerate(shards)]
+    assert sum(r["reused"] for r in again) == 7 and sum(r["fresh"] for r in again) == 0
+    regathered = gather(job, [r["name"] for r in again])
+    assert regathered.vectors is None
+    cols = ["id", "log_volume_growth"]
+    assert regathered.table.select(cols).equals(scored.table.select(cols))
