@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.io.data import discover
 from pipeline.io.outputs import (EMBEDDINGS, check_against, earlier_survivors, write_cleaned, write_embeddings,
-                                 write_tables)
-from pipeline.io.store import OutputSettings
+                                 write_flagged, write_tables)
+from pipeline.io.store import OutputSettings, read_metadata
 
 
 def table_for(data, actions, flagged=None):
@@ -19,29 +19,53 @@ def table_for(data, actions, flagged=None):
     n = len(ids)
     return pa.table({"id": ids, "status": ["ok"] * n, "sha256": [hashlib.sha256((data / i).read_bytes()).hexdigest() for i in ids],
                      "action": actions, "log_volume_growth": [float(k) for k in range(n)],
-                     "augmented_png": [None] * n, "augmented_score": [None] * n,
-                     "flagged": flagged or [False] * n})
+                     "augmented_png": pa.array([None] * n, pa.string()),
+                     "augmented_score": pa.array([None] * n, pa.float64()), "flagged": flagged or [False] * n})
 
 
 def test_cleaned_holds_the_kept_images_and_reports_changed_ones(tmp_path, write_images):
     data = write_images(n=4, size=(8, 8))
     decided = table_for(data, ["kept", "dropped", "kept", "kept"])
     (data / "img002.png").write_bytes(b"changed since scoring")
-    changed = write_cleaned(tmp_path / "cleaned", discover(data), decided, "log_volume_growth",
-                            OutputSettings(out="x", shard_rows=1))
+    changed, written = write_cleaned(tmp_path / "cleaned", discover(data), decided, "log_volume_growth",
+                                     OutputSettings(out="x", shard_rows=1))
     assert changed == {"img002.png"}
+    assert written == sum(len((data / i).read_bytes()) for i in ("img000.png", "img003.png"))
     rows = pq.read_table(tmp_path / "cleaned").to_pylist()
     assert sorted(r["id"] for r in rows) == ["img000.png", "img003.png"]
     assert all(r["image"]["bytes"] == (data / r["id"]).read_bytes() for r in rows)
     assert len(list((tmp_path / "cleaned").glob("train-*-of-00003.parquet"))) == 2  # 3 planned, 1 changed
 
 
+def test_flagged_rows_carry_their_images_highest_score_first_in_small_row_groups(tmp_path, write_images):
+    data = write_images(n=5, size=(8, 8))
+    decided = table_for(data, ["kept", "augmented", "dropped", "kept", "kept"], flagged=[True, True, True, False, True])
+    png = tmp_path / "variant.png"
+    png.write_bytes(b"\x89PNG variant")
+    decided = decided.set_column(decided.schema.get_field_index("augmented_png"), "augmented_png",
+                                 pa.array([None, str(png), None, None, None], pa.string()))
+    (data / "img004.png").write_bytes(b"changed since scoring")
+    written = write_flagged(tmp_path, discover(data), decided, "log_volume_growth", {"k": 1}, row_group_rows=2)
+    t = pq.read_table(tmp_path / "flagged.parquet")
+    rows = t.to_pylist()
+    assert [r["id"] for r in rows] == ["img004.png", "img002.png", "img001.png", "img000.png"]  # score 4, 2, 1, 0
+    assert rows[0]["image"] is None  # its bytes changed: no image rather than another one
+    for r in rows[1:]:
+        assert r["image"] == {"bytes": (data / r["id"]).read_bytes(), "path": r["id"]}
+    assert rows[2]["augmented_image"] == {"bytes": png.read_bytes(), "path": "variant.png"}
+    assert rows[1]["augmented_image"] is None and "augmented_png" not in t.column_names
+    assert pq.ParquetFile(tmp_path / "flagged.parquet").metadata.num_row_groups == 2
+    assert b"huggingface" in t.schema.metadata and read_metadata(tmp_path / "flagged.parquet") == {"k": 1}
+    assert written == sum(len(r["image"]["bytes"]) for r in rows[1:]) + len(png.read_bytes())
+    assert not list(tmp_path.glob(".flagged-images*"))
+
+
 def test_tables_and_embeddings(tmp_path, write_images):
     data = write_images(n=3, size=(8, 8))
     decided = table_for(data, ["kept", "rejected", "dropped"], flagged=[True, False, False])
     write_tables(tmp_path, decided, {"k": 1})
-    assert pq.read_table(tmp_path / "flagged.parquet").column("id").to_pylist() == ["img000.png"]
     assert "augmented_png" not in pq.read_schema(tmp_path / "scores.parquet").names
+    assert pq.read_table(tmp_path / "scores.parquet").num_rows == 3
     vectors = np.eye(3, 4, dtype=np.float32)  # one per row ok at scoring time
     write_embeddings(tmp_path, decided, decided, vectors, lambda b: pytest.fail("nothing augmented"), "pixel")
     emb = pq.read_table(tmp_path / EMBEDDINGS).to_pylist()

@@ -150,3 +150,40 @@ def test_plan_covers_every_action():
     for bad in (dict(action="purge"), dict(tries=0), dict(tries=21), dict(accept_band=0.5), dict(accept_band=-0.1)):
         with pytest.raises(ValueError):
             RemediationSettings(**bad)
+
+
+def test_flagged_images_open_in_datasets_pyarrow_and_duckdb(setup):
+    """flagged.parquet shows the flagged images themselves: `image` is the original file and
+    `augmented_image` the accepted variant, decoded by datasets with no glue; each equals its
+    source pixel for pixel (the variant: transforms.replay of its record), highest score first."""
+    import datasets
+    import duckdb
+    from PIL import Image
+
+    root, _, model = setup
+    rows, m = clean(root, model, "shown", "--action", "augment", "--flag-quantile", "0.5", "--on-failure", "keep")
+    path = root / "shown" / "flagged.parquet"
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    assert isinstance(ds.features["image"], datasets.Image) and isinstance(ds.features["augmented_image"], datasets.Image)
+    assert len(ds) == m["counts"]["flagged"]
+    scores = ds["log_volume_growth"]
+    assert scores == sorted(scores, reverse=True)
+    spec = ImageSpec(3, (8, 8))
+    augmented = 0
+    for r in ds:
+        source = Image.open(root / "train" / r["id"])
+        assert np.array_equal(np.asarray(r["image"]), np.asarray(source)), r["id"]
+        if r["action"] == "augmented":
+            augmented += 1
+            replayed = transforms.replay(r["augmentation"], to_array(open_image((root / "train" / r["id"]).read_bytes(), spec)))
+            assert np.array_equal(to_array(r["augmented_image"].convert("RGB")), replayed)
+        else:
+            assert r["augmented_image"] is None
+    assert augmented == m["counts"]["augmented"] > 0
+    t = pq.read_table(path)
+    assert t.column("id").to_pylist() == ds["id"]
+    top = duckdb.sql(f"select id, action, dup_cluster, octet_length(image.bytes) from read_parquet('{path}') "
+                     "order by log_volume_growth desc limit 3").fetchall()
+    assert [r[0] for r in top] == ds["id"][:3] and all(r[3] > 0 for r in top)
+    assert m["image_bytes"]["flagged"] > 0 and m["image_bytes"]["cleaned"] > 0
+    assert "image" not in pq.read_schema(root / "shown" / "scores.parquet").names  # scores stay light

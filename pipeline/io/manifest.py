@@ -65,7 +65,7 @@ def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup:
              reference: pa.Table | None, reference_path: str | None, model: dict[str, Any],
              data: dict[str, Any], settings: dict[str, Any], timings: dict[str, float],
              peak_rss_mb: dict[str, float], scoring: dict[str, dict[str, Any]], cache_dir: str | None,
-             out: str) -> dict[str, Any]:
+             out: str, image_bytes: dict[str, int] | None = None) -> dict[str, Any]:
     """The manifest of a finished run (every argument is already plain data)."""
     reasons = Counter(r for r in decided.column("reject_reason").to_pylist() if r)
     c = counts(decided)
@@ -82,5 +82,6 @@ def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup:
         "timings_s": timings,
         "peak_rss_mb": peak_rss_mb,
         "scoring": scoring_section(scoring, cache_dir),
+        "image_bytes": image_bytes or {},  # bytes of images written into cleaned/ and flagged.parquet
         "out": out,
     }

@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.data import ImageSpec, Rejected, Source, decode_image
-from pipeline.io.store import (DECISION_SCHEMA, AtomicParquetWriter, OutputSettings, cleaned_schema,
-                               ok_mask)
+from pipeline.io.store import (DECISION_SCHEMA, IMAGE, AtomicParquetWriter, OutputSettings, cleaned_schema,
+                               ok_mask, with_hf_features)
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,17 @@ def replace_column(table: pa.Table, name: str, values: list) -> pa.Table:
     return table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
 
 
-def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str, settings: OutputSettings) -> set[str]:
+def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str,
+                  settings: OutputSettings) -> tuple[set[str], int]:
     """Stream the source again and write kept and augmented images to folder/ in the datasets
-    Image layout, sharded. Returns the ids whose bytes changed since scoring (not written)."""
+    Image layout, sharded. Returns the ids whose bytes changed since scoring (not written) and
+    the image bytes written."""
     cols = {c: decided.column(c).to_pylist() for c in ("id", "action", "sha256", score, "augmented_png",
                                                         "augmented_score")}
     wanted = {cols["id"][i]: i for i, a in enumerate(cols["action"]) if a in KEPT}
     folder.mkdir()
     n_files = max(1, -(-len(wanted) // settings.shard_rows))
-    shard, writer, changed = 0, None, set()
+    shard, writer, changed, total = 0, None, set(), 0
     for item in source:
         i = wanted.get(item.id)
         if i is None:
@@ -69,18 +71,84 @@ def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str, s
             shard += 1
         writer.write([{"image": {"bytes": data, "path": name}, "id": item.id, "sha256": cols["sha256"][i],
                        "action": cols["action"][i], "log_volume_growth": value}])
+        total += len(data)
     if writer is not None:
         writer.commit()
-    return changed
+    return changed, total
 
 
 def write_tables(folder: Path, decided: pa.Table, metadata: dict[str, Any]) -> None:
-    """scores.parquet (every input) and flagged.parquet (the flagged rows)."""
+    """scores.parquet: every input, light (no image bytes; see write_flagged for those)."""
     decided = decided.drop_columns(["augmented_png"])
-    for name, table in (("scores.parquet", decided),
-                        ("flagged.parquet", decided.filter(pc.equal(decided.column("flagged"), True)))):
-        with AtomicParquetWriter(folder / name, table.schema, metadata) as w:
-            w.write_table(table)
+    with AtomicParquetWriter(folder / "scores.parquet", decided.schema, metadata) as w:
+        w.write_table(decided)
+
+
+ROW_GROUP_BYTES = 64 << 20  # image bytes per row group of flagged.parquet, at most (about)
+
+
+def flagged_order(decided: pa.Table, score: str) -> pa.Table:
+    """The flagged rows, highest score first (ties by id)."""
+    flagged = decided.filter(pc.equal(decided.column("flagged"), True))
+    return flagged.sort_by([(score, "descending"), ("id", "ascending")])
+
+
+def spool_images(source: Source, wanted: dict[str, str], path: Path) -> tuple[dict[str, int], int]:
+    """The bytes of the wanted inputs (id -> sha256 at scoring), in one pass over the source,
+    into an Arrow IPC file at `path` (memory-mapped when read back, so they never all sit in
+    memory). Returns each id's row there and the bytes spooled; an input whose bytes changed
+    since scoring is left out."""
+    schema = pa.schema([("bytes", pa.binary()), ("path", pa.string())])
+    rows: dict[str, int] = {}
+    total = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for item in source:
+            if item.id not in wanted:
+                continue
+            try:
+                data = item.read()
+            except (Rejected, OSError):
+                continue
+            if hashlib.sha256(data).hexdigest() != wanted[item.id]:
+                log.warning("%s changed since it was scored: flagged.parquet shows no image for it", item.path)
+                continue
+            writer.write_table(pa.table({"bytes": [data], "path": [os.path.basename(item.path) or item.id]}, schema))
+            rows[item.id] = len(rows)
+            total += len(data)
+    return rows, total
+
+
+def write_flagged(folder: Path, source: Source, decided: pa.Table, score: str, metadata: dict[str, Any],
+                  row_group_rows: int = 256) -> int:
+    """flagged.parquet: the flagged rows, highest score first, with `image` (the original file)
+    and `augmented_image` (the accepted variant) in the datasets Image layout and the
+    'huggingface' metadata, so datasets.load_dataset('parquet') decodes both. Written in row
+    groups of at most row_group_rows rows and about ROW_GROUP_BYTES of images, the original
+    bytes read back from a memory-mapped spool. Returns the image bytes written."""
+    flagged = flagged_order(decided, score)
+    ids = flagged.column("id").to_pylist()
+    spool = folder / ".flagged-images.arrow"
+    rows, total = spool_images(source, dict(zip(ids, flagged.column("sha256").to_pylist())), spool)
+    pngs = flagged.column("augmented_png").to_pylist()
+    schema = with_hf_features(pa.schema([("image", IMAGE), ("augmented_image", IMAGE)]
+                                        + [f for f in flagged.schema if f.name != "augmented_png"]))
+    per_group = max(1, min(row_group_rows, ROW_GROUP_BYTES * max(len(rows), 1) // max(total, 1)))
+    with pa.memory_map(str(spool)) as mm:
+        images = pa.ipc.open_file(mm).read_all()
+        with AtomicParquetWriter(folder / "flagged.parquet", schema, metadata, per_group) as w:
+            for start in range(0, len(ids), per_group):
+                chunk = flagged.slice(start, per_group)
+                take = [rows.get(i) for i in ids[start:start + per_group]]
+                original = images.take(pa.array(take, pa.int64())).to_pylist() if take else []
+                augmented = [None if p is None else {"bytes": Path(p).read_bytes(), "path": Path(p).name}
+                             for p in pngs[start:start + per_group]]
+                total += sum(len(a["bytes"]) for a in augmented if a)
+                w.write_table(chunk.drop_columns(["augmented_png"])
+                              .add_column(0, "augmented_image", pa.array(augmented, IMAGE))
+                              .add_column(0, "image", pa.array([o if o and o["bytes"] is not None else None
+                                                                for o in original], IMAGE)))
+    spool.unlink()
+    return total
 
 
 def write_embeddings(folder: Path, decided: pa.Table, scored_table: pa.Table, vectors: np.ndarray,

@@ -69,20 +69,17 @@ DECISION_SCHEMA = pa.schema([
     ("augmented_png", pa.string()),  # internal: staging path of the accepted augmentation
 ])
 
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image layout
+
 CLEANED_SCHEMA = pa.schema([
-    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),  # datasets Image
+    ("image", IMAGE),  # datasets Image
     ("id", pa.string()),  # the input's id in scores.parquet
     ("sha256", pa.string()),  # of the source file
     ("action", pa.string()),  # kept | augmented
     ("log_volume_growth", pa.float64()),  # the score that was judged
 ])
-HF_FEATURES = {"info": {"features": {
-    "image": {"_type": "Image"},
-    "id": {"dtype": "string", "_type": "Value"},
-    "sha256": {"dtype": "string", "_type": "Value"},
-    "action": {"dtype": "string", "_type": "Value"},
-    "log_volume_growth": {"dtype": "float64", "_type": "Value"},
-}}}
+HF_DTYPES = {pa.string(): "string", pa.float64(): "float64", pa.float32(): "float32", pa.int64(): "int64",
+             pa.bool_(): "bool", pa.binary(): "binary", pa.null(): "null"}
 COMPLETE_MARKER = "_COMPLETE"  # written last into a finished output folder
 
 
@@ -127,9 +124,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
 
 
+def with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """`schema` with the 'huggingface' metadata that `datasets` reads: every IMAGE column is an
+    Image feature (decoded to PIL on access), every other column a Value of its type."""
+    features = {f.name: {"_type": "Image"} if f.type == IMAGE else {"dtype": HF_DTYPES[f.type], "_type": "Value"}
+                for f in schema}
+    meta = dict(schema.metadata or {})
+    meta[b"huggingface"] = json.dumps({"info": {"features": features}}).encode()
+    return schema.with_metadata(meta)
+
+
 def cleaned_schema() -> pa.Schema:
     """CLEANED_SCHEMA with the Hugging Face features metadata that `datasets` reads."""
-    return CLEANED_SCHEMA.with_metadata({b"huggingface": json.dumps(HF_FEATURES).encode()})
+    return with_hf_features(CLEANED_SCHEMA)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

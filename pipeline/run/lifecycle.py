@@ -26,7 +26,7 @@ from pipeline.decide.remediate import augment_and_rescore, plan, record_json, re
 from pipeline.io.data import ImageSpec, Source, discover, read_selected
 from pipeline.io.manifest import manifest
 from pipeline.io.outputs import (check_against, decided_table, earlier_survivors, embed_png, replace_column,
-                                 write_cleaned, write_embeddings, write_tables)
+                                 write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import AtomicParquetWriter, check_output_dir, commit_dir, ok_mask, score_values, \
     staging_dir, write_json_atomic
@@ -54,6 +54,7 @@ class RunContext:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # process peak RSS after each stage
     scoring: dict[str, dict[str, Any]] = field(default_factory=dict)  # per source: fresh, reused, s, images/s
     index: Any = None  # the FAISS index over this run's embeddings, once built
+    image_bytes: dict[str, int] = field(default_factory=dict)  # image bytes written: cleaned, flagged
 
     @property
     def job(self) -> ScoreJob:
@@ -206,7 +207,8 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
     reference scores, the embeddings and the index."""
     s = ctx.settings
     with Stage(ctx, "write_cleaned"):
-        changed = write_cleaned(ctx.staging / "cleaned", ctx.source, decided, s.flag.score, s.output)
+        changed, ctx.image_bytes["cleaned"] = write_cleaned(ctx.staging / "cleaned", ctx.source, decided,
+                                                             s.flag.score, s.output)
         action = decided.column("action").to_pylist()
         hit = reject_changed(decided.column("id").to_pylist(), action, changed)
         if any(hit):
@@ -217,6 +219,8 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
     with Stage(ctx, "write_tables"):
         meta = {"settings": s.flat(), "threshold": threshold.to_dict(), "model_fingerprint": ctx.model.fingerprint}
         write_tables(ctx.staging, decided, meta)
+        ctx.image_bytes["flagged"] = write_flagged(ctx.staging, ctx.source, decided, s.flag.score, meta,
+                                                   s.output.row_group_rows)
         if reference is not None:
             with AtomicParquetWriter(ctx.staging / "reference_scores.parquet", reference.schema, meta) as w:
                 w.write_table(reference)
@@ -242,7 +246,7 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
                     reference_path=s.flag.reference, model=model,
                     data={"path": ctx.source.path, "kind": ctx.source.kind}, settings=s.flat(),
                     timings=ctx.timings, peak_rss_mb=ctx.peak_rss_mb, scoring=ctx.scoring,
-                    cache_dir=s.cache.root, out=str(ctx.out))
+                    cache_dir=s.cache.root, out=str(ctx.out), image_bytes=ctx.image_bytes)
 
 
 def finish_run(ctx: RunContext, scored: Scored, reference: Scored | None,
