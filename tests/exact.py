@@ -109,3 +109,38 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0, scale: float = 0.
         for p in unet.conv_out.parameters():
             p.mul_(scale)
     return unet.eval().requires_grad_(False)
+
+
+def tiny_autoencoder(kind: str = "vq", seed: int = 0, channels: int = 3):
+    """A small random VQModel or AutoencoderKL (latent 2x smaller than the image)."""
+    from diffusers import AutoencoderKL, VQModel
+
+    torch.manual_seed(seed)
+    common = dict(in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=(8, 16),
+                  norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2)
+    if kind == "vq":
+        return VQModel(latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, **common).eval()
+    return AutoencoderKL(latent_channels=4, scaling_factor=0.18215, **common).eval()
+
+
+def save_latent_pipeline(path, kind: str = "vq", unet=None, scheduler=None, seed: int = 0):
+    """A latent pipeline saved with diffusers' own save_pretrained: LDMPipeline (vqvae/, unet/,
+    scheduler/) for a VQModel; for an AutoencoderKL its components under vae/, unet/, scheduler/
+    with a model_index.json naming them."""
+    import json
+
+    from diffusers import DDPMScheduler, LDMPipeline
+
+    ae = tiny_autoencoder(kind, seed)
+    unet = unet if unet is not None else tiny_unet(channels=ae.config.latent_channels, size=8, seed=seed)
+    scheduler = scheduler if scheduler is not None else DDPMScheduler()
+    if kind == "vq":
+        LDMPipeline(vqvae=ae, unet=unet, scheduler=scheduler).save_pretrained(path)
+        return path
+    for name, part in (("vae", ae), ("unet", unet), ("scheduler", scheduler)):
+        part.save_pretrained(path / name)
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMPipeline", "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return path

@@ -164,3 +164,31 @@ def test_data_paths_that_are_not_a_source_are_refused(tmp_path, zero_model, writ
     pq.write_table(pa.table({"image": [b"x"]}), data / "extra.parquet")
     rc = main(["score", "--data", str(data), "--model", str(zero_model), "--out", str(tmp_path / "s.parquet")])
     assert rc == 2 and "both image files and Parquet files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_a_zero_unet_in_a_latent_pipeline_has_the_closed_form_through_the_cli(tmp_path, write_images, kind):
+    """eps_hat = 0 in the latent: V = D_z/2 (log abar(1) - log abar(eps)) with D_z the latent's
+    size, not the image's; bits/dim are per latent dimension, with no 8-bit offset."""
+    import math
+
+    from tests.exact import save_latent_pipeline, tiny_autoencoder
+
+    latent_channels = tiny_autoencoder(kind).config.latent_channels
+    unet = tiny_unet(channels=latent_channels, size=8)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.zero_()
+    model = save_latent_pipeline(tmp_path / "ldm", kind, unet=unet)
+    data = write_images(n=2, size=(16, 16), mode="RGB")
+    out = tmp_path / "s.parquet"
+    assert main(["score", "--data", str(data), "--model", str(model), "--out", str(out)]) == 0
+    s = LinearVP(1000, 1e-4, 0.02)
+    la = lambda t: float(s.log_abar(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    D_z = latent_channels * 8 * 8
+    for r in pq.read_table(out).to_pylist():
+        assert r["score_space"] == "latent" and r["latent_shape"] == f"{latent_channels}x8x8"
+        assert r["log_volume_growth"] == pytest.approx(D_z / 2 * (la(1.0) - la(1e-5)), rel=64 * 2.0**-52)
+        assert r["bits_per_dim"] == pytest.approx(-r["logp"] / (D_z * math.log(2)), rel=1e-12)
+    meta = read_metadata(out)["model"]
+    assert meta["score_space"] == "latent" and meta["bits_per_dim_offset"] == 0.0

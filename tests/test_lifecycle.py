@@ -250,3 +250,28 @@ def test_an_input_that_changes_during_the_run_is_rejected_and_every_vector_stays
         # a unit vector from float32 resampling and blurring, computed in another batch: rounding
         # of a few dozen accumulated terms, 64 * 2^-23 of its norm; a neighbour's vector is ~1 away
         assert np.allclose(r["embedding"], expected, atol=64 * 2.0**-23), r["id"]
+
+
+@pytest.mark.parametrize("embedder", ["pixel", "unet"])
+def test_a_clean_run_on_a_latent_checkpoint(tmp_path, write_images, embedder):
+    """The whole run on an LDM-style pipeline: scored in its latent, flagged, deduplicated on
+    pixels (or on the UNet's features of the latent), augmented and re-scored through the
+    encoder, with the outputs of the pixel case."""
+    from tests.exact import save_latent_pipeline
+
+    model = save_latent_pipeline(tmp_path / "ldm", "vq")
+    data = write_images(n=10, size=(16, 16), mode="RGB")
+    Image.open(data / "img000.png").save(data / "copy.png")
+    assert main(["clean", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "out"),
+                 "--solver", "euler", "--steps", "2", "--flag-quantile", "0.5", "--accept-band", "0",
+                 "--no-cache", "--embedder", embedder]) == 0
+    out = tmp_path / "out"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["score_space"] == "latent" and m["model"]["autoencoder"] == "VQModel"
+    assert m["counts"]["input"] == 11 == m["counts"]["kept"] + m["counts"]["augmented"] + m["counts"]["dropped"]
+    rows = {r["id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
+    assert rows["copy.png"]["dup_cluster"] == rows["img000.png"]["dup_cluster"] is not None
+    assert all(r["score_space"] == "latent" for r in rows.values())
+    assert m["counts"]["augmented"] + sum(r["action"] == "dropped" and r["flagged"] for r in rows.values()) > 0
+    for name in ("cleaned", "flagged.parquet", "embeddings.parquet", "report.html"):
+        assert (out / name).exists()

@@ -237,3 +237,43 @@ def test_prediction_types_convert_to_the_same_score(prediction_type):
 def test_unknown_prediction_type_is_refused():
     with pytest.raises(ValueError, match="prediction_type"):
         DiffusersScore(tiny_unet(), LinearVP(1000, 1e-4, 0.02), "flow")
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_latent_pipelines_score_the_latent_their_unet_diffuses(tmp_path, kind):
+    """The scorer's latent is exactly what the pipeline's UNet works in: scaling_factor times the
+    VQModel's latent before quantization (LDMPipeline divides the scaling back out and decodes
+    it, quantizing) or the AutoencoderKL posterior's mean."""
+    from tests.exact import save_latent_pipeline
+
+    m = load_model(save_latent_pipeline(tmp_path / "ldm", kind))
+    ae = m.encoder.autoencoder
+    assert m.score_space == "latent" and m.checkpoint.autoencoder_class == ("VQModel" if kind == "vq" else "AutoencoderKL")
+    assert (m.channels, m.sample_size) == (3, (16, 16)) and m.latent_shape == (ae.config.latent_channels, 8, 8)
+    assert m.data_range == (-1.0, 1.0) and m.score_fn.bits_offset == 0.0
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        own = ae.encode(x)
+        expected = ae.config.scaling_factor * (own.latents if kind == "vq" else own.latent_dist.mean)
+        assert torch.equal(m.prepare(x), expected)
+    r = log_volume_growth(m.score_fn, m.prepare(x), ScorerSettings(solver="heun", steps=2))
+    assert torch.isfinite(r.log_volume_growth).all()
+
+
+def test_the_fingerprint_covers_the_autoencoder(tmp_path):
+    from diffusers import DDPMScheduler as Sched
+
+    from tests.exact import save_latent_pipeline, tiny_unet as unet
+
+    a = load_model(save_latent_pipeline(tmp_path / "a", "vq", unet(channels=3, size=8), Sched(), seed=0))
+    b = load_model(save_latent_pipeline(tmp_path / "b", "vq", unet(channels=3, size=8), Sched(), seed=1))
+    assert a.fingerprint != b.fingerprint  # same UNet and schedule, another autoencoder
+
+
+def test_unsupported_autoencoders_are_refused(tmp_path):
+    from tests.exact import save_latent_pipeline
+
+    path = save_latent_pipeline(tmp_path / "ldm", "vq")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "vqvae": ["diffusers", "AutoencoderTiny"]}))
+    refuse(path, "not one memclean scores through")

@@ -135,15 +135,17 @@ class UNetEmbedder(CosineSimilarity):
     name = "unet"
     default_threshold = 0.95
 
-    def __init__(self, score_fn, t: float = 0.5):
+    def __init__(self, score_fn, t: float = 0.5, prepare=None):
         self.score_fn = score_fn  # a DiffusersScore: its UNet and schedule
         self.t = torch.tensor(t, dtype=torch.float64)  # the diffusion time features are taken at
+        self.prepare = prepare or (lambda x: x)  # images -> what the UNet takes (a latent pipeline's latent)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
         unet, schedule = self.score_fn.unet, self.score_fn.schedule
         if flip:
             x = x.flip(-1)
+        x = self.prepare(x)
         features: list[torch.Tensor] = []
         hook = unet.mid_block.register_forward_hook(lambda m, i, o: features.append(o))
         try:
@@ -190,7 +192,7 @@ class TorchScriptEmbedder(CosineSimilarity):
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
     "pixel": lambda model=None, **kw: PixelEmbedder(image_side=min(model.sample_size) if model else None),
-    "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn),
+    "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn, prepare=model.prepare),
     "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(
         path, size, device, model.data_range if model else (-1.0, 1.0)),
 }

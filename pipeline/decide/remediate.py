@@ -35,7 +35,8 @@ import transforms
 from pipeline.fields import setting
 from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
 from pipeline.decide.flagging import Threshold, accept, flag
-from pipeline.score.volume import ScorerSettings, log_volume_growth
+from pipeline.score.scoring import score_images
+from pipeline.score.volume import ScorerSettings
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def next_level(a: Attempt) -> int:
     return min(max(a.level + step, 0), len(transforms.PRESETS) - 1)
 
 
-def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], score_fn, spec: ImageSpec,
+def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], model, spec: ImageSpec,
                         scorer: ScorerSettings, threshold: Threshold, low: float | None, score_name: str,
                         settings: RemediationSettings, folder: Path, batch_size: int = 16,
                         device: str | torch.device = "cpu",
@@ -164,7 +165,7 @@ def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], score_fn, sp
                 made.append((i, arr, record, level))
             x = torch.stack([to_tensor(center_crop_resize(to_image(a), spec.size), spec.data_range)
                              for _, a, _, _ in made]).to(device)
-            values = getattr(log_volume_growth(score_fn, x, scorer), score_name).tolist()
+            values = getattr(score_images(model, x, scorer), score_name).tolist()
             for (i, arr, record, level), v in zip(made, values):
                 buf = io.BytesIO()
                 to_image(arr).save(buf, "PNG")

@@ -51,6 +51,8 @@ SCORE_SCHEMA = pa.schema([
     ("grid", pa.string()),  # fixed-grid times: log_snr or uniform (dopri5 ignores it)
     ("precision", pa.string()),  # the network's arithmetic: fp32 | tf32 | bf16
     ("data_range", pa.string()),  # the range the image was scored in: [-1, 1] (VP) or [0, 1] (VE)
+    ("score_space", pa.string()),  # pixel, or latent: the score is of the latent a latent pipeline's UNet diffuses
+    ("latent_shape", pa.string()),  # C x H x W of that latent (latent pipelines only)
     ("model_fingerprint", pa.string()),
 ])
 

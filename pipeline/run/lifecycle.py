@@ -35,7 +35,6 @@ from pipeline.run.settings import RunSettings
 from pipeline.run.shards import ScoreJob, Scored, score_source
 from pipeline.score.models import LoadedModel
 from pipeline.score.scoring import image_spec
-from pipeline.score.volume import bits_offset
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: 
     folder.mkdir(exist_ok=True)
     images = read_selected(ctx.source, set(rows), ctx.spec)
     low = threshold.details["accept_band"][0]
-    results = augment_and_rescore(images, ctx.model.score_fn, ctx.spec, s.scorer, threshold, low, s.flag.score,
+    results = augment_and_rescore(images, ctx.model, ctx.spec, s.scorer, threshold, low, s.flag.score,
                                   s.remediation, folder, s.model.batch_size, s.model.device, progress)
     for id_, row in rows.items():
         a = results.get(id_)
@@ -240,7 +239,8 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
              "threshold_meaning": THRESHOLD_MEANING, "against": s.dedup.against}
     model = {"path": str(m.checkpoint.root), "fingerprint": m.fingerprint, "layout": m.checkpoint.layout,
              "variant": m.checkpoint.variant, "data_range": list(m.data_range),
-             "bits_per_dim_offset": bits_offset(m.data_range),
+             "bits_per_dim_offset": m.score_fn.bits_offset, "score_space": m.score_space,
+             "latent_shape": m.latent_shape, "autoencoder": m.checkpoint.autoencoder_class,
              "scheduler": m.scheduler_class, "channels": m.channels, "sample_size": list(m.sample_size)}
     return manifest(decided, threshold=threshold.to_dict(), score=s.flag.score, dedup=dedup, reference=reference,
                     reference_path=s.flag.reference, model=model,

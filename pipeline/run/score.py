@@ -11,7 +11,6 @@ from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
 from pipeline.run.resources import resources
 from pipeline.run.settings import ScoreSettings
 from pipeline.score.scoring import image_spec, score_items
-from pipeline.score.volume import bits_offset
 
 
 def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
@@ -26,7 +25,8 @@ def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | 
                 "model": {"path": settings.model.model, "fingerprint": model.fingerprint,
                           "scheduler": model.scheduler_class, "layout": model.checkpoint.layout,
                           "variant": settings.model.variant, "data_range": list(model.data_range),
-                          "bits_per_dim_offset": bits_offset(model.data_range)}}
+                          "bits_per_dim_offset": model.score_fn.bits_offset, "score_space": model.score_space,
+                          "latent_shape": model.latent_shape, "autoencoder": model.checkpoint.autoencoder_class}}
     rejected = 0
     with AtomicParquetWriter(out, SCORE_SCHEMA, metadata) as writer:
         for rows in score_items(model, source, settings.scorer, spec, settings.model.batch_size,

@@ -9,15 +9,18 @@ Every layout diffusers loads:
     flat:     config.json, weights, scheduler_config.json   (a UNet and scheduler saved together)
 with single or sharded (*.safetensors.index.json) weights and weight variants (`variant`,
 diffusion_pytorch_model.fp16.safetensors). Only safetensors load unless `allow_pickle`.
+Latent pipelines (a VQModel in vqvae/ or an AutoencoderKL in vae/ beside the UNet, as
+LDMPipeline saves them) are scored in the latent their UNet diffuses (`LatentEncoder`).
 What memclean cannot score rightly is refused before any weights are read: conditional and
-class-conditional UNets, latent pipelines (an autoencoder beside the UNet), schedules with
-zero terminal SNR, unknown prediction types, and configs with absurd sizes.
+class-conditional UNets, other autoencoders, schedules with zero terminal SNR, unknown
+prediction types, and configs with absurd sizes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,8 @@ SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SCORABLE_UNETS = ("UNet2DModel",)  # unconditional pixel-space UNets
-AUTOENCODERS = ("VQModel", "AutoencoderKL", "AutoencoderTiny", "AsymmetricAutoencoderKL", "ConsistencyDecoderVAE")
+AUTOENCODERS = ("VQModel", "AutoencoderKL")  # latent pipelines memclean scores
+AUTOENCODER_NAMES = ("vqvae", "vae")  # the component names pipelines give them
 CONDITIONING = ("text_encoder", "tokenizer", "text_encoder_2", "image_encoder", "feature_extractor")
 DATA_RANGES = {"signed": (-1.0, 1.0), "unit": (0.0, 1.0)}  # --data-range choices besides auto
 FAMILY_RANGE = {"vp": "signed", "ve": "unit"}  # DDPM-style models see [-1, 1]; score_sde's VE (NCSN++) [0, 1]
@@ -83,6 +87,8 @@ class Checkpoint:
     scheduler_subfolder: str | None
     weights: tuple[Path, ...]  # the weight files that will be loaded (shards included)
     variant: str | None  # diffusers' weight variant (fp16, ...)
+    autoencoder: str | None = None  # latent pipelines: the autoencoder's subfolder (vqvae, vae)
+    autoencoder_class: str | None = None  # VQModel | AutoencoderKL
 
     @property
     def unet_dir(self) -> Path:
@@ -149,17 +155,19 @@ def _component(root: Path, components: dict[str, Any], kind: str) -> str | None:
     return None
 
 
-def check_pipeline_components(index: Path, components: dict[str, Any]) -> None:
-    """Refuse pipelines memclean cannot score rightly, by what model_index.json lists."""
+def check_pipeline_components(index: Path, components: dict[str, Any]) -> tuple[str, str] | None:
+    """Refuse pipelines memclean cannot score rightly, by what model_index.json lists; returns
+    the (name, class) of a latent pipeline's autoencoder, or None."""
     classes = {name: spec[1] for name, spec in components.items() if isinstance(spec, list) and len(spec) == 2}
-    latent = [f"{n} ({c})" for n, c in classes.items() if c in AUTOENCODERS or n in ("vae", "vqvae")]
-    if latent:
-        raise CheckpointError(f"{str(index)!r} is a latent pipeline ({', '.join(latent)} beside the UNet): "
-                              "memclean scores pixel-space models; latent models are not supported yet")
     conditioning = [n for n, c in classes.items() if n in CONDITIONING and c]
     if conditioning:
         raise CheckpointError(f"{str(index)!r} is a conditional pipeline ({', '.join(conditioning)}): memclean "
                               "scores unconditional models, whose probability-flow ODE needs no prompt")
+    latent = [(n, c) for n, c in classes.items() if n in AUTOENCODER_NAMES or "Autoencoder" in str(c) or c == "VQModel"]
+    if len(latent) > 1 or (latent and latent[0][1] not in AUTOENCODERS):
+        raise CheckpointError(f"{str(index)!r}: autoencoder {latent} is not one memclean scores through "
+                              f"({', '.join(AUTOENCODERS)}, one per pipeline)")
+    return latent[0] if latent else None
 
 
 def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, variant: str | None = None) -> Checkpoint:
@@ -172,7 +180,7 @@ def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, vari
     index = root / "model_index.json"
     if index.is_file():
         components = _read_json(index)
-        check_pipeline_components(index, components)
+        autoencoder = check_pipeline_components(index, components)
         names = {k: _component(root, components, k) for k in ("unet", "scheduler")}
         if names["unet"] is None:
             raise CheckpointError(f"{str(index)!r} lists no UNet: components {sorted(k for k in components if not k.startswith('_'))}")
@@ -181,7 +189,7 @@ def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, vari
     else:
         subs = {k: k if (root / k / ("config.json" if k == "unet" else "scheduler_config.json")).is_file() else None
                 for k in ("unet", "scheduler")}
-        layout = "flat"
+        layout, autoencoder = "flat", None
     ckpt_dir = root / (subs["unet"] or "")
     if not (ckpt_dir / "config.json").is_file():
         raise CheckpointError(f"{str(ckpt_dir / 'config.json')!r} not found: expected the UNet's config "
@@ -190,6 +198,13 @@ def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, vari
     if not sched.is_file():
         raise CheckpointError(f"{str(sched)!r} not found: the noise schedule is needed to score")
     weights = weight_files(ckpt_dir, variant, allow_pickle)
+    if autoencoder is not None:
+        folder = root / autoencoder[0]
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{str(folder / 'config.json')!r} not found: model_index.json lists the "
+                                  f"autoencoder {autoencoder[0]} ({autoencoder[1]})")
+        weight_files(folder, variant, allow_pickle)
+        return Checkpoint(root, layout, subs["unet"], subs["scheduler"], weights, variant, *autoencoder)
     return Checkpoint(root, layout, subs["unet"], subs["scheduler"], weights, variant)
 
 
@@ -239,35 +254,76 @@ def check_scheduler(scheduler: Any, where: Path) -> None:
         raise CheckpointError(f"{str(where)!r}: prediction_type {prediction!r} is not one of {PREDICTION_TYPES}")
 
 
-def load_unet(ckpt: Checkpoint) -> torch.nn.Module:
-    """The UNet through its class's from_pretrained (subfolder, safetensors, variant, shards)."""
+def load_component(ckpt: Checkpoint, subfolder: str | None, name: str) -> torch.nn.Module:
+    """A model component through its class's from_pretrained (subfolder, safetensors, variant, shards)."""
     import diffusers
 
-    config_path = ckpt.unet_dir / "config.json"
-    name = check_unet_config(_read_json(config_path), config_path)
+    folder = ckpt.root / (subfolder or "")
     cls = getattr(diffusers, name)
-    safe = not any(".bin" in p.name for p in ckpt.weights)
+    safe = not any(".bin" in p.name for p in weight_files(folder, ckpt.variant, True))
     try:
-        model = cls.from_pretrained(ckpt.root, subfolder=ckpt.unet_subfolder, use_safetensors=safe,
-                                    variant=ckpt.variant, local_files_only=True, low_cpu_mem_usage=False)
+        model = cls.from_pretrained(ckpt.root, subfolder=subfolder, use_safetensors=safe, variant=ckpt.variant,
+                                    local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many types for a broken file
-        raise CheckpointError(f"cannot load {str(ckpt.weights[0])!r} as {name}: {e}") from e
+        raise CheckpointError(f"cannot load {str(folder)!r} as {name}: {e}") from e
     return model.eval().requires_grad_(False)
 
 
-def fingerprint(unet: torch.nn.Module, scheduler: Any) -> str:
-    """sha256 over the loaded weights (name, dtype, shape, bytes, in name order) and the UNet and
-    scheduler configs (canonical JSON, without diffusers' bookkeeping keys): the same weights and
-    configs give the same fingerprint in every layout, shard split or file format."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
+def load_unet(ckpt: Checkpoint) -> torch.nn.Module:
+    """The UNet, after its config is checked (before anything is allocated)."""
+    config_path = ckpt.unet_dir / "config.json"
+    return load_component(ckpt, ckpt.unet_subfolder, check_unet_config(_read_json(config_path), config_path))
+
+
+class LatentEncoder(torch.nn.Module):
+    """Image -> the latent a latent pipeline's UNet diffuses: z = scaling_factor * E(x).
+
+    E(x) is what the pipeline's decoder receives before its own 1/scaling_factor: for a VQModel
+    the encoder's latent before quantization (LDMPipeline decodes quantizing it), for an
+    AutoencoderKL the mean of the encoder's posterior (deterministic: its mode). x is the image
+    in [-1, 1], as the autoencoder was trained: [B, C, H, W] -> [B, C_z, H_z, W_z].
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.scaling_factor = float(getattr(autoencoder.config, "scaling_factor", 1.0) or 1.0)
+        self.factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)  # image side / latent side
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.autoencoder.parameters()).dtype
+        out = self.autoencoder.encode(x.to(dtype))
+        z = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+        return (self.scaling_factor * z).to(torch.float32)
+
+
+def _hash_weights(h: Any, module: torch.nn.Module) -> None:
+    for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    for config in (dict(unet.config), dict(scheduler.config)):
-        public = {k: v for k, v in config.items() if not k.startswith("_")}
-        h.update(json.dumps(public, sort_keys=True, default=str).encode())
+
+
+def _hash_config(h: Any, part: Any) -> None:
+    public = {k: v for k, v in dict(part.config).items() if not k.startswith("_")}
+    h.update(json.dumps(public, sort_keys=True, default=str).encode())
+
+
+def fingerprint(unet: torch.nn.Module, scheduler: Any, autoencoder: torch.nn.Module | None = None) -> str:
+    """sha256 over the loaded weights (name, dtype, shape, bytes, in name order) and the configs
+    (canonical JSON, without diffusers' bookkeeping keys) of the UNet and scheduler, and of a
+    latent pipeline's autoencoder: the same weights and configs give the same fingerprint in
+    every layout, shard split or file format."""
+    h = hashlib.sha256()
+    _hash_weights(h, unet)
+    _hash_config(h, unet)
+    _hash_config(h, scheduler)
     h.update(type(unet).__name__.encode() + type(scheduler).__name__.encode())
+    if autoencoder is not None:
+        _hash_weights(h, autoencoder)
+        _hash_config(h, autoencoder)
+        h.update(type(autoencoder).__name__.encode())
     return h.hexdigest()
 
 
@@ -292,6 +348,7 @@ class DiffusersScore(torch.nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type  # what the network outputs
         self.data_range = data_range  # the range of the images the model was trained on
+        self.bits_offset = math.log2(255 / (data_range[1] - data_range[0]))  # 8-bit bins in that range
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,14 +376,33 @@ class LoadedModel:
 
     score_fn: DiffusersScore  # s(x, t) with its schedule and data range
     fingerprint: str  # sha256 of the loaded weights and the configs
-    channels: int  # the network's input channels
-    sample_size: tuple[int, int]  # (H, W) the network was trained on
+    channels: int  # the image channels the model takes
+    sample_size: tuple[int, int]  # (H, W) of the images the model takes
     checkpoint: Checkpoint
     scheduler_class: str  # e.g. DDPMScheduler
+    encoder: LatentEncoder | None = None  # latent pipelines: image -> the UNet's latent
 
     @property
     def data_range(self) -> tuple[float, float]:
         return self.score_fn.data_range
+
+    @property
+    def score_space(self) -> str:
+        return "pixel" if self.encoder is None else "latent"
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the latent the score lives in, for latent pipelines."""
+        if self.encoder is None:
+            return None
+        c = self.score_fn.unet.config
+        size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size,) * 2
+        return (int(c.in_channels), int(size[0]), int(size[1]))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the model's data range -> what the score function takes (the latent, for
+        latent pipelines; the images themselves otherwise)."""
+        return x if self.encoder is None else self.encoder(x)
 
 
 def resolve_data_range(choice: str, schedule: VPSchedule | VESchedule) -> tuple[float, float]:
@@ -352,10 +428,23 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False, device: str 
         raise CheckpointError(f"{str(ckpt.unet_dir)!r}: out_channels {c.out_channels} for in_channels "
                               f"{c.in_channels}: not a noise, v or sample prediction (nor one with its variance)")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    score_fn = DiffusersScore(unet.to(device), schedule, prediction_type, resolve_data_range(data_range, schedule))
     size = c.sample_size
     sample_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    log.info("loaded %s (%s, %s, %s layout, data in %s) from %s", type(unet).__name__, type(scheduler).__name__,
-             prediction_type, ckpt.layout, score_fn.data_range, ckpt.root)
-    return LoadedModel(score_fn, fingerprint(unet, scheduler), int(c.in_channels), sample_size, ckpt,
-                       type(scheduler).__name__)
+    channels, encoder, autoencoder = int(c.in_channels), None, None
+    if ckpt.autoencoder is not None:
+        autoencoder = load_component(ckpt, ckpt.autoencoder, ckpt.autoencoder_class)
+        if autoencoder.config.latent_channels != c.in_channels:
+            raise CheckpointError(f"{str(ckpt.root)!r}: the autoencoder's {autoencoder.config.latent_channels} latent "
+                                  f"channels are not the UNet's {c.in_channels} input channels")
+        encoder = LatentEncoder(autoencoder.to(device))
+        channels = int(autoencoder.config.in_channels)
+        sample_size = (sample_size[0] * encoder.factor, sample_size[1] * encoder.factor)
+        data_range = "signed" if data_range == "auto" else data_range  # autoencoders take [-1, 1] images
+    score_fn = DiffusersScore(unet.to(device), schedule, prediction_type, resolve_data_range(data_range, schedule))
+    if encoder is not None:
+        score_fn.bits_offset = 0.0  # a continuous latent: no 8-bit bins to dequantize
+    log.info("loaded %s (%s, %s, %s layout, data in %s%s) from %s", type(unet).__name__, type(scheduler).__name__,
+             prediction_type, ckpt.layout, score_fn.data_range,
+             f", latent through {ckpt.autoencoder_class}" if encoder is not None else "", ckpt.root)
+    return LoadedModel(score_fn, fingerprint(unet, scheduler, autoencoder), channels, sample_size, ckpt,
+                       type(scheduler).__name__, encoder)

@@ -57,10 +57,13 @@ class ProbeStream:
     fixed: one set for the whole solve (adaptive solvers need a deterministic right-hand side).
     """
 
-    def __init__(self, x: torch.Tensor, seed: int, probes: int, kind: str, fresh: bool):
+    def __init__(self, x: torch.Tensor, seed: int, probes: int, kind: str, fresh: bool,
+                 keys: list[int] | None = None):
         if kind not in KINDS:
             raise ValueError(f"probe kind {kind!r} is not one of {KINDS}")
-        self.keys = [image_key(seed, image) for image in x]  # one per image
+        # one per image: given (a latent's image, whose hash does not depend on the encoder's
+        # float rounding in a batch), or the hash of x itself
+        self.keys = list(keys) if keys is not None else [image_key(seed, image) for image in x]
         self.K, self.kind, self.fresh = probes, kind, fresh
         self.shape, self.device = tuple(x.shape[1:]), x.device
         self.D = math.prod(self.shape)

@@ -9,7 +9,8 @@ import torch
 from pipeline.io.data import Decoded, ImageSpec, Item, batched
 from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
 from pipeline.score.models import LoadedModel
-from pipeline.score.volume import ScorerSettings, log_volume_growth
+from pipeline.score.probes import image_key
+from pipeline.score.volume import ScorerSettings, VolumeResult, log_volume_growth
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,25 @@ def base_row(d: Decoded) -> dict:
             "status": "rejected" if d.reject_reason else "ok", "reject_reason": d.reject_reason}
 
 
+def score_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
+                 progress: Callable[[int], None] | None = None) -> VolumeResult:
+    """Images in the model's data range [B, C, H, W] -> their scores. A latent pipeline's images
+    go through its encoder first, with probes keyed by the images themselves (the latent's float
+    rounding may depend on the batch; the image's bytes do not)."""
+    keys = None if model.encoder is None else [image_key(settings.seed, image) for image in x]
+    return log_volume_growth(model.score_fn, model.prepare(x), settings, progress, keys)
+
+
 def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettings,
                 device: str | torch.device = "cpu",
                 progress: Callable[[int], None] | None = None,
                 cache: ScoreCache | None = None) -> list[dict]:
     """Rows for one decoded batch: scores for the decodable images (from `cache` where it has
     them, solved otherwise), nulls for the rejected. `reused` says which came from the cache."""
+    shape = model.latent_shape
     settings_cols = {**settings.to_dict(), "model_fingerprint": model.fingerprint,
-                     "data_range": format_range(model.data_range)}
+                     "data_range": format_range(model.data_range), "score_space": model.score_space,
+                     "latent_shape": None if shape is None else "x".join(map(str, shape))}
     ok = [d for d in batch if d.pixels is not None]
     scores: dict[int, dict] = {}
     if cache is not None:
@@ -51,7 +63,7 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
     todo = [d for d in ok if id(d) not in scores]
     if todo:
         x = torch.stack([d.pixels for d in todo]).to(device)
-        result = log_volume_growth(model.score_fn, x, settings, progress)
+        result = score_images(model, x, settings, progress)
         fresh = [{c: getattr(result, c)[i].item() for c in SCORE_COLUMNS} for i in range(len(todo))]
         for d, row in zip(todo, fresh):
             scores[id(d)] = {**row, "reused": False}

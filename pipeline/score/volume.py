@@ -210,11 +210,12 @@ class AugmentedDrift(torch.nn.Module):
         return g, div.to(torch.float64)
 
 
-def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
+           keys: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Integrate [xbar, V] from eps to 1 for one batch: -> (x_1 [B, ...], V [B], nfe)."""
     schedule = score_fn.schedule
     probes = None if settings.divergence == "exact" else ProbeStream(
-        x, settings.seed, settings.probes, settings.divergence, settings.probe_mode == "fresh")
+        x, settings.seed, settings.probes, settings.divergence, settings.probe_mode == "fresh", keys)
     ends = torch.tensor([settings.eps, 1.0], dtype=torch.float64)
     log_alpha = schedule.log_alpha(ends)
     state0 = (x.to(torch.float64) / math.exp(log_alpha[0]),
@@ -271,36 +272,40 @@ def bits_offset(data_range: tuple[float, float]) -> float:
     return math.log2(255 / (hi - lo))
 
 
-def bits_per_dim(logp: torch.Tensor, dims: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """Negative log-likelihood of the 8-bit image in bits per dimension: -logp / (D ln 2) + offset,
-    since P(bin) = p(x) (bin width)^D."""
-    return -logp / (dims * math.log(2)) + bits_offset(data_range)
+def bits_per_dim(logp: torch.Tensor, dims: int, offset: float) -> torch.Tensor:
+    """Negative log-likelihood in bits per dimension: -logp / (D ln 2) + offset; for an 8-bit
+    image the offset is -log2(bin width) (P(bin) = p(x) bin^D), for a continuous latent 0."""
+    return -logp / (dims * math.log(2)) + offset
 
 
 def log_volume_growth(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
-                      progress: Callable[[int], None] | None = None) -> VolumeResult:
-    """Score a batch: x [B, C, H, W] in the model's data range -> VolumeResult, every field per image.
+                      progress: Callable[[int], None] | None = None,
+                      keys: list[int] | None = None) -> VolumeResult:
+    """Score a batch: x [B, C, H, W] in the model's data range (or its latent) -> VolumeResult,
+    every field per image.
 
     An image's result depends only on the image, the model and `settings`: probes are a hash of
-    the image's content, and the adaptive solver (whose steps depend on everything it
-    integrates) solves each image on its own. Fixed-grid solvers integrate the batch together.
+    the image's content (or of `keys`, one per image), and the adaptive solver (whose steps
+    depend on everything it integrates) solves each image on its own. Fixed-grid solvers
+    integrate the batch together.
     """
     with network_precision(settings.precision, x.device):
         if settings.adaptive:
             parts = []
             for i in range(x.shape[0]):
-                parts.append(_solve(score_fn, x[i:i + 1], settings))
+                parts.append(_solve(score_fn, x[i:i + 1], settings, None if keys is None else keys[i:i + 1]))
                 if progress:
                     progress(1)
             latent = torch.cat([p[0] for p in parts])
             V = torch.cat([p[1] for p in parts])
             nfe = torch.tensor([p[2] for p in parts], dtype=torch.int64)
         else:
-            latent, V, n = _solve(score_fn, x, settings)
+            latent, V, n = _solve(score_fn, x, settings, keys)
             nfe = torch.full((x.shape[0],), n, dtype=torch.int64)
             if progress:
                 progress(x.shape[0])
     prior = score_fn.schedule.prior_logp(latent)
     logp = prior + V
-    data_range = getattr(score_fn, "data_range", (-1.0, 1.0))
-    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), data_range), nfe, latent)
+    offset = getattr(score_fn, "bits_offset", None)
+    offset = bits_offset(getattr(score_fn, "data_range", (-1.0, 1.0))) if offset is None else offset
+    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), offset), nfe, latent)
