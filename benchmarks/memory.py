@@ -1,11 +1,13 @@
-"""Peak memory of `memclean clean` on 2,000 vs 20,000 small images (issue 3).
+"""Peak memory of a whole clean run as the input grows: 2,000, 20,000 and 100,000 small images.
 
-    .venv/bin/python benchmarks/memory.py [--small 2000] [--large 20000]
+    .venv/bin/python benchmarks/memory.py [--sizes 2000 20000 100000] [--source parquet|folder]
+                                          [--runner flow|cli]
 
-Each run is a fresh subprocess; its peak RSS comes from getrusage. Decoding is streamed in
-batches, so peak RSS should stay flat while the image count grows tenfold. Prints both numbers
-and their ratio. Uses a tiny random UNet and the cheapest solver: this measures the pipeline's
-memory, not the model's.
+Each run is a fresh subprocess; its peak RSS comes from getrusage. Shards travel as
+descriptors (a Parquet row range, never its bytes), decoding streams in batches, and the
+duplicate search's vectors are memory-mapped; what still grows with the input is FAISS's own
+index and the score table. Uses a tiny random UNet and the cheapest solver: this measures the
+pipeline's memory, not the model's. Writes its section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.results import hardware, write_section  # noqa: E402
 
 
 def make_images(root: Path, n: int) -> None:
@@ -52,25 +58,64 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
     return int(out.stdout.strip()) / 1024, time.perf_counter() - t0
 
 
+def make_parquet(path: Path, n: int) -> None:
+    """n random 16x16 PNGs as a Parquet file with a datasets Image column, 1,000 rows a row group."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))])
+    with pq.ParquetWriter(path, schema) as w:
+        for start in range(0, n, 1000):
+            cells = []
+            for i in range(start, min(start + 1000, n)):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(buf, "PNG")
+                cells.append({"bytes": buf.getvalue(), "path": f"{i:07d}.png"})
+            w.write_table(pa.table({"image": cells}, schema))
+
+
+FLOW = "import sys, json; from flows.clean import clean; clean(**json.loads(sys.argv[1]))"
+
+
 def main() -> None:
+    import json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", type=int, default=2000)
-    ap.add_argument("--large", type=int, default=20000)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 100000])
+    ap.add_argument("--source", choices=("folder", "parquet"), default="parquet")
+    ap.add_argument("--runner", choices=("cli", "flow"), default="flow")
+    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     memclean = str(Path(sys.executable).with_name("memclean"))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_model(tmp / "model")
-        results = {}
-        for n in (args.small, args.large):
-            make_images(tmp / f"data{n}", n)
-            rss, secs = peak_rss_mb([memclean, "clean", "--data", str(tmp / f"data{n}"), "--model",
-                                     str(tmp / "model"), "--out", str(tmp / f"out{n}"), "--solver",
-                                     "euler", "--steps", "1", "--batch-size", "64"])
-            results[n] = rss
-            print(f"{n:>6} images: peak RSS {rss:7.1f} MB, {secs:6.1f} s")
-        ratio = results[args.large] / results[args.small]
-        print(f"peak RSS ratio {args.large}/{args.small} images: {ratio:.3f}")
+        for n in args.sizes:
+            data = tmp / f"data{n}" if args.source == "folder" else tmp / f"data{n}.parquet"
+            (make_images if args.source == "folder" else make_parquet)(data, n)
+            params = {"data": str(data), "model": str(tmp / "model"), "out": str(tmp / f"out{n}"), "solver": "euler",
+                      "steps": 1, "batch_size": 64, "shard_size": 1024, "action": "dedup", "no_cache": True}
+            cmd = [sys.executable, "-c", FLOW, json.dumps(params)] if args.runner == "flow" else \
+                [memclean, "clean", *[f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+                                      for k, v in params.items()]]
+            rss, secs = peak_rss_mb(cmd)
+            m = json.loads((tmp / f"out{n}" / "manifest.json").read_text())
+            rows.append(f"| {n:,} | {rss:.0f} | {secs:.0f} | {m['scoring']['by_source']['input']['images_per_s']} "
+                        f"| {max(m['peak_rss_mb'].items(), key=lambda kv: kv[1])[0]} |")
+            print(rows[-1], flush=True)
+    text = "\n".join([f"## Memory: `benchmarks/memory.py --source {args.source} --runner {args.runner}`", "",
+                      "Peak RSS of a whole clean run (Euler-1 on a tiny random DDPM, so the pipeline's memory and "
+                      f"not a model's; --action dedup), {args.source} input, run by the {args.runner}; "
+                      f"{hardware()}.", "",
+                      "| images | peak RSS (MB) | seconds | scoring images/s | stage with the peak |", "|---|---|---|---|---|",
+                      *rows])
+    print(text)
+    if not args.no_write:
+        write_section(f"memory-{args.source}-{args.runner}", text)
 
 
 if __name__ == "__main__":

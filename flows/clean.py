@@ -20,24 +20,25 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.fields import options, signature
-from pipeline.io.data import Item
+from pipeline.io.data import Shard
 from pipeline.io.report import shown_rows
 from pipeline.run.lifecycle import (RunContext, Stage, abort_run, finish_run, scoring_summary, sources,
                                     stage_name, start_run)
 from pipeline.run.settings import FlowSettings, RunSettings
-from pipeline.run.shards import ScoreJob, gather, score_shard, shard_items, shard_name
+from pipeline.run.shards import ScoreJob, gather, score_shard, shard_name
 
 PARAMETERS = options(RunSettings) + options(FlowSettings)  # the flow's parameters, in order
 
 
 @task(cache_policy=NO_CACHE, retries=1)
-def score_shard_task(job: ScoreJob, items: list[Item], name: str, embed: bool) -> dict[str, Any]:
-    """Score one shard (cached scores are reused); writes staging/shards/name.*."""
-    return score_shard(job, items, name, embed)
+def score_shard_task(job: ScoreJob, shard: Shard, name: str, embed: bool) -> dict[str, Any]:
+    """Score one shard (cached scores are reused); writes staging/shards/name.*. The shard is a
+    descriptor: the task opens its items itself."""
+    return score_shard(job, shard, name, embed)
 
 
 @flow(name="score-shards")
-def score_shards(job: ScoreJob, shards: list[list[Item]], names: list[str], embed: bool) -> list[dict]:
+def score_shards(job: ScoreJob, shards: list[Shard], names: list[str], embed: bool) -> list[dict]:
     """Map scoring over shards; report progress as an artifact while they finish."""
     logger = get_run_logger()
     futures = score_shard_task.map(job, shards, names, embed)
@@ -109,7 +110,7 @@ def clean(**params: Any) -> dict[str, Any]:
         runner = task_runner_for(where)
         scored = {}
         for prefix, source, embed in sources(ctx):
-            shards = list(shard_items(source, settings.cache.shard_size))
+            shards = list(source.shards(settings.cache.shard_size))
             names = [shard_name(prefix, k) for k in range(len(shards))]
             with Stage(ctx, stage_name(prefix)):
                 results = score_shards.with_options(task_runner=runner)(ctx.job, shards, names, embed)

@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError) as e:  # bad settings, checkpoints, outputs: no traceback
         print(f"memclean: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, an unwritable folder: the run left nothing half-written
+        print(f"memclean: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

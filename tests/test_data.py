@@ -224,3 +224,38 @@ def test_parquet_without_an_obvious_image_column_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="--image-column"):
         list(discover(tmp_path / "t.parquet"))
     assert [i.id for i in discover(tmp_path / "t.parquet", image_column="b")] == ["t.parquet:0"]
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 7, 50])
+def test_shards_cover_a_source_exactly_and_parquet_shards_carry_no_bytes(tmp_path, size):
+    """Parquet shards are row ranges (a few hundred bytes pickled, whatever the images weigh),
+    read back from only the row groups that hold them; folder shards carry their paths. Every
+    item appears once, in order, across files and row groups."""
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = [png_bytes(Image.new("L", (64, 64), v)) + bytes(20_000) for v in range(11)]
+    target = tmp_path / "data"
+    target.mkdir()
+    table = pa.table({"image": [{"bytes": b, "path": None} for b in big]})
+    pq.write_table(table.slice(0, 6), target / "a.parquet", row_group_size=4)
+    pq.write_table(table.slice(6), target / "b.parquet", row_group_size=2)
+    src = discover(target)
+    shards = list(src.shards(size))
+    assert [(s.start, s.stop) for s in shards] == [(a, min(a + size, 11)) for a in range(0, 11, size)]
+    ids = [i.id for s in shards for i in s]
+    assert ids == [i.id for i in src] and len(ids) == 11
+    assert [i.read() for s in shards for i in s] == big
+    assert all(len(pickle.dumps(s)) < 1000 for s in shards)
+    folder = write_images_in(tmp_path / "imgs", 5)
+    fshards = list(discover(folder).shards(size))
+    assert [i.id for s in fshards for i in s] == [i.id for i in discover(folder)]
+
+
+def write_images_in(root, n):
+    root.mkdir()
+    for k in range(n):
+        (root / f"i{k}.png").write_bytes(png_bytes(Image.new("L", (8, 8), k)))
+    return root

@@ -275,3 +275,58 @@ def test_a_clean_run_on_a_latent_checkpoint(tmp_path, write_images, embedder):
     assert m["counts"]["augmented"] + sum(r["action"] == "dropped" and r["flagged"] for r in rows.values()) > 0
     for name in ("cleaned", "flagged.parquet", "embeddings.parquet", "report.html"):
         assert (out / name).exists()
+
+
+def test_a_full_disk_or_an_unwritable_folder_fails_clearly_and_keeps_the_previous_output(
+        tmp_path, model, corpus, monkeypatch, capsys):
+    """ENOSPC while writing the tables, or an output folder that cannot be written: the run fails
+    with an error that says so, leaves no staging folder, and the previous complete output
+    stays as it was."""
+    import errno
+    import os
+
+    import pipeline.io.store as store
+
+    data, _ = corpus
+    assert run(tmp_path, model, data, "--no-cache") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    real = store.AtomicParquetWriter.write_table
+
+    def disk_full(self, table):
+        if self.path.name == "scores.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, table)
+
+    monkeypatch.setattr(store.AtomicParquetWriter, "write_table", disk_full)
+    assert run(tmp_path, model, data, "--no-cache", "--overwrite") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(store.AtomicParquetWriter, "write_table", real)
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    assert run(tmp_path, model, data, "--no-cache", "--overwrite") == 1
+    assert "not writable" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_two_runs_on_one_output_one_finishes_the_other_fails_clearly(tmp_path, model, corpus, capsys):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data, _ = corpus
+    memclean = str(Path(sys.executable).with_name("memclean"))
+    args = ["clean", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "out"),
+            "--max-pixels", "50000", "--solver", "euler", "--steps", "200", "--batch-size", "2", "--no-cache"]
+    first = subprocess.Popen([memclean, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / ".out.lock"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (lock.exists() and lock.read_text().strip()) and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second started"
+    assert main(args) == 2
+    assert f"another memclean run (pid {first.pid})" in capsys.readouterr().err
+    assert first.wait(timeout=600) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    c = m["counts"]
+    assert (tmp_path / "out" / COMPLETE_MARKER).is_file() and c["input"] == c["kept"] + c["dropped"] + c["augmented"] + c["rejected"]

@@ -52,3 +52,25 @@ def test_progress_counts_every_input(model, write_images):
     seen = []
     list(score_items(model, discover(data), SETTINGS, batch_size=2, progress=seen.append))
     assert sum(seen) == 6
+
+
+def test_a_non_finite_score_rejects_the_image_and_is_never_cached(model, write_images, tmp_path, monkeypatch):
+    """A model that returns NaN for some inputs: those rows are rejected (non_finite_score) with
+    no number in them, nothing of theirs is cached, and the others are scored as usual."""
+    data = write_images(n=4, size=(8, 8))
+    real = scoring.log_volume_growth
+
+    def nan_for_the_second(*args, **kwargs):
+        r = real(*args, **kwargs)
+        r.log_volume_growth[1] = float("nan")
+        r.logp[1] = float("nan")
+        return r
+
+    monkeypatch.setattr(scoring, "log_volume_growth", nan_for_the_second)
+    cache = ScoreCache(tmp_path / "c", "k")
+    batch = next(scoring.batched(discover(data), image_spec(model), 8))
+    rows = scoring.score_batch(model, batch, SETTINGS, cache=cache)
+    assert [r["status"] for r in rows] == ["ok", "rejected", "ok", "ok"]
+    assert rows[1]["reject_reason"] == "non_finite_score" and all(rows[1][c] is None for c in SCORE_COLUMNS)
+    assert all(np.isfinite(r["log_volume_growth"]) for r in rows if r["status"] == "ok")
+    assert cache.get(rows[1]["sha256"]) is None and cache.get(rows[0]["sha256"]) is not None

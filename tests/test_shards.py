@@ -4,7 +4,7 @@ from diffusers import DDPMScheduler
 
 from pipeline.io.data import discover
 from pipeline.run.settings import RunSettings
-from pipeline.run.shards import ScoreJob, gather, score_shard, score_source, shard_items, shard_name
+from pipeline.run.shards import ScoreJob, gather, score_shard, score_source, shard_name
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 
@@ -20,7 +20,7 @@ def test_shards_cover_the_source_in_order_and_gather_whole(tmp_path, write_image
     data = write_images(n=7, size=(8, 8))
     (data / "bad.png").write_bytes(b"x")
     s = settings(tmp_path, data)
-    shards = list(shard_items(discover(data), 3))
+    shards = list(discover(data).shards(3))
     assert [len(sh) for sh in shards] == [3, 3, 2]
     staging = tmp_path / "staging"
     staging.mkdir()

@@ -62,3 +62,22 @@ def test_table_helpers_and_output_settings():
     assert v[0] == 1.5 and np.isnan(v[1]) and v[2] == -2.0
     with pytest.raises(ValueError):
         OutputSettings(out="x", shard_rows=0)
+
+
+def test_an_output_lock_admits_one_run(tmp_path):
+    from pipeline.io.store import OutputLock
+
+    out = tmp_path / "out"
+    first = OutputLock(out)
+    with pytest.raises(FileExistsError, match=f"pid {os.getpid()}"):
+        OutputLock(out)
+    first.release()
+    OutputLock(out).release()
+
+
+def test_an_unwritable_output_folder_is_named(tmp_path, monkeypatch):
+    from pipeline.io.store import writable
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(PermissionError, match="not writable"):
+        writable(tmp_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -112,22 +112,35 @@ def save_index(index, path) -> None:
     faiss.write_index(to_cpu(index), str(path))
 
 
-def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu"):
-    """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N), on
-    the GPU when `device` is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
+def _chunks(vectors: np.ndarray, view: Callable[[np.ndarray], np.ndarray] | None,
+            size: int = QUERY_BATCH) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, view of rows start..start+size) over vectors that may be memory-mapped: only one
+    chunk of the view is ever in memory."""
+    for start in range(0, len(vectors), size):
+        chunk = np.asarray(vectors[start:start + size])
+        yield start, np.ascontiguousarray(view(chunk) if view else chunk, dtype=np.float32)
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
+                view: Callable[[np.ndarray], np.ndarray] | None = None):
+    """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N) or
+    their `view` (an embedder's search view), added a chunk at a time; on the GPU when `device`
+    is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
     import faiss
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = vectors.shape
+    n = len(vectors)
+    d = next(_chunks(vectors[:1], view))[1].shape[1]
     if kind == "flat" or (kind == "auto" and n <= FLAT_MAX):
         index = faiss.IndexFlatIP(d)
     else:
         nlist = max(1, int(4 * np.sqrt(n)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        index.train(vectors[rng.choice(n, min(n, 256 * nlist), replace=False)])
+        sample = np.sort(rng.choice(n, min(n, 256 * nlist), replace=False))
+        index.train(np.concatenate([c for _, c in _chunks(np.asarray(vectors[sample]), view)]))
         index.nprobe = min(nlist, 32)
-    index.add(vectors)
+    for _, chunk in _chunks(vectors, view):
+        index.add(chunk)
     if str(device).startswith("cuda"):
         if gpu_faiss_available():
             gpu = int(str(device).partition(":")[2] or 0)
@@ -141,20 +154,21 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu"):
 
 
 def range_pairs(index, queries: np.ndarray, threshold: float, batch: int = QUERY_BATCH,
-                search: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(query rows, index rows, similarities) of every pair with similarity >= threshold.
+                search: str = "auto", view: Callable[[np.ndarray], np.ndarray] | None = None,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(query rows, index rows, similarities) of every pair with similarity >= threshold, the
+    queries taken `batch` at a time (through `view` when given; they may be memory-mapped).
     search: 'range' (FAISS range search), 'knn' (k-nearest with growing k: the GPU path) or
     'auto' (knn for GPU indexes, range otherwise)."""
     if search not in ("auto", "range", "knn"):
         raise ValueError(f"search must be auto, range or knn, got {search!r}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
     use_knn = search == "knn" or (search == "auto" and on_gpu(index))
-    for start in range(0, len(queries), batch):
+    for start, chunk in _chunks(queries, view, batch):
         if use_knn:
-            rows, ids, sims = _knn_range(index, queries[start:start + batch], float(threshold))
+            rows, ids, sims = _knn_range(index, chunk, float(threshold))
             yield rows + start, ids, sims
             continue
-        lims, sims, ids = index.range_search(queries[start:start + batch], float(threshold))
+        lims, sims, ids = index.range_search(chunk, float(threshold))
         rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
         yield rows, ids, sims
 
@@ -245,7 +259,7 @@ def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk:
             first[h] = i
     pairs = 0
     if n > 1:
-        index = index if index is not None else build_index(embedder.search_view(vectors))
+        index = index if index is not None else build_index(vectors, view=embedder.search_view)
         for queries in (vectors, flipped):
             if queries is not None:
                 pairs += _join_near(uf, best, index, queries, vectors, threshold, embedder)
@@ -257,7 +271,7 @@ def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, vect
     """Union every verified pair (query row, index row); returns how many were joined."""
     joined = 0
     cand = embedder.candidate_threshold(threshold)
-    for rows, cols, _ in range_pairs(index, embedder.search_view(queries), cand):
+    for rows, cols, _ in range_pairs(index, queries, cand, view=embedder.search_view):
         keep = rows < cols  # each unordered pair once; a row never pairs with itself
         rows, cols = rows[keep], cols[keep]
         if not len(rows):
@@ -278,8 +292,9 @@ def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, e
     sim = np.zeros(len(queries), dtype=np.float32)
     if not len(reference) or not len(queries):
         return match, sim
-    index = build_index(embedder.search_view(reference), device=device)
-    for rows, cols, _ in range_pairs(index, embedder.search_view(queries), embedder.candidate_threshold(threshold)):
+    index = build_index(reference, device=device, view=embedder.search_view)
+    for rows, cols, _ in range_pairs(index, queries, embedder.candidate_threshold(threshold),
+                                     view=embedder.search_view):
         if not len(rows):
             continue
         s = embedder.similarity(queries[rows], reference[cols])

@@ -93,10 +93,10 @@ class PixelEmbedder:
     def search_view(self, v: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """The stored thumbnails blurred further to search_sigma, in chunks (bounded memory)."""
         extra = math.sqrt(self.search_sigma**2 - self.sigma**2)
-        v = np.asarray(v, np.float32)
-        out = np.empty_like(v)
+        out = np.empty(np.shape(v), np.float32)
         for s in range(0, len(v), chunk):
-            t = torch.from_numpy(v[s:s + chunk]).view(-1, 1, self.size, self.size)
+            # a copy of the chunk: v may be a read-only memory map
+            t = torch.from_numpy(np.array(v[s:s + chunk], dtype=np.float32)).view(-1, 1, self.size, self.size)
             out[s:s + chunk] = _unit(_gaussian_blur(t, extra)).numpy()
         return out
 

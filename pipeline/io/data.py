@@ -204,20 +204,56 @@ def parquet_files(path: str | os.PathLike) -> list[str]:
     return [p] if os.path.isfile(p) else sorted(str(f) for f in Path(p).rglob("*.parquet"))
 
 
-def parquet_items(path: str | os.PathLike, image_column: str | None = None,
-                  rows_per_read: int = 256) -> Iterator[Item]:
-    """Rows of a Parquet file or folder, `rows_per_read` at a time; ids are `file:row`."""
+def parquet_items(path: str | os.PathLike, image_column: str | None = None, rows_per_read: int = 256,
+                  start: int = 0, stop: int | None = None) -> Iterator[Item]:
+    """Rows [start, stop) of a Parquet file or folder (files in name order), `rows_per_read` at a
+    time from the row groups that hold them only; ids are `file:row`."""
     root = os.fspath(path)
+    end = float("inf") if stop is None else stop
+    first = 0  # global position of the current file's first row
     for file in parquet_files(root):
         pf = pq.ParquetFile(file)
+        if first >= end:
+            return
+        if first + pf.metadata.num_rows <= start:
+            first += pf.metadata.num_rows
+            continue
         column = _image_column(pf.schema_arrow, image_column, file)
         rel = os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
-        row = 0
-        for batch in pf.iter_batches(batch_size=rows_per_read, columns=[column]):
-            for value in batch.column(0).to_pylist():
-                inner = value.get("path") if isinstance(value, dict) else None
-                yield Item(f"{rel}:{row}", inner or f"{file}:{row}", CellReader(value, os.path.dirname(file)))
-                row += 1
+        row = 0  # within the file
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if first + row + n <= start or first + row >= end:
+                row += n
+                continue
+            for batch in pf.iter_batches(batch_size=rows_per_read, row_groups=[g], columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    if start <= first + row < end:
+                        inner = value.get("path") if isinstance(value, dict) else None
+                        yield Item(f"{rel}:{row}", inner or f"{file}:{row}", CellReader(value, os.path.dirname(file)))
+                    row += 1
+        first += pf.metadata.num_rows
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Items [start, stop) of a source, which a worker opens itself: a Parquet shard is its row
+    range (no image bytes travel with it), a folder or list shard its items (paths)."""
+
+    path: str  # the source (--data)
+    kind: str  # folder | list | parquet
+    image_column: str | None
+    start: int
+    stop: int
+    items: tuple[Item, ...] = ()  # folder and list sources only
+
+    def __iter__(self) -> Iterator[Item]:
+        if self.kind == "parquet":
+            return parquet_items(self.path, self.image_column, start=self.start, stop=self.stop)
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 class Source:
@@ -257,6 +293,24 @@ class Source:
         if self.kind == "parquet":
             return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(self.path))
         return sum(1 for _ in self)
+
+    def shards(self, size: int) -> Iterator[Shard]:
+        """The source in consecutive shards of `size` items, each light enough to send to a
+        worker: Parquet shards are row ranges read from the files' metadata alone."""
+        if self.kind == "parquet":
+            n = self.count()
+            for start in range(0, n, size):
+                yield Shard(self.path, self.kind, self.image_column, start, min(start + size, n))
+            return
+        chunk: list[Item] = []
+        start = 0
+        for item in self:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield Shard(self.path, self.kind, self.image_column, start, start + size, tuple(chunk))
+                start, chunk = start + size, []
+        if chunk:
+            yield Shard(self.path, self.kind, self.image_column, start, start + len(chunk), tuple(chunk))
 
 
 def _is_text(path: str) -> bool:

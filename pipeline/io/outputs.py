@@ -152,7 +152,7 @@ def write_flagged(folder: Path, source: Source, decided: pa.Table, score: str, m
 
 
 def write_embeddings(folder: Path, decided: pa.Table, scored_table: pa.Table, vectors: np.ndarray,
-                     embed: Callable[[bytes], np.ndarray], embedder_name: str) -> None:
+                     embed: Callable[[bytes], np.ndarray], embedder_name: str, chunk: int = 4096) -> None:
     """embeddings.parquet: id, action and the embedding of what the cleaned set holds.
 
     `vectors` belong to the rows that decoded at scoring time (scored_table's ok rows, in
@@ -162,17 +162,19 @@ def write_embeddings(folder: Path, decided: pa.Table, scored_table: pa.Table, ve
     at_scoring = ok_mask(scored_table)
     names = ("id", "action", "augmented_png")
     rows = [dict(zip(names, r)) for r, o in zip(zip(*(decided.column(n).to_pylist() for n in names)), at_scoring) if o]
-    keep = np.array([r["action"] != "rejected" for r in rows], dtype=bool)
-    out = vectors[keep].copy()
-    rows = [r for r, k in zip(rows, keep) if k]
-    for k, r in enumerate(rows):
-        if r["action"] == "augmented":
-            out[k] = embed(Path(r["augmented_png"]).read_bytes())
-    table = pa.table({"id": [r["id"] for r in rows], "action": [r["action"] for r in rows],
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(out.ravel(), pa.float32()),
-                                                                     vectors.shape[1])})
-    with AtomicParquetWriter(folder / EMBEDDINGS, table.schema, {"embedder": embedder_name}) as w:
-        w.write_table(table)
+    keep = np.flatnonzero([r["action"] != "rejected" for r in rows])
+    d = vectors.shape[1]
+    schema = pa.schema([("id", pa.string()), ("action", pa.string()), ("embedding", pa.list_(pa.float32(), d))])
+    with AtomicParquetWriter(folder / EMBEDDINGS, schema, {"embedder": embedder_name}) as w:
+        for start in range(0, len(keep), chunk):  # a chunk of vectors in memory at a time
+            idx = keep[start:start + chunk]
+            out = np.array(vectors[idx], dtype=np.float32)
+            for k, i in enumerate(idx):
+                if rows[i]["action"] == "augmented":
+                    out[k] = embed(Path(rows[i]["augmented_png"]).read_bytes())
+            w.write_table(pa.table({"id": [rows[i]["id"] for i in idx], "action": [rows[i]["action"] for i in idx],
+                                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(out.ravel(), pa.float32()), d)},
+                                   schema))
 
 
 def embed_png(embedder, spec: ImageSpec, device: str) -> Callable[[bytes], np.ndarray]:

@@ -182,10 +182,69 @@ def remove_stale_staging(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+class OutputLock:
+    """An exclusive lock on an output path (flock on a hidden file beside it), held for a run:
+    a second run on the same --out fails at once instead of interleaving with the first. The
+    kernel releases it when the process ends, however it ends; a clean release also removes
+    the file (a killed run's file is harmless: the next run locks and removes it)."""
+
+    def __init__(self, out: str | os.PathLike):
+        out = Path(out)
+        self.path = out.with_name(f".{out.name}.lock")
+        writable(out.parent)
+        for _ in range(5):  # the file may be removed by the run releasing it as we open it
+            self._fd = self._try_lock(out)
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+                return
+        raise FileExistsError(f"another memclean run is writing {out}; wait for it, or choose another --out")
+
+    def _try_lock(self, out: Path) -> int | None:
+        """A locked fd on the file now at self.path, None if it went away meanwhile."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FileExistsError(f"another memclean run (pid {holder}) is writing {out}; wait for it, "
+                                  "or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)  # while still held: no other run can have locked this file
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def writable(folder: Path) -> None:
+    """Make `folder` (and its parents) or say clearly why an output cannot go there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the output's folder {str(folder)!r}: {e.strerror}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"the output's folder {str(folder)!r} is not writable")
+
+
 def staging_dir(out: str | os.PathLike) -> Path:
     """A fresh hidden folder beside `out` where a run builds its outputs."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable(out.parent)
     remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if staging.exists():

@@ -28,8 +28,8 @@ from pipeline.io.manifest import manifest
 from pipeline.io.outputs import (check_against, decided_table, earlier_survivors, embed_png, replace_column,
                                  write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
-from pipeline.io.store import AtomicParquetWriter, check_output_dir, commit_dir, ok_mask, score_values, \
-    staging_dir, write_json_atomic
+from pipeline.io.store import AtomicParquetWriter, OutputLock, check_output_dir, commit_dir, ok_mask, \
+    score_values, staging_dir, write_json_atomic
 from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
 from pipeline.run.shards import ScoreJob, Scored, score_source
@@ -54,6 +54,7 @@ class RunContext:
     scoring: dict[str, dict[str, Any]] = field(default_factory=dict)  # per source: fresh, reused, s, images/s
     index: Any = None  # the FAISS index over this run's embeddings, once built
     image_bytes: dict[str, int] = field(default_factory=dict)  # image bytes written: cleaned, flagged
+    lock: OutputLock | None = None  # held on the output path from start to commit or abort
 
     @property
     def job(self) -> ScoreJob:
@@ -117,17 +118,23 @@ def scoring_summary(ctx: RunContext, prefix: str, results: list[dict[str, Any]])
 
 
 def start_run(settings: RunSettings) -> RunContext:
-    """Check what the settings alone cannot (paths, the model, --against), load the model and
-    open a staging folder: nothing is scored yet."""
-    check_output_dir(Path(settings.output.out), settings.output.overwrite)
-    source = discover(settings.input.data, settings.input.image_column)
-    if settings.flag.reference:
-        discover(settings.flag.reference, settings.input.image_column)
-    model = resources().model(settings.model)
-    embedder = make_embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
-    if settings.dedup.against:
-        check_against(settings.dedup.against, embedder.name)
-    return RunContext(settings, source, model, embedder, staging_dir(Path(settings.output.out)))
+    """Take the output's lock, check what the settings alone cannot (paths, the model,
+    --against), load the model and open a staging folder: nothing is scored yet."""
+    out = Path(settings.output.out)
+    lock = OutputLock(out)
+    try:
+        check_output_dir(out, settings.output.overwrite)
+        source = discover(settings.input.data, settings.input.image_column)
+        if settings.flag.reference:
+            discover(settings.flag.reference, settings.input.image_column)
+        model = resources().model(settings.model)
+        embedder = make_embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
+        if settings.dedup.against:
+            check_against(settings.dedup.against, embedder.name)
+        return RunContext(settings, source, model, embedder, staging_dir(out), lock=lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference: pa.Table | None) -> Threshold:
@@ -147,7 +154,7 @@ def duplicates(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray
     if not s.remediation.dedups or not ok.any():
         return {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
     ids, hashes = scored.table.column("id").to_pylist(), scored.table.column("pixel_sha256").to_pylist()
-    ctx.index = build_index(ctx.embedder.search_view(scored.vectors), device=s.model.device)
+    ctx.index = build_index(scored.vectors, device=s.model.device, view=ctx.embedder.search_view)
     cols = duplicate_columns(scored.vectors, scored.flipped, ids, hashes, risk, ok, ctx.dup_threshold,
                              ctx.embedder, ctx.index)
     if s.dedup.against:
@@ -226,7 +233,7 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
         if scored.vectors is not None:
             write_embeddings(ctx.staging, decided, scored.table, scored.vectors,
                              embed_png(ctx.embedder, ctx.spec, s.model.device), ctx.embedder.name)
-            save_index(ctx.index if ctx.index is not None else build_index(ctx.embedder.search_view(scored.vectors)),
+            save_index(ctx.index if ctx.index is not None else build_index(scored.vectors, view=ctx.embedder.search_view),
                        ctx.staging / "index.faiss")
     return decided
 
@@ -266,11 +273,16 @@ def finish_run(ctx: RunContext, scored: Scored, reference: Scored | None,
     for scratch in ("shards", "augmented"):
         shutil.rmtree(ctx.staging / scratch, ignore_errors=True)
     commit_dir(ctx.staging, ctx.out, ctx.settings.output.overwrite)
+    if ctx.lock is not None:
+        ctx.lock.release()
     return result
 
 
 def abort_run(ctx: RunContext) -> None:
+    """Remove the staging folder and release the output: nothing of the run remains."""
     shutil.rmtree(ctx.staging, ignore_errors=True)
+    if ctx.lock is not None:
+        ctx.lock.release()
 
 
 def run_clean(settings: RunSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Callable
 
 from pipeline import __version__
 from pipeline.io.data import discover
-from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
+from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter, OutputLock
 from pipeline.run.resources import resources
 from pipeline.run.settings import ScoreSettings
 from pipeline.score.scoring import image_spec, score_items
@@ -16,6 +16,14 @@ from pipeline.score.scoring import image_spec, score_items
 def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Score settings.input into settings.output.out; returns (rows, rejected rows)."""
     out = Path(settings.output.out)
+    lock = OutputLock(out)
+    try:
+        return _score(settings, out, progress)
+    finally:
+        lock.release()
+
+
+def _score(settings: ScoreSettings, out: Path, progress: Callable[[int], None] | None) -> tuple[int, int]:
     if out.exists() and not settings.output.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     source = discover(settings.input.data, settings.input.image_column)

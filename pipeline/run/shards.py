@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -54,23 +54,11 @@ def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreC
     return model, embedder, spec, cache
 
 
-def shard_items(source: Source, size: int) -> Iterator[list[Item]]:
-    """The source in consecutive shards of `size` items."""
-    shard: list[Item] = []
-    for item in source:
-        shard.append(item)
-        if len(shard) == size:
-            yield shard
-            shard = []
-    if shard:
-        yield shard
-
-
 def shard_name(prefix: str, k: int) -> str:
     return f"{prefix}-{k:06d}"
 
 
-def score_shard(job: ScoreJob, items: list[Item], name: str, embed: bool,
+def score_shard(job: ScoreJob, items: Iterable[Item], name: str, embed: bool,
                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Score (or reuse cached scores of) one shard into staging/shards/name.parquet, with the
     embeddings of its decodable images in name.npy. Returns the name and counts."""
@@ -80,8 +68,10 @@ def score_shard(job: ScoreJob, items: list[Item], name: str, embed: bool,
     folder.mkdir(exist_ok=True)
     rows, vectors, flipped = [], [], []
     for batch in batched(items, spec, s.model.batch_size):
-        rows += score_batch(model, batch, s.scorer, s.model.device, progress, cache)
-        pixels = [d.pixels for d in batch if d.pixels is not None]
+        batch_rows = score_batch(model, batch, s.scorer, s.model.device, progress, cache)
+        rows += batch_rows
+        # vectors for the rows that were scored (ok), in order: they pair with ok_mask later
+        pixels = [d.pixels for d, r in zip(batch, batch_rows) if r["status"] == "ok"]
         if embed and pixels:
             x = torch.stack(pixels).to(s.model.device)
             vectors.append(embedder(x).cpu().numpy())
@@ -98,20 +88,33 @@ def score_shard(job: ScoreJob, items: list[Item], name: str, embed: bool,
 
 
 def gather(job: ScoreJob, names: list[str]) -> Scored:
-    """Concatenate shard files in order."""
+    """The shards' rows concatenated in order, and their vectors in one memory-mapped array
+    (staging/shards/NAME.vectors.npy): no step holds every vector in memory."""
     folder = Path(job.staging) / "shards"
     table = pa.concat_tables([pq.read_table(folder / f"{n}.parquet") for n in names]) if names \
         else SCORE_SCHEMA.empty_table()
 
     def stack(suffix: str) -> np.ndarray | None:
-        parts = [np.load(folder / f"{n}.{suffix}") for n in names if (folder / f"{n}.{suffix}").exists()]
-        return np.concatenate(parts) if parts else None
+        parts = [folder / f"{n}.{suffix}" for n in names if (folder / f"{n}.{suffix}").exists()]
+        if not parts:
+            return None
+        shapes = [np.load(p, mmap_mode="r").shape for p in parts]
+        target = folder / f"{names[0].rsplit('-', 1)[0]}.{suffix.replace('npy', 'vectors.npy')}"
+        out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32,
+                                        shape=(sum(sh[0] for sh in shapes), shapes[0][1]))
+        row = 0
+        for p, sh in zip(parts, shapes):
+            out[row:row + sh[0]] = np.load(p, mmap_mode="r")
+            row += sh[0]
+        out.flush()
+        del out
+        return np.load(target, mmap_mode="r")
     return Scored(table, stack("npy"), stack("flip.npy"))
 
 
 def score_source(job: ScoreJob, source: Source, prefix: str, embed: bool,
                  progress: Callable[[int], None] | None = None) -> tuple[Scored, list[dict[str, Any]]]:
     """Score a whole source shard by shard in this process (the flow maps shards instead)."""
-    results = [score_shard(job, items, shard_name(prefix, k), embed, progress)
-               for k, items in enumerate(shard_items(source, job.settings.cache.shard_size))]
+    results = [score_shard(job, shard, shard_name(prefix, k), embed, progress)
+               for k, shard in enumerate(source.shards(job.settings.cache.shard_size))]
     return gather(job, [r["name"] for r in results]), results

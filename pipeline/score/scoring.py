@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -65,10 +66,14 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
         x = torch.stack([d.pixels for d in todo]).to(device)
         result = score_images(model, x, settings, progress)
         fresh = [{c: getattr(result, c)[i].item() for c in SCORE_COLUMNS} for i in range(len(todo))]
-        for d, row in zip(todo, fresh):
-            scores[id(d)] = {**row, "reused": False}
-        if cache is not None:
-            cache.put([{**row, "sha256": d.sha256} for d, row in zip(todo, fresh)])
+        finite = [all(math.isfinite(row[c]) for c in SCORE_COLUMNS) for row in fresh]
+        for d, row, good in zip(todo, fresh, finite):
+            scores[id(d)] = {**row, "reused": False} if good else NON_FINITE
+            if not good:
+                log.warning("%s: the model gave a non-finite score (%s); the image is rejected", d.item.path,
+                            ", ".join(f"{c}={row[c]}" for c in SCORE_COLUMNS))
+        if cache is not None:  # never cache a score that is not a number
+            cache.put([{**row, "sha256": d.sha256} for d, row, good in zip(todo, fresh, finite) if good])
     if progress and len(ok) > len(todo):
         progress(len(ok) - len(todo))
     rows = []
@@ -80,6 +85,11 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
         empty = {**dict.fromkeys(SCORE_COLUMNS), "reused": None}
         rows.append({**base_row(d), **scores.get(id(d), empty), **settings_cols})
     return rows
+
+
+# a score the model made NaN or infinite: the row is rejected, with no number in it
+NON_FINITE = {**dict.fromkeys(SCORE_COLUMNS), "reused": None, "status": "rejected",
+              "reject_reason": "non_finite_score"}
 
 
 def score_items(model: LoadedModel, items: Iterable[Item], settings: ScorerSettings,
