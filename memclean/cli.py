@@ -21,7 +21,7 @@ log = logging.getLogger("memclean.cli")
 SECTION_TITLES = {  # RunSettings section -> the help group its options are listed under
     "input": "input", "model": "model", "output": "output", "scorer": "scoring (the probability-flow ODE solve)",
     "cache": "caching and resuming", "flag": "flagging (one policy)", "dedup": "duplicates",
-    "remediation": "remediation",
+    "remediation": "remediation", "decode": "decoding (no model says how)",
 }
 
 
@@ -68,6 +68,21 @@ def cmd_clean(args: argparse.Namespace) -> int:
     print(f"scored {sc['scored_fresh']} images afresh, reused {sc['reused']} cached scores")
     print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
           f"{c['rejected']} rejected ({c['flagged']} flagged at {t['value']:.6g}, {t['policy']}) -> {out}")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from pipeline.run.duplicates import DedupRunSettings, run_dedup
+    from pipeline.run.score import count_inputs
+
+    settings = from_args(DedupRunSettings, args)
+    with progress_bar(count_inputs(settings.input.data, settings.input.image_column), "embedding") as bar:
+        result = run_dedup(settings, bar.update)
+    c, d = result["counts"], result["dedup"]
+    out = Path(settings.output.out)
+    print(f"{c['input']} inputs: {c['kept']} kept, {c['dropped']} dropped as duplicates, {c['rejected']} rejected "
+          f"({d['clusters']} clusters of {d['in_clusters']} images at {d['threshold']:.6g}, {d['embedder']}) -> {out}")
     print(f"report: {out / 'report.html'}")
     return 0
 
@@ -148,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.run.duplicates import DedupRunSettings
     from pipeline.run.settings import RunSettings, ScoreSettings
     from pipeline.tools.train import TrainSettings
 
@@ -164,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "dataset (--out DIR)")
     add_sections(p, RunSettings)
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("dedup", help="the duplicate search alone, no model or scores: clusters, --against and a "
+                                     "deduplicated dataset (--out DIR)")
+    add_sections(p, DedupRunSettings)
+    p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser("demo", help="the clean flow on the bundled demo (Prefect, ephemeral; ~1 min on 2 cores)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")

@@ -65,3 +65,45 @@ def test_a_torchscript_embedder_gets_rgb_in_zero_one_whatever_the_model_range(tm
     unit.data_range = (0.0, 1.0)
     x = torch.rand(2, 3, 8, 8)
     assert torch.allclose(signed(x * 2 - 1), unit(x), atol=1e-6)
+
+
+def _photo_like(rng, size=64, smooth=None):
+    """A 1/f-textured grey image in [-1, 1]; `smooth` adds a shared layout (gradient)."""
+    from tests.planted import pink_noise
+
+    img = 0.3 * pink_noise(rng, size)
+    if smooth is not None:
+        img = img * 0.05 + smooth  # faint texture over a strong shared layout
+    return torch.tensor(np.clip(img, -1, 1), dtype=torch.float32)[None, None].expand(1, 3, size, size)
+
+
+def test_a_shared_smooth_layout_is_not_a_duplicate_but_a_corner_crop_is():
+    """Two skies with one gradient correlate as thumbnails; their detail does not. A 5% crop from
+    a corner (decoded back to the same side) is within the +-5% zooms and one-pixel shifts."""
+    rng = np.random.default_rng(0)
+    emb = PixelEmbedder(image_side=64)
+    yy = np.mgrid[0:64, 0:64][0] / 64
+    sky_a, sky_b = _photo_like(rng, smooth=yy - 0.5), _photo_like(rng, smooth=yy - 0.5)
+    va, vb = emb(sky_a).numpy(), emb(sky_b).numpy()
+    assert float((va @ vb.T)[0, 0]) > 0.95  # the plain thumbnail correlation would call them copies
+    assert emb.similarity(va, vb)[0] < emb.default_threshold
+    photo = _photo_like(rng)
+    crop = torch.nn.functional.interpolate(photo[..., :61, :61], size=(64, 64), mode="bilinear",
+                                           antialias=True, align_corners=False)
+    assert emb.similarity(emb(photo).numpy(), emb(crop).numpy())[0] >= emb.default_threshold
+
+
+@pytest.mark.parametrize("data_range", [(-1.0, 1.0), (0.0, 1.0)])
+def test_flat_images_join_nothing_by_similarity(data_range):
+    """Under one grey level of std a thumbnail is noise: its vector is shorter than 1 and its
+    similarity to anything is -1 (exact copies still join by pixel hash); the level is in the
+    model's data range."""
+    lo, hi = data_range
+    rng = np.random.default_rng(1)
+    emb = PixelEmbedder(image_side=64, data_range=data_range)
+    dark = lambda: torch.full((1, 3, 64, 64), lo + 0.1 * (hi - lo)) + \
+        0.2 * (hi - lo) / 255 * torch.tensor(rng.normal(size=(1, 1, 64, 64)), dtype=torch.float32)
+    a, b = emb(dark()).numpy(), emb(dark()).numpy()
+    assert np.linalg.norm(a) < 0.999 and emb.similarity(a, a)[0] == -1 and emb.similarity(a, b)[0] == -1
+    textured = emb(lo + (hi - lo) * (_photo_like(rng) + 1) / 2).numpy()
+    assert abs(np.linalg.norm(textured) - 1) < 1e-5 and emb.similarity(textured, textured)[0] > 0.999

@@ -28,9 +28,9 @@ FLAT_MAX = 100_000
 QUERY_BATCH = 4096  # queries per range search call
 KNN_START = 32  # first k of the k-nearest emulation of a range search
 GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
-THRESHOLD_MEANING = ("cosine similarity of the embeddings (pixel: correlation of 32x32 blurred grey thumbnails, "
-                     "maximised over shifts of up to 1/32 of the image or one image pixel, whichever is larger); "
-                     "pairs at or above it are duplicates")
+THRESHOLD_MEANING = ("cosine similarity of the embeddings (pixel: min(correlation, 1 - (1 - detail correlation) / 2) "
+                     "of 32x32 blurred grey thumbnails, aligned over zooms of +-5% and shifts of up to 1/32 of the "
+                     "image or one image pixel, whichever is larger); pairs at or above it are duplicates")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class DedupSettings:
                             "torchscript:PATH (a local TorchScript model, e.g. SSCD)")
     embed_size: int = setting(224, "torchscript embedders: input side")
     dup_threshold: float | None = setting(None, "cosine similarity at or above which two images are duplicates "
-                                          "(pixel: the correlation of 32x32 blurred grey thumbnails maximised over "
-                                          "1-pixel shifts, default 0.95; unet 0.95; torchscript 0.75)")
+                                          "(pixel: the aligned correlation of 32x32 blurred grey thumbnails and of "
+                                          "their detail, default 0.95; unet 0.95; torchscript 0.75)")
     dedup_flip: bool = setting(False, "also match horizontally mirrored copies")
     against: str | None = setting(None, "an earlier memclean output: new images that duplicate its kept images "
                                   "are dropped")
@@ -276,7 +276,7 @@ def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, vect
         rows, cols = rows[keep], cols[keep]
         if not len(rows):
             continue
-        sims = embedder.similarity(queries[rows], vectors[cols])
+        sims = embedder.similarity(queries[rows], vectors[cols], floor=threshold)
         for a, b, s in zip(rows[sims >= threshold], cols[sims >= threshold], sims[sims >= threshold]):
             uf.union(int(a), int(b))
             best[a], best[b] = max(best[a], s), max(best[b], s)
@@ -297,7 +297,7 @@ def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, e
                                      view=embedder.search_view):
         if not len(rows):
             continue
-        s = embedder.similarity(queries[rows], reference[cols])
+        s = embedder.similarity(queries[rows], reference[cols], floor=threshold)
         for r, c, v in zip(rows, cols, s):
             if v >= threshold and v > sim[r]:
                 match[r], sim[r] = c, v

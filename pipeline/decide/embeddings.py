@@ -3,10 +3,11 @@
 Embedders take images as the model sees them (x: [B, C, H, W] in [-1, 1]) and return
 [B, d] float32 unit vectors. They are chosen by name from EMBEDDERS:
     pixel             model-free: grey, resized to 32x32, blurred (sigma 1 px), mean removed.
-                      Its similarity is the correlation of two thumbnails, maximised over shifts
-                      of up to 1/32 of the image or one image pixel, whichever is larger:
-                      invariant to brightness and contrast, tolerant of JPEG, shifts and crops
-                      of a few per cent (and of a 1 px shift on images smaller than 32 px).
+                      Its similarity is the correlation of two thumbnails and of their detail,
+                      aligned over zooms of +-5% and shifts of up to 1/32 of the image or one
+                      image pixel, whichever is larger: invariant to brightness and contrast,
+                      tolerant of JPEG, blur, rescaling, shifts and crops of up to 5%; flat
+                      images (under one grey level of std) join only as exact copies.
     unet              the diffusion model's own mid-block features at t = 0.5, pooled.
     torchscript:PATH  a user model from a local TorchScript file (e.g. SSCD copy-detection
                       weights): RGB in [0, 1], ImageNet-normalised, resized to --embed-size.
@@ -40,8 +41,9 @@ class Embedder(Protocol):
     def candidate_threshold(self, threshold: float) -> float:
         """Index similarity above which a pair is checked with `similarity`."""
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Row-wise similarity of embeddings: [n, d], [n, d] -> [n]."""
+    def similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
+        """Row-wise similarity of embeddings: [n, d], [n, d] -> [n]. Values below `floor` need
+        only be below it (an embedder may stop refining a pair it has ruled out)."""
 
 
 class CosineSimilarity:
@@ -53,7 +55,7 @@ class CosineSimilarity:
     def candidate_threshold(self, threshold: float) -> float:
         return threshold
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
         return np.einsum("nd,nd->n", a, b)
 
 
@@ -71,24 +73,36 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class PixelEmbedder:
-    """A blurred, mean-removed 32x32 grey thumbnail, compared by shift-maximised correlation.
+    """A blurred, mean-removed 32x32 grey thumbnail, compared by aligned correlation at two scales.
 
     The index holds a blurrier view (sigma 2) that finds candidates robustly; each candidate
-    pair is then scored by the correlation of the sharp thumbnails over their overlap,
-    maximised over shifts of up to max_shift thumbnail pixels in each direction: 1 (1/32 of
-    the image), or one image pixel when the images are smaller than the thumbnail.
+    pair is then compared over zooms of 1/0.95, 1 and 0.95 (crops of up to 5%) and shifts of up
+    to max_shift thumbnail pixels (1, or one image pixel when the images are smaller than the
+    thumbnail), twice: the thumbnails' correlation, and the correlation of their detail (the
+    thumbnail less its blur of sigma 2, in image pixels for images under 32 pixels). Its similarity is min(thumbnail correlation, 1 - (1 -
+    detail correlation) / 2): two photos that share only a smooth layout (sky, a dark vignette)
+    correlate as thumbnails but not in detail. An image whose thumbnail varies by less than
+    min_levels grey levels (std) has no structure to compare: its vector is shorter than 1 in
+    proportion, and it joins others only as an exact copy (equal pixels).
     """
 
     name = "pixel"
     default_threshold = 0.95
+    zooms = (1.0, 0.95, 1 / 0.95)  # scales tried about the centre: crops of up to 5% per side total
+    detail_weight = 0.5  # similarity = min(correlation, 1 - (1 - detail correlation) * weight)
 
     def __init__(self, size: int = 32, sigma: float = 1.0, search_sigma: float = 2.0,
-                 image_side: int | None = None):
+                 image_side: int | None = None, data_range: tuple[float, float] = (-1.0, 1.0),
+                 min_levels: float = 1.0):
         self.size = size  # thumbnail side
         self.sigma = sigma  # blur of the stored thumbnail, in thumbnail pixels
         self.search_sigma = search_sigma  # blur of the indexed view
         # largest shift tried, in thumbnail pixels: one image pixel for images under `size`
         self.max_shift = max(1, math.ceil(size / image_side)) if image_side else 1
+        # detail = thumbnail less this blur: search_sigma, in image pixels for images under `size`
+        self.detail_sigma = min(search_sigma * self.max_shift, size / 4)
+        # thumbnail std below which an image counts as flat: min_levels 8-bit grey levels
+        self.flat_std = min_levels * (data_range[1] - data_range[0]) / 255
 
     def search_view(self, v: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """The stored thumbnails blurred further to search_sigma, in chunks (bounded memory)."""
@@ -101,13 +115,14 @@ class PixelEmbedder:
         return out
 
     def candidate_threshold(self, threshold: float) -> float:
+        # the sigma-2 views of pairs at or above threshold correlate at >= 1 - 2 * max_shift * (1 - t)
+        # on photos, scenes and the demo digits (benchmarks/near_duplicates.py); 3x leaves a margin
         return 1 - 3 * self.max_shift * (1 - threshold)
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        n, s = len(a), self.size
-        a = torch.from_numpy(np.asarray(a, np.float32)).view(n, s, s)
-        b = torch.from_numpy(np.asarray(b, np.float32)).view(n, s, s)
-        best = torch.full((n,), -1.0)
+    def _shifted_correlation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """max over shifts of the correlation of a and b over their overlap: [n, s, s] -> [n]."""
+        s = self.size
+        best = torch.full((len(a),), -1.0)
         shifts = range(-self.max_shift, self.max_shift + 1)
         for dy in shifts:
             for dx in shifts:
@@ -116,7 +131,29 @@ class PixelEmbedder:
                 pa, pb = pa - pa.mean(1, keepdim=True), pb - pb.mean(1, keepdim=True)
                 r = (pa * pb).sum(1) / (pa.norm(dim=1) * pb.norm(dim=1)).clamp_min(1e-12)
                 best = torch.maximum(best, r)
-        return best.numpy()
+        return best
+
+    def similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
+        n, s = len(a), self.size
+        a = torch.from_numpy(np.asarray(a, np.float32)).view(n, 1, s, s)
+        b = torch.from_numpy(np.asarray(b, np.float32)).view(n, 1, s, s)
+        flat = (a.flatten(1).norm(dim=1) < 0.999) | (b.flatten(1).norm(dim=1) < 0.999)
+        zoomed = [b if z == 1 else _zoom(b, z) for z in self.zooms]
+        full = torch.full((n,), -1.0)
+        for bz in zoomed:
+            full = torch.maximum(full, self._shifted_correlation(a[:, 0], bz[:, 0]))
+        # the detail term only where the thumbnails alone do not rule the pair out
+        todo = ~flat if floor is None else ~flat & (full >= floor)
+        detail = torch.full((n,), -1.0)
+        if todo.any():
+            da = (a - _gaussian_blur(a, self.detail_sigma))[todo, 0]
+            best = torch.full((int(todo.sum()),), -1.0)
+            for bz in zoomed:
+                bz = bz[todo]
+                best = torch.maximum(best, self._shifted_correlation(da, (bz - _gaussian_blur(bz, self.detail_sigma))[:, 0]))
+            detail[todo] = best
+        sim = torch.where(todo, torch.minimum(full, 1 - (1 - detail) * self.detail_weight), full)
+        return torch.where(flat, torch.full_like(sim, -1.0), sim).numpy()
 
     def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
         grey = x.to(torch.float32).mean(1, keepdim=True)
@@ -126,7 +163,17 @@ class PixelEmbedder:
         if flip:
             grey = grey.flip(-1)
         v = grey.flatten(1)
-        return _unit(v - v.mean(1, keepdim=True))
+        v = v - v.mean(1, keepdim=True)
+        # unit length, or std / flat_std < 1 for a flat image (similarity reads it as flat)
+        floor = self.flat_std * math.sqrt(v.shape[1])
+        return v / v.norm(dim=1, keepdim=True).clamp_min(floor)
+
+
+def _zoom(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, 1, H, W] resampled about the centre: content grows by 1/scale (border replicated)."""
+    theta = torch.tensor([[scale, 0.0, 0.0], [0.0, scale, 0.0]], dtype=t.dtype).expand(len(t), 2, 3)
+    grid = F.affine_grid(theta, list(t.shape), align_corners=False)
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class UNetEmbedder(CosineSimilarity):
@@ -191,18 +238,22 @@ class TorchScriptEmbedder(CosineSimilarity):
 
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
-    "pixel": lambda model=None, **kw: PixelEmbedder(image_side=min(model.sample_size) if model else None),
+    "pixel": lambda model=None, image_side=None, **kw: PixelEmbedder(
+        image_side=min(model.sample_size) if model else image_side,
+        data_range=tuple(model.data_range) if model else (-1.0, 1.0)),
     "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn, prepare=model.prepare),
     "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(
         path, size, device, model.data_range if model else (-1.0, 1.0)),
 }
 
 
-def make_embedder(spec: str, model=None, size: int = 224, device: str | torch.device = "cpu") -> Embedder:
-    """'pixel', 'unet' or 'torchscript:PATH' -> an embedder."""
+def make_embedder(spec: str, model=None, size: int = 224, device: str | torch.device = "cpu",
+                  image_side: int | None = None) -> Embedder:
+    """'pixel', 'unet' or 'torchscript:PATH' -> an embedder; image_side: the side of the images it
+    is given when there is no model (memclean dedup)."""
     name, _, path = spec.partition(":")
     if name not in EMBEDDERS:
         raise ValueError(f"embedder {spec!r} is not one of pixel, unet, torchscript:PATH")
     if name == "torchscript" and not path:
         raise ValueError("the torchscript embedder needs a file: --embedder torchscript:PATH")
-    return EMBEDDERS[name](model=model, path=path, size=size, device=device)
+    return EMBEDDERS[name](model=model, path=path, size=size, device=device, image_side=image_side)

@@ -465,3 +465,21 @@ def read_selected(source: Source, ids: set[str], spec: ImageSpec) -> dict[str, t
             except (Rejected, OSError) as e:
                 log.warning("cannot re-read %s: %s", item.path, e)
     return found
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How images are decoded when no model says it (`memclean dedup`)."""
+
+    image_size: int = setting(64, "side images are decoded at (RGB, centre-cropped to a square) before they "
+                              "are embedded; the pixel embedder then makes 32x32 thumbnails of them")
+    batch_size: int = setting(64, "images decoded and embedded at a time")
+    device: str = setting("cpu", "where the embedder runs (cpu, cuda, cuda:1)")
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8 or self.batch_size < 1:
+            raise ValueError(f"--image-size must be at least 8 and --batch-size positive, got "
+                             f"{self.image_size}, {self.batch_size}")
+
+    def spec(self, inputs: InputSettings) -> ImageSpec:
+        return ImageSpec(3, (self.image_size, self.image_size), inputs.max_pixels, inputs.min_size)

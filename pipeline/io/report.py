@@ -77,8 +77,9 @@ def fill_missing_thumbnails(out: Path) -> int:
     from pipeline.io.data import ImageSpec, Rejected, open_image, read_file
 
     m = json.loads((out / "manifest.json").read_text())
-    score = m["threshold"]["score"]
-    spec = ImageSpec(m["model"]["channels"], tuple(m["model"]["sample_size"]))
+    score = (m["threshold"] or {}).get("score", "log_volume_growth")  # dedup outputs have none
+    decoded = m.get("model") or m["decode"]  # memclean dedup has no model: how it decoded
+    spec = ImageSpec(decoded["channels"], tuple(decoded["sample_size"]))
     cols = ["id", "path", "status", "flagged", "dup_cluster", "dup_of", "action", score]
     rows = pq.read_table(out / "scores.parquet", columns=cols).to_pylist()
     folder = out / THUMBS
@@ -226,9 +227,10 @@ def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: f
     return "".join(parts)
 
 
-def card(r: dict[str, Any], score: str, key: str, extra: str = "", cls: str = "") -> str:
+def card(r: dict[str, Any], score: str | None, key: str, extra: str = "", cls: str = "") -> str:
+    value = f"<div>{esc(score)}: {r[score]:.4g}</div>" if score and r.get(score) is not None else ""
     return (f'<div class="card {cls}"><img src="{THUMBS}/{thumb_name(key)}" alt="{esc(r["id"])}">'
-            f'<div><b>{esc(r["id"])}</b></div><div>{esc(score)}: {r[score]:.4g}</div>{extra}</div>')
+            f'<div><b>{esc(r["id"])}</b></div>{value}{extra}</div>')
 
 
 def table(rows: Iterable[dict[str, Any]], cols: list[str]) -> str:
@@ -255,7 +257,7 @@ def write_report(out: str | os.PathLike) -> Path:
     """Build OUT/report.html from the outputs of a clean run."""
     out = Path(out)
     m = json.loads((out / "manifest.json").read_text())
-    score = m["threshold"]["score"]
+    score = (m["threshold"] or {}).get("score", "log_volume_growth")  # dedup outputs have none
     scores = pq.read_table(out / "scores.parquet").to_pylist()
     ref_path = out / "reference_scores.parquet"
     reference = None
@@ -263,12 +265,33 @@ def write_report(out: str | os.PathLike) -> Path:
         reference = np.array([r[score] for r in pq.read_table(ref_path).to_pylist() if r["status"] == "ok"], float)
     ok = np.array([r[score] for r in scores if r["status"] == "ok"], float)
     flagged, clusters, augmented = shown_rows(scores, score)
-    c, t = m["counts"], m["threshold"]
+    c = m["counts"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>memclean report</title>"
              f"<style>{CSS}</style><script>{ERROR_JS}</script></head><body>",
-             f"<h1>memclean report</h1><p class='muted'>{esc(m['data']['path'])} &rarr; {esc(m['out'])}</p>",
-             "<h2>Counts</h2>", table([c], list(c)),
-             "<h2>Scores</h2>", histogram_svg(ok, reference, t["value"], score,
+             f"<h1>memclean {'dedup ' if m.get('kind') == 'dedup' else ''}report</h1>"
+             f"<p class='muted'>{esc(m['data']['path'])} &rarr; {esc(m['out'])}</p>",
+             "<h2>Counts</h2>", table([c], list(c))]
+    if m.get("kind") == "dedup":  # memclean dedup: no scores, flags or augmentations
+        parts += duplicate_sections(scores, clusters, m, None)
+    else:
+        parts += score_sections(scores, ok, reference, flagged, augmented, m)
+        parts += duplicate_sections(scores, clusters, m, score)
+    parts.append("<h2>Model and settings</h2>")
+    parts.append(f"<pre>{esc(json.dumps({'model': m['model'], 'settings': m['settings'], 'dedup': m['dedup'], 'versions': m['versions']}, indent=2))}</pre>")
+    parts.append(f"<script>{SORT_JS}</script></body></html>")
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def score_sections(scores: list[dict[str, Any]], ok: np.ndarray, reference: np.ndarray | None,
+                   flagged: list[dict], augmented: list[dict], m: dict[str, Any]) -> list[str]:
+    """The histogram, threshold, top flagged gallery and augmented replacements."""
+    c, t = m["counts"], m["threshold"]
+    score = t["score"]
+    parts = ["<h2>Scores</h2>", histogram_svg(ok, reference, t["value"], score,
                                               band_low=t.get("details", {}).get("accept_band", [None])[0]),
              f"<p>Threshold <b>{t['value']:.6g}</b> ({esc(t['policy'])}, {esc(json.dumps(t['parameters']))})"
              + (f", 95% CI [{_bound(t['details']['ci'][0], '-inf')}, {_bound(t['details']['ci'][1], '+inf')}] "
@@ -289,7 +312,19 @@ def write_report(out: str | os.PathLike) -> Path:
         parts.append(card(r, score, r["id"], f"<div>action: <b>{esc(r['action'])}</b></div>{copies}"
                                              f"<div class='muted'>{esc(why)}</div>"))
     parts.append("</div>")
-    parts.append(f"<h2>Duplicate clusters ({len(clusters)} largest of {m['dedup']['clusters']}; keeper first)</h2>")
+    parts.append(f"<h2>Augmented replacements ({len(augmented)} of {c['augmented']})</h2>")
+    for r in augmented:
+        parts.append("<div class='row pair'>" + card(r, score, r["id"], "<div>original</div>")
+                     + f'<div class="card"><img src="{THUMBS}/{thumb_name("augmented:" + r["id"])}" alt="augmented {esc(r["id"])}">'
+                     f"<div><b>{esc(r['augment_preset'])} augmentation</b></div><div>{esc(score)}: {r['augmented_score']:.4g}</div>"
+                     f"<div class='muted'>{esc(r['action_reason'])}</div></div></div>")
+    return parts
+
+
+def duplicate_sections(scores: list[dict[str, Any]], clusters: dict[int, list[dict]], m: dict[str, Any],
+                       score: str | None) -> list[str]:
+    """The largest duplicate clusters (keeper first) and the table of flagged and duplicated rows."""
+    parts = [f"<h2>Duplicate clusters ({len(clusters)} largest of {m['dedup']['clusters']}; keeper first)</h2>"]
     for k, members in clusters.items():
         parts.append(f"<div class='row cluster' data-cluster='{k}'>")
         for r in members:
@@ -297,20 +332,12 @@ def write_report(out: str | os.PathLike) -> Path:
             parts.append(card(r, score, r["id"], f"<div>{'keeper' if keeper else 'dropped copy'}"
                               f" (similarity {r['dup_similarity'] or 0:.3f})</div>", "keeper" if keeper else "dropped"))
         parts.append("</div>")
-    parts.append(f"<h2>Augmented replacements ({len(augmented)} of {c['augmented']})</h2>")
-    for r in augmented:
-        parts.append("<div class='row pair'>" + card(r, score, r["id"], "<div>original</div>")
-                     + f'<div class="card"><img src="{THUMBS}/{thumb_name("augmented:" + r["id"])}" alt="augmented {esc(r["id"])}">'
-                     f"<div><b>{esc(r['augment_preset'])} augmentation</b></div><div>{esc(score)}: {r['augmented_score']:.4g}</div>"
-                     f"<div class='muted'>{esc(r['action_reason'])}</div></div></div>")
-    parts.append("<h2>Flagged and duplicated rows</h2>")
-    listed = [r for r in scores if r["flagged"] or r["dup_cluster"] is not None]
-    parts.append(table(listed, ["id", score, "flagged", "dup_cluster", "dup_of", "action", "action_reason"]))
-    parts.append("<h2>Model and settings</h2>")
-    parts.append(f"<pre>{esc(json.dumps({'model': m['model'], 'settings': m['settings'], 'dedup': m['dedup'], 'versions': m['versions']}, indent=2))}</pre>")
-    parts.append(f"<script>{SORT_JS}</script></body></html>")
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    if score is None:
+        parts.append("<h2>Duplicated rows</h2>")
+        listed = [r for r in scores if r["dup_cluster"] is not None or r["dup_of"] is not None]
+        parts.append(table(listed, ["id", "dup_cluster", "dup_of", "dup_similarity", "action", "action_reason"]))
+    else:
+        parts.append("<h2>Flagged and duplicated rows</h2>")
+        listed = [r for r in scores if r["flagged"] or r["dup_cluster"] is not None]
+        parts.append(table(listed, ["id", score, "flagged", "dup_cluster", "dup_of", "action", "action_reason"]))
+    return parts

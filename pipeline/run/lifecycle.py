@@ -215,13 +215,7 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
     with Stage(ctx, "write_cleaned"):
         changed, ctx.image_bytes["cleaned"] = write_cleaned(ctx.staging / "cleaned", ctx.source, decided,
                                                              s.flag.score, s.output)
-        action = decided.column("action").to_pylist()
-        hit = reject_changed(decided.column("id").to_pylist(), action, changed)
-        if any(hit):
-            decided = replace_column(decided, "action", action)
-            for name, value in (("status", "rejected"), ("reject_reason", "changed_during_run")):
-                decided = replace_column(decided, name, [value if h else v for v, h in
-                                                         zip(decided.column(name).to_pylist(), hit)])
+        decided = reject_changed_rows(decided, changed)
     with Stage(ctx, "write_tables"):
         meta = {"settings": s.flat(), "threshold": threshold.to_dict(), "model_fingerprint": ctx.model.fingerprint}
         write_tables(ctx.staging, decided, meta)
@@ -235,6 +229,19 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
                              embed_png(ctx.embedder, ctx.spec, s.model.device), ctx.embedder.name)
             save_index(ctx.index if ctx.index is not None else build_index(scored.vectors, view=ctx.embedder.search_view),
                        ctx.staging / "index.faiss")
+    return decided
+
+
+def reject_changed_rows(decided: pa.Table, changed: set[str]) -> pa.Table:
+    """Inputs whose bytes changed between their scoring and write_cleaned become rejected
+    (changed_during_run): what was judged is not what would be written."""
+    action = decided.column("action").to_pylist()
+    hit = reject_changed(decided.column("id").to_pylist(), action, changed)
+    if any(hit):
+        decided = replace_column(decided, "action", action)
+        for name, value in (("status", "rejected"), ("reject_reason", "changed_during_run")):
+            decided = replace_column(decided, name, [value if h else v for v, h in
+                                                     zip(decided.column(name).to_pylist(), hit)])
     return decided
 
 

@@ -1,0 +1,91 @@
+"""`memclean dedup`: the duplicate search alone (no model), through the command line."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from diffusers import DDPMScheduler
+
+from memclean.cli import main
+from tests.conftest import save_checkpoint
+from tests.exact import tiny_unet
+from tests.planted import planted_set
+
+
+@pytest.fixture(scope="module")
+def drop(tmp_path_factory):
+    """A planted set (5 groups of exact and near copies among 40 unique scenes) and a bad file."""
+    root = tmp_path_factory.mktemp("dd")
+    truth = planted_set(root / "train", n_unique=40, n_groups=5)
+    (root / "train" / "broken.png").write_bytes(b"\x89PNG not really")
+    return root, truth
+
+
+def dedup(root, out, *extra, data="train"):
+    rc = main(["dedup", "--data", str(root / data), "--out", str(root / out), "--overwrite", *extra])
+    assert rc == 0
+    rows = {r["id"]: r for r in pq.read_table(root / out / "scores.parquet").to_pylist()}
+    return rows, json.loads((root / out / "manifest.json").read_text())
+
+
+def partition(rows, ids):
+    """The clusters as a set of frozensets of ids (numbering-free)."""
+    groups = {}
+    for i in ids:
+        if rows[i]["dup_cluster"] is not None:
+            groups.setdefault(rows[i]["dup_cluster"], set()).add(i)
+    return {frozenset(g) for g in groups.values()}
+
+
+def test_clusters_keepers_outputs_and_accounting(drop):
+    root, truth = drop
+    rows, m = dedup(root, "out")
+    assert m["kind"] == "dedup" and m["model"] is None
+    assert rows["broken.png"]["action"] == "rejected" and rows["broken.png"]["reject_reason"]
+    for g in range(5):
+        members = sorted(i for i in truth if truth[i] == g)
+        assert len({rows[i]["dup_cluster"] for i in members}) == 1 and rows[members[0]]["dup_cluster"] is not None
+        # no scores: the keeper is the first member by id, the others are dropped pointing at it
+        assert rows[members[0]]["action"] == "kept" and rows[members[0]]["dup_of"] is None
+        assert all(rows[i]["action"] == "dropped" and rows[i]["dup_of"] == members[0] for i in members[1:])
+    assert sum(rows[i]["dup_cluster"] is not None for i in truth if truth[i] == -1) <= 2
+    c = m["counts"]
+    assert c["input"] == len(truth) + 1 == c["kept"] + c["dropped"] + c["rejected"]
+    assert all(r["log_volume_growth"] is None and not r["flagged"] for r in rows.values())
+    cleaned = pq.read_table(root / "out" / "cleaned").to_pylist()
+    assert sorted(r["id"] for r in cleaned) == sorted(i for i, r in rows.items() if r["action"] == "kept")
+    kept_bytes = {r["id"]: r["image"]["bytes"] for r in cleaned}
+    assert all(kept_bytes[i] == (root / "train" / i).read_bytes() for i in kept_bytes)  # bytes as given
+    emb = pq.read_table(root / "out" / "embeddings.parquet")
+    assert sorted(emb.column("id").to_pylist()) == sorted(i for i, r in rows.items() if r["action"] != "rejected")
+    assert (root / "out" / "index.faiss").is_file() and (root / "out" / "_COMPLETE").is_file()
+    page = (root / "out" / "report.html").read_text()
+    assert "Duplicate clusters" in page and "Top flagged" not in page and "<h2>Scores" not in page
+    assert main(["report", str(root / "out")]) == 0  # a dedup output's report rebuilds
+
+
+def test_the_same_clusters_as_a_clean_run(drop, tmp_path):
+    """Same embedder and image side: memclean dedup and memclean clean cluster alike (their
+    keepers may differ: clean keeps the lowest-risk member)."""
+    root, truth = drop
+    model = save_checkpoint(tiny_unet(channels=3, size=16), DDPMScheduler(), tmp_path / "model")
+    assert main(["clean", "--data", str(root / "train"), "--model", str(model), "--out", str(tmp_path / "clean"),
+                 "--solver", "euler", "--steps", "2", "--action", "dedup"]) == 0
+    clean = {r["id"]: r for r in pq.read_table(tmp_path / "clean" / "scores.parquet").to_pylist()}
+    rows, _ = dedup(root, "side16", "--image-size", "16")
+    assert partition(rows, truth) == partition(clean, truth)
+
+
+def test_against_an_earlier_output_and_refusals(drop, capsys):
+    root, truth = drop
+    dedup(root, "first")
+    rows, m = dedup(root, "second", "--against", str(root / "first"))
+    # the same drop again: every decodable image duplicates a kept image of the first output
+    assert m["counts"]["kept"] == 0 and all(r["dup_of"] for r in rows.values() if r["status"] == "ok")
+    assert any(r["dup_of"].startswith(str(root / "first") + ":") for r in rows.values() if r["dup_of"])
+    out = root / "third"
+    assert main(["dedup", "--data", str(root / "train"), "--out", str(out), "--embedder", "unet"]) == 2
+    assert "no model" in capsys.readouterr().err and not out.exists()
+    assert main(["dedup", "--data", str(root / "train"), "--out", str(root / "first")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["dedup", "--data", str(root / "train"), "--out", str(out), "--image-size", "4"]) == 2
+    assert not out.exists()
