@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
@@ -34,6 +35,9 @@ PARAMETERS = options(RunSettings) + options(FlowSettings)  # the flow's paramete
 def score_shard_task(job: ScoreJob, shard: Shard, name: str, embed: bool) -> dict[str, Any]:
     """Score one shard (cached scores are reused); writes staging/shards/name.*. The shard is a
     descriptor: the task opens its items itself."""
+    threads = os.environ.get("MEMCLEAN_TORCH_THREADS")  # a Dask worker's share of the cores
+    if threads and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
     return score_shard(job, shard, name, embed)
 
 
@@ -62,9 +66,28 @@ def task_runner_for(s: FlowSettings):
     if s.dask_address:
         return DaskTaskRunner(address=s.dask_address)
     threads = max(1, (os.cpu_count() or 1) // s.dask_workers)
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MEMCLEAN_TORCH_THREADS": str(threads)}
+    api = api_url()
+    if api:  # else each worker process would start an ephemeral Prefect server of its own
+        env["PREFECT_API_URL"] = api
     return DaskTaskRunner(cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None,
-                                          "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+                                          "dashboard_address": None, "env": env})
+
+
+def api_url() -> str | None:
+    """The Prefect API this process reports to: PREFECT_API_URL, or the ephemeral server it
+    started (Prefect keeps it as SubprocessASGIServer's instance for no port)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer._instances.get(None)
+        return server.api_url if server is not None and server.running else None
+    except (ImportError, AttributeError):
+        return None
 
 
 @task(cache_policy=NO_CACHE)

@@ -48,3 +48,32 @@ def test_cache_settings_root(monkeypatch, tmp_path):
     assert CacheSettings().root == str(tmp_path / "env")
     assert CacheSettings(cache_dir="/x").root == "/x"
     assert CacheSettings(no_cache=True).root is None
+
+
+def _writer(root, k):
+    """A worker process: 40 puts, half of them the same rows as every other worker's."""
+    cache = ScoreCache(root, "k")
+    for i in range(40):
+        sha = f"shared{i}" if i % 2 else f"w{k}-{i}"
+        cache.put([row(sha, float(i))])
+
+
+def test_several_processes_share_one_cache_folder_without_tearing_it(tmp_path, caplog):
+    """Dask workers on one cache folder: each file is written to a temporary name of its own
+    writer and renamed whole, so concurrent writers of the same rows (the same file name) never
+    leave a torn file, and a reader afterwards sees every row."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), k)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    reader = ScoreCache(tmp_path, "k")
+    with caplog.at_level(logging.WARNING):
+        reader.refresh()
+    assert "unreadable" not in caplog.text and not list((tmp_path / "k").glob(".*tmp*"))
+    assert all(reader.get(f"shared{i}")["log_volume_growth"] == float(i) for i in range(1, 40, 2))
+    assert all(reader.get(f"w{k}-{i}") is not None for k in range(4) for i in range(0, 40, 2))

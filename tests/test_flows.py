@@ -102,3 +102,43 @@ def test_bad_parameters_fail_before_any_work(harness, setup):
         clean(data=str(data), model=str(model), out=str(tmp / "x"), probes=0, cache_dir=str(tmp / "c"))
     assert not (tmp / "x").exists() and not (tmp / "c").exists()  # nothing scored, nothing cached
     assert not list(tmp.glob(".x*"))  # no staging folder was opened
+
+
+def test_a_failed_shard_is_retried_without_duplicating_rows(harness, setup, monkeypatch):
+    """A shard task that fails after writing its files (a worker lost mid-result) is retried by
+    Prefect (retries=1); the retry rewrites the same shard files atomically: every input once."""
+    import flows.clean as fc
+
+    tmp, data, model = setup
+    real, failed = fc.score_shard, []
+
+    def flaky(job, shard, name, embed):
+        result = real(job, shard, name, embed)
+        if name.endswith("-000001") and not failed:
+            failed.append(name)
+            raise OSError("worker lost")
+        return result
+
+    monkeypatch.setattr(fc, "score_shard", flaky)
+    m = fc.clean(data=str(data), model=str(model), out=str(tmp / "retried"), no_cache=True, **FAST)
+    monkeypatch.setattr(fc, "score_shard", real)
+    fc.clean(data=str(data), model=str(model), out=str(tmp / "plain"), no_cache=True, **FAST)
+    assert failed == ["input-000001"]
+    rows = scores(tmp / "retried")
+    assert len({r["id"] for r in rows}) == len(rows) == m["counts"]["input"] == 14
+    assert rows == scores(tmp / "plain")
+
+
+def test_dask_workers_get_their_share_of_the_cores_and_this_flow_s_api(harness):
+    """Each LocalCluster worker: cores / workers torch threads (else every worker's torch takes
+    every core), and the API this process reports to (else each worker process starts an
+    ephemeral Prefect server of its own and its task runs go there)."""
+    import os
+
+    from flows.clean import api_url, task_runner_for
+    from pipeline.run.settings import FlowSettings
+
+    env = task_runner_for(FlowSettings(task_runner="dask", dask_workers=2)).cluster_kwargs["env"]
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert env["OMP_NUM_THREADS"] == env["MEMCLEAN_TORCH_THREADS"] == threads
+    assert env["PREFECT_API_URL"] == api_url() and api_url().startswith("http://127.0.0.1")

@@ -94,7 +94,7 @@ class ScoreCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("".join(sorted(r["sha256"] for r in rows)).encode()).hexdigest()[:24]
         path = self.dir / f"{name}.parquet"
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"  # a writer's own
         pq.write_table(pa.Table.from_pylist([{c: r[c] for c in CACHE_SCHEMA.names} for r in rows], CACHE_SCHEMA), tmp)
         os.replace(tmp, path)
         self._read.add(path.name)
