@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("report", help="(re)write DIR/report.html from a clean output")
-    p.add_argument("dir", type=Path, help="a memclean clean output folder")
+    p = sub.add_parser("report", help="(re)write DIR/report.html from a clean or dedup output")
+    p.add_argument("dir", type=Path, help="a memclean clean or dedup output folder")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("train", help="train a small DDPM (demo and proxy models)")

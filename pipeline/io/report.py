@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.io.store import ok_mask, score_values
+
 log = logging.getLogger(__name__)
 
 THUMBS = "report"  # OUT/report/: thumbnails
@@ -262,7 +264,8 @@ def write_report(out: str | os.PathLike) -> Path:
     ref_path = out / "reference_scores.parquet"
     reference = None
     if ref_path.exists():
-        reference = np.array([r[score] for r in pq.read_table(ref_path).to_pylist() if r["status"] == "ok"], float)
+        ref = pq.read_table(ref_path, columns=["status", score])
+        reference = score_values(ref, score)[ok_mask(ref)]
     ok = np.array([r[score] for r in scores if r["status"] == "ok"], float)
     flagged, clusters, augmented = shown_rows(scores, score)
     c = m["counts"]

@@ -20,18 +20,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.decide.dedup import THRESHOLD_MEANING, DedupSettings, build_index, duplicate_columns, \
-    mark_earlier_duplicates, on_gpu, save_index
+from pipeline.decide.dedup import DedupSettings, save_index
 from pipeline.decide.embeddings import Embedder, make_embedder
 from pipeline.io.data import DecodeSettings, InputSettings, Source, batched, discover
 from pipeline.io.manifest import manifest
-from pipeline.io.outputs import check_against, decided_table, earlier_survivors, embed_png, write_cleaned, \
-    write_embeddings, write_tables
+from pipeline.decide.remediate import RemediationSettings, plan
+from pipeline.io.outputs import check_against, decided_table, embed_png, write_cleaned, write_embeddings, \
+    write_tables
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import SCORE_SCHEMA, OutputLock, OutputSettings, check_output_dir, commit_dir, \
     ok_mask, staging_dir, write_json_atomic
 from pipeline.fields import section
-from pipeline.run.lifecycle import reject_changed_rows
+from pipeline.run.lifecycle import dedup_record, reject_changed_rows, search_duplicates
 from pipeline.run.settings import SettingsMixin
 from pipeline.score.scoring import base_row
 
@@ -87,22 +87,15 @@ def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder,
 
 def dedup_columns(table: pa.Table, vectors: np.ndarray | None, flipped: np.ndarray | None,
                   settings: DedupRunSettings, embedder: Embedder, threshold: float) -> tuple[dict[str, list], Any]:
-    """The decision columns: duplicates dropped (keeper: first by id), the rest kept."""
+    """The decision columns: duplicates dropped (keeper: first by id, no risk), the rest kept
+    (remediate.plan with --action dedup and nothing flagged)."""
     n, ok = table.num_rows, ok_mask(table)
     cols: dict[str, list] = {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
     index = None
     if vectors is not None and len(vectors):
-        index = build_index(vectors, device=settings.decode.device, view=embedder.search_view)
-        cols = duplicate_columns(vectors, flipped, table.column("id").to_pylist(),
-                                 table.column("pixel_sha256").to_pylist(), np.zeros(n), ok, threshold,
-                                 embedder, index)
-        if settings.dedup.against:
-            earlier_ids, earlier = earlier_survivors(settings.dedup.against, embedder.name)
-            mark_earlier_duplicates(cols, ok, vectors, settings.dedup.against, earlier_ids, earlier, threshold,
-                                    embedder, settings.decode.device)
-    action = ["rejected" if not o else "dropped" if d is not None else "kept" for o, d in zip(ok, cols["dup_of"])]
-    reason = ["could not be decoded" if a == "rejected" else f"duplicate of {d}" if a == "dropped" else None
-              for a, d in zip(action, cols["dup_of"])]
+        cols, index = search_duplicates(vectors, flipped, table, ok, np.zeros(n), threshold, embedder,
+                                        settings.dedup, settings.decode.device)
+    action, reason, _ = plan(ok, np.zeros(n, bool), cols["dup_of"], RemediationSettings(action="dedup"))
     cols.update({"flagged": [False if o else None for o in ok], "flag_reason": [None] * n,
                  "action": action, "action_reason": reason,
                  **{k: [None] * n for k in ("augment_preset", "augment_tries", "augmented_score", "augmentation",
@@ -144,10 +137,7 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
                              embedder.name)
             save_index(index, staging / "index.faiss")
         timings["write"] = round(time.perf_counter() - t0, 3)
-        dedup = {"embedder": embedder.name, "threshold": threshold, "flip": settings.dedup.dedup_flip,
-                 "index": type(index).__name__ if index is not None else None,
-                 "index_on_gpu": bool(index is not None and on_gpu(index)),
-                 "threshold_meaning": THRESHOLD_MEANING, "against": settings.dedup.against}
+        dedup = dedup_record(embedder, threshold, settings.dedup, index)
         result = manifest(decided, threshold={"policy": None, "value": None, "parameters": {}}, score=SCORE,
                           dedup=dedup, reference=None, reference_path=None, model=None,
                           data={"path": source.path, "kind": source.kind}, settings=settings.flat(),

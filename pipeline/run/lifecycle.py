@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decide.dedup import THRESHOLD_MEANING, build_index, duplicate_columns, mark_earlier_duplicates, \
-    on_gpu, save_index
+from pipeline.decide.dedup import THRESHOLD_MEANING, DedupSettings, build_index, duplicate_columns, \
+    mark_earlier_duplicates, on_gpu, save_index
 from pipeline.decide.embeddings import Embedder, make_embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.remediate import augment_and_rescore, plan, record_json, reject_changed, settle
@@ -148,19 +148,35 @@ def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference:
                                        "accept_band_of": "reference" if ref is not None else "dataset"})
 
 
+def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
+                      risk: np.ndarray, threshold: float, embedder: Embedder, dedup: DedupSettings,
+                      device: str) -> tuple[dict[str, list], Any]:
+    """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then an
+    earlier output's with --against), and the index built over the ok rows' vectors."""
+    ids, hashes = table.column("id").to_pylist(), table.column("pixel_sha256").to_pylist()
+    index = build_index(vectors, device=device, view=embedder.search_view)
+    cols = duplicate_columns(vectors, flipped, ids, hashes, risk, ok, threshold, embedder, index)
+    if dedup.against:
+        earlier_ids, earlier = earlier_survivors(dedup.against, embedder.name)
+        mark_earlier_duplicates(cols, ok, vectors, dedup.against, earlier_ids, earlier, threshold, embedder, device)
+    return cols, index
+
+
+def dedup_record(embedder: Embedder, threshold: float, dedup: DedupSettings, index) -> dict[str, Any]:
+    """The manifest's `dedup` section, less the cluster counts (manifest.dedup_section adds them)."""
+    return {"embedder": embedder.name, "threshold": threshold, "flip": dedup.dedup_flip,
+            "index": type(index).__name__ if index is not None else None,
+            "index_on_gpu": bool(index is not None and on_gpu(index)),
+            "threshold_meaning": THRESHOLD_MEANING, "against": dedup.against}
+
+
 def duplicates(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray) -> dict[str, list]:
     """dup_cluster, dup_of and dup_similarity: this run's clusters, then an earlier output's."""
     n, s = scored.table.num_rows, ctx.settings
     if not s.remediation.dedups or not ok.any():
         return {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
-    ids, hashes = scored.table.column("id").to_pylist(), scored.table.column("pixel_sha256").to_pylist()
-    ctx.index = build_index(scored.vectors, device=s.model.device, view=ctx.embedder.search_view)
-    cols = duplicate_columns(scored.vectors, scored.flipped, ids, hashes, risk, ok, ctx.dup_threshold,
-                             ctx.embedder, ctx.index)
-    if s.dedup.against:
-        earlier_ids, earlier = earlier_survivors(s.dedup.against, ctx.embedder.name)
-        mark_earlier_duplicates(cols, ok, scored.vectors, s.dedup.against, earlier_ids, earlier,
-                                ctx.dup_threshold, ctx.embedder, s.model.device)
+    cols, ctx.index = search_duplicates(scored.vectors, scored.flipped, scored.table, ok, risk, ctx.dup_threshold,
+                                        ctx.embedder, s.dedup, s.model.device)
     return cols
 
 
@@ -247,10 +263,7 @@ def reject_changed_rows(decided: pa.Table, changed: set[str]) -> pa.Table:
 
 def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference: pa.Table | None) -> dict[str, Any]:
     s, m = ctx.settings, ctx.model
-    dedup = {"embedder": ctx.embedder.name, "threshold": ctx.dup_threshold, "flip": s.dedup.dedup_flip,
-             "index": type(ctx.index).__name__ if ctx.index is not None else None,
-             "index_on_gpu": bool(ctx.index is not None and on_gpu(ctx.index)),
-             "threshold_meaning": THRESHOLD_MEANING, "against": s.dedup.against}
+    dedup = dedup_record(ctx.embedder, ctx.dup_threshold, s.dedup, ctx.index)
     model = {"path": str(m.checkpoint.root), "fingerprint": m.fingerprint, "layout": m.checkpoint.layout,
              "variant": m.checkpoint.variant, "data_range": list(m.data_range),
              "bits_per_dim_offset": m.score_fn.bits_offset, "score_space": m.score_space,

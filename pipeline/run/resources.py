@@ -18,7 +18,7 @@ from pipeline.score.models import LoadedModel, ModelSettings, load_model
 def checkpoint_stamp(path: str) -> tuple:
     """(file, size, mtime) of every file under the checkpoint: changes when it is rewritten."""
     files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    return tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+    return tuple((f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in files))
 
 
 class Resources:

@@ -18,7 +18,6 @@ The state, and so V, is float64; the network runs in its own dtype (or `precisio
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -30,7 +29,6 @@ from pipeline.fields import setting
 from pipeline.score.models import ScoreFunction
 from pipeline.score.probes import ProbeStream
 
-log = logging.getLogger(__name__)
 
 Field = Callable[[torch.Tensor], torch.Tensor]  # a vector field of the state: [B, ...] -> [B, ...]
 DIVERGENCES = ("exact", "rademacher", "gaussian")
