@@ -100,6 +100,17 @@ def build(cls: type, values: Mapping[str, Any], path: tuple[str, ...] = ()) -> A
     return cls(**kwargs)
 
 
+def check_choices(obj: Any) -> None:
+    """Raise ValueError for a setting of this section (not its nested ones) whose value is not
+    one of its `choices`; None passes (it means unset)."""
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value is not None and value not in choices:
+            name = (f.metadata["name"] or f.name).replace("_", "-")
+            raise ValueError(f"--{name} {value!r} is not one of {choices}")
+
+
 def flatten(obj: Any) -> dict[str, Any]:
     """The flat name -> value of every setting of a section (the resolved settings)."""
     out = {}

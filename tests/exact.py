@@ -5,10 +5,21 @@ import math
 
 import torch
 
+from pipeline.score.models import bits_offset
 from pipeline.score.schedules import VESchedule, VPSchedule
 
 
-class GaussianScore:
+class PixelData:
+    """What a score function says of its data: 8-bit images in data_range ([-1, 1] unless set)."""
+
+    data_range = (-1.0, 1.0)
+
+    @property
+    def bits_offset(self) -> float:
+        return bits_offset(self.data_range)
+
+
+class GaussianScore(PixelData):
     """The exact score of data x_0 ~ N(mu, diag(s^2)) diffused by a VP or VE schedule.
 
     VP: x_t ~ N(sqrt(abar) mu, abar s^2 + sigma^2);  VE: x_t ~ N(mu, s^2 + sigma^2).
@@ -45,7 +56,7 @@ class GaussianScore:
         return m1 + (v1 / v0).sqrt() * (x.double() - m0)
 
 
-class FullGaussianScore:
+class FullGaussianScore(PixelData):
     """The exact score of data x_0 ~ N(mu, S) (full covariance, flattened to D dims):
     x_t ~ N(alpha mu, alpha^2 S + sigma^2 I) =: N(alpha mu, S_t), score = -S_t^-1 (x - alpha mu)."""
 
@@ -83,7 +94,7 @@ class FullGaussianScore:
         return sigma * alpha**2 * torch.linalg.inv(self.cov(t))
 
 
-class ZeroScore:
+class ZeroScore(PixelData):
     """score = 0 everywhere (a network that predicts eps = 0)."""
 
     def __init__(self, schedule):

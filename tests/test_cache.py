@@ -77,3 +77,25 @@ def test_several_processes_share_one_cache_folder_without_tearing_it(tmp_path, c
     assert "unreadable" not in caplog.text and not list((tmp_path / "k").glob(".*tmp*"))
     assert all(reader.get(f"shared{i}")["log_volume_growth"] == float(i) for i in range(1, 40, 2))
     assert all(reader.get(f"w{k}-{i}") is not None for k in range(4) for i in range(0, 40, 2))
+
+
+def test_entries_fold_into_sorted_arrays_and_every_one_is_found(tmp_path, monkeypatch):
+    """Past FOLD_AT pending entries the cache folds them into its sorted arrays (72 bytes an
+    entry); hex digests and other keys, pending and folded entries, all read back exactly, and
+    a key put twice keeps its first scores."""
+    import hashlib
+
+    monkeypatch.setattr(ScoreCache, "FOLD_AT", 4)
+    a = ScoreCache(tmp_path, "k")
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() if i % 3 else f"name-{i}" for i in range(60)]
+    for start in range(0, 60, 7):
+        a.put([row(s, float(i) + 0.1) for i, s in enumerate(shas) if start <= i < start + 7])
+    assert len(a._keys) > 0 and len(a._pending) <= max(4, len(a._keys) // 4)
+    a.put([row(shas[5], -1.0)])  # known: neither written nor changed
+    b = ScoreCache(tmp_path, "k").refresh()
+    for cache in (a, b):
+        assert len(cache) == 60
+        assert all(cache.get(s) == {**dict.fromkeys(SCORE_COLUMNS, float(i) + 0.1), "nfe": 16}
+                   for i, s in enumerate(shas))
+        assert cache.get("absent") is None and cache.get("f" * 64) is None
+    assert b._keys.nbytes + b._values.nbytes == 60 * 72

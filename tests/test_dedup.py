@@ -133,3 +133,26 @@ def test_near_matches_against_an_earlier_output(tmp_path):
     new_ids = [i for i, p in zip(ids, previous) if not p]
     for i, m in zip(new_ids, match):
         assert (m >= 0) == i.startswith("g"), i
+
+
+def test_memory_mapped_views_and_arrow_columns_give_the_same_clusters(tmp_path):
+    """A run's vectors are memory-mapped and its ids and hashes are Arrow columns: the search
+    views then go to an unnamed file beside the vectors, and the clusters are those of
+    in-memory arrays and Python lists, exactly."""
+    import pyarrow as pa
+
+    from pipeline.decide.dedup import search_views
+
+    planted_set(tmp_path / "set", n_unique=60, n_groups=6)
+    ds, v, _, emb = embed_folder(tmp_path / "set")
+    ids, hashes = [d.item.id for d in ds], [d.pixel_sha256 for d in ds]
+    np.save(tmp_path / "v.npy", v)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    views = search_views(mapped, emb.search_view)
+    assert isinstance(views, np.memmap) and np.array_equal(views, emb.search_view(v))
+    assert {p.name for p in tmp_path.iterdir()} == {"set", "v.npy"}  # the views' file has no name
+    risk = np.arange(len(ids), dtype=float)
+    a = find_clusters(v, hashes, risk, ids, 0.95, emb)
+    b = find_clusters(mapped, pa.chunked_array([hashes[:20], hashes[20:]]), risk, pa.array(ids), 0.95, emb, views=views)
+    assert a.count == b.count >= 6 and np.array_equal(a.cluster, b.cluster) and np.array_equal(a.keeper, b.keeper)
+    assert np.array_equal(a.best_similarity, b.best_similarity) and a.pairs == b.pairs

@@ -120,3 +120,26 @@ def test_report_command_makes_thumbnails_an_older_output_lacks(report, tmp_path,
     assert "made 3 missing thumbnails" in capsys.readouterr().out
     for v in victims:  # the same pixels the run's own thumbnail had
         assert (copy / "report" / v).read_bytes() == (report / "report" / v).read_bytes()
+
+
+def test_the_table_lists_the_highest_scores_first_up_to_its_cap(report, tmp_path, monkeypatch):
+    """The report turns only flagged, clustered and augmented rows into Python objects (not
+    every input); the table of them is capped, highest score first, and says where the rest are."""
+    import pyarrow.parquet as pq
+
+    from pipeline.io import report as report_module
+
+    everything = pq.read_table(report / "scores.parquet")
+    rows = report_module.report_rows(everything)
+    assert {r["id"] for r in rows} == {r["id"] for r in everything.to_pylist()
+                                       if r["flagged"] or r["dup_cluster"] is not None or r["dup_of"] is not None
+                                       or r["action"] == "augmented"}
+    out = tmp_path / "out"
+    shutil.copytree(report, out)
+    monkeypatch.setattr(report_module, "TABLE_ROWS", 3)
+    html = report_module.write_report(out).read_text()
+    table = html.split("<h2>Flagged and duplicated rows</h2>")[1].split("</table>")[0]
+    listed = [r for r in rows if r["flagged"] or r["dup_cluster"] is not None]
+    top = sorted(listed, key=lambda r: (-r["log_volume_growth"], r["id"]))[:3]
+    assert re.findall(r"<tr><td>([^<]+)</td>", table) == [r["id"] for r in top]
+    assert f"The first 3 of {len(listed)} rows" in html

@@ -32,3 +32,25 @@ def test_models_are_bounded_and_cleared(tmp_path):
     assert shared.cache(str(tmp_path / "c"), "k") is cache
     shared.clear()
     assert shared.cache(str(tmp_path / "c"), "k") is not cache
+
+
+def test_an_embedder_is_made_once_per_process_until_its_file_changes(tmp_path):
+    """Every scoring shard asks for the embedder: a TorchScript file is loaded once, not once a
+    shard, and loaded again when it is rewritten."""
+    import os
+
+    import torch
+
+    from tests.test_embeddings import Mean
+
+    shared = Resources()
+    model = shared.model(ModelSettings(model=str(save_checkpoint(tiny_unet(), DDPMScheduler(), tmp_path / "m"))))
+    assert shared.embedder("pixel", model, 224, "cpu") is shared.embedder("pixel", model, 224, "cpu")
+    path = tmp_path / "e.pt"
+    torch.jit.script(Mean()).save(str(path))
+    first = shared.embedder(f"torchscript:{path}", model, 16, "cpu")
+    assert shared.embedder(f"torchscript:{path}", model, 16, "cpu") is first
+    assert shared.embedder(f"torchscript:{path}", model, 32, "cpu") is not first  # another input side
+    torch.jit.script(Mean()).save(str(path))
+    os.utime(path, ns=(1, 1))  # rewritten: a new stamp even within the clock's resolution
+    assert shared.embedder(f"torchscript:{path}", model, 16, "cpu") is not first

@@ -38,3 +38,15 @@ def test_flow_settings():
     assert FlowSettings.from_flat({}).task_runner == "threads"
     with pytest.raises(ValueError):
         FlowSettings.from_flat({"dask_workers": 0})
+
+
+@pytest.mark.parametrize("flat,message", [({"device": "tpu"}, "--device 'tpu'"),
+                                          ({"data_range": "bytes"}, "--data-range 'bytes'"),
+                                          ({"solver": "rk9"}, "--solver 'rk9'"), ({"action": "burn"}, "--action 'burn'")])
+def test_choices_are_checked_however_the_settings_arrive(flat, message):
+    """The flow builds settings from flat parameters, not through argparse's choices: every
+    setting with choices refuses other values itself."""
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_flat({**BASE, **flat})
+    with pytest.raises(ValueError, match="--task-runner 'ray'"):
+        FlowSettings.from_flat({"task_runner": "ray"})

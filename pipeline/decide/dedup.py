@@ -10,6 +10,8 @@ for the queries whose k-th neighbour is still above the threshold (up to GPU_MAX
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -58,23 +60,34 @@ class DedupSettings:
 
 def duplicate_columns(vectors: np.ndarray, flipped: np.ndarray | None, ids: Sequence[str],
                       hashes: Sequence[str | None], risk: np.ndarray, ok: np.ndarray, threshold: float,
-                      embedder, index) -> dict[str, list]:
+                      embedder, index, views: np.ndarray | None = None) -> dict[str, list]:
     """dup_cluster, dup_of (the cluster's keeper) and dup_similarity for every row; vectors,
-    flipped and the index are over the ok rows, in order."""
+    flipped, views and the index are over the ok rows, in order. ids and hashes may be Arrow
+    arrays (a score table's columns): only clustered rows' ids become Python strings."""
     n = len(ok)
     cols: dict[str, list] = {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
-    rows = np.where(ok)[0]
+    rows = np.flatnonzero(ok)
     if not len(rows):
         return cols
-    c = find_clusters(vectors, [hashes[r] for r in rows], risk[rows], [ids[r] for r in rows],
-                      threshold, embedder, flipped, index)
-    for k, r in enumerate(rows):
-        if c.cluster[k] >= 0:
-            cols["dup_cluster"][r] = int(c.cluster[k])
-            cols["dup_similarity"][r] = float(c.best_similarity[k])
-            keeper = rows[c.keeper[k]]
-            cols["dup_of"][r] = ids[keeper] if keeper != r else None
+    c = find_clusters(vectors, _take(hashes, rows), risk[rows], _take(ids, rows), threshold, embedder,
+                      flipped, index, views)
+    clustered = np.flatnonzero(c.cluster >= 0)
+    names = _strings(ids, rows[c.keeper[clustered]])
+    for k in clustered.tolist():
+        r, keeper = int(rows[k]), int(rows[c.keeper[k]])
+        cols["dup_cluster"][r] = int(c.cluster[k])
+        cols["dup_similarity"][r] = float(c.best_similarity[k])
+        cols["dup_of"][r] = names[keeper] if keeper != r else None
     return cols
+
+
+def _take(values: Sequence, rows: np.ndarray) -> Sequence:
+    """values[rows], for a list or an Arrow array."""
+    import pyarrow as pa
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.take(pa.array(rows, pa.int64()))
+    return [values[r] for r in rows]
 
 
 def mark_earlier_duplicates(cols: dict[str, list], ok: np.ndarray, vectors: np.ndarray, label: str,
@@ -123,15 +136,34 @@ def _chunks(vectors: np.ndarray, view: Callable[[np.ndarray], np.ndarray] | None
         yield start, np.ascontiguousarray(view(chunk) if view else chunk, dtype=np.float32)
 
 
+def search_views(vectors: np.ndarray, view: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """Every row through `view` (an embedder's search view), a chunk at a time. When vectors
+    are memory-mapped from a file, the views go to an unnamed temporary file beside it, mapped
+    too: their pages are the kernel's to drop, and the file is gone once the array is."""
+    if view is None:
+        return vectors if vectors.dtype == np.float32 and vectors.flags.c_contiguous \
+            else np.ascontiguousarray(vectors, dtype=np.float32)
+    folder = os.path.dirname(getattr(vectors, "filename", None) or "")
+    n = len(vectors)
+    d = view(np.ones((1, vectors.shape[1]), np.float32)).shape[1]
+    out = np.memmap(tempfile.TemporaryFile(dir=folder), np.float32, "w+", shape=(n, d)) if folder and n \
+        else np.empty((n, d), np.float32)
+    for start, chunk in _chunks(vectors, view):
+        out[start:start + len(chunk)] = chunk
+    return out
+
+
 def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
                 view: Callable[[np.ndarray], np.ndarray] | None = None):
     """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N) or
-    their `view` (an embedder's search view), added a chunk at a time; on the GPU when `device`
-    is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
+    their `view` (an embedder's search view; see search_views), added in one call so FAISS
+    sizes its storage once (growing it chunk by chunk doubled it, and left the old copies to
+    the allocator); on the GPU when `device` is CUDA and FAISS has GPU support (else on the
+    CPU, with a warning)."""
     import faiss
 
-    n = len(vectors)
-    d = next(_chunks(vectors[:1], view))[1].shape[1]
+    x = search_views(vectors, view)
+    n, d = x.shape
     if kind == "flat" or (kind == "auto" and n <= FLAT_MAX):
         index = faiss.IndexFlatIP(d)
     else:
@@ -141,10 +173,11 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))
-        index.train(np.concatenate([c for _, c in _chunks(np.asarray(vectors[sample]), view)]))
+        index.train(np.ascontiguousarray(x[sample]))
         index.nprobe = min(nlist, IVF_NPROBE)
-    for _, chunk in _chunks(vectors, view):
-        index.add(chunk)
+    if n:
+        index.add(x)
+    del x
     if str(device).startswith("cuda"):
         if gpu_faiss_available():
             gpu = int(str(device).partition(":")[2] or 0)
@@ -227,6 +260,15 @@ class UnionFind:
         self.parent[rb] = ra
         self.size[ra] += self.size[rb]
 
+    def roots(self) -> np.ndarray:
+        """The root of every element, by pointer jumping over the whole array: [n] int64."""
+        p = self.parent
+        while True:
+            q = p[p]
+            if np.array_equal(q, p):
+                return q
+            p = q
+
 
 @dataclass
 class Clusters:
@@ -244,38 +286,59 @@ class Clusters:
 
 def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk: np.ndarray,
                   ids: Sequence[str], threshold: float, embedder,
-                  flipped: np.ndarray | None = None, index=None) -> Clusters:
+                  flipped: np.ndarray | None = None, index=None, views: np.ndarray | None = None) -> Clusters:
     """Cluster rows whose embeddings are duplicates (embedder.similarity >= threshold, also of
     the mirrored image when `flipped` embeddings are given) or whose pixel hashes are equal.
-    Candidates come from a range search of embedder.search_view vectors (in `index` when it is
-    given, built over them). The keeper of each cluster is its lowest-risk member, ties by id."""
+    Candidates come from a range search of embedder.search_view vectors (`views`, when they
+    were computed already; in `index` when it is given, built over them). The keeper of each
+    cluster is its lowest-risk member, ties by id. ids and pixel_hashes may be Arrow arrays:
+    only the rows in clusters become Python strings."""
     n = len(vectors)
     uf = UnionFind(n)
     best = np.zeros(n, dtype=np.float32)
-    first: dict[str, int] = {}
-    for i, h in enumerate(pixel_hashes):
-        if h is None:
-            continue
-        if h in first:
-            uf.union(first[h], i)
-            best[i] = best[first[h]] = 1.0
-        else:
-            first[h] = i
+    for first, copies in _equal_groups(pixel_hashes):
+        for i in copies:
+            uf.union(first, int(i))
+        best[first] = 1.0
+        best[copies] = 1.0
     pairs = 0
     if n > 1:
-        index = index if index is not None else build_index(vectors, view=embedder.search_view)
+        views = views if views is not None else search_views(vectors, embedder.search_view)
+        index = index if index is not None else build_index(views)
         for queries in (vectors, flipped):
             if queries is not None:
-                pairs += _join_near(uf, best, index, queries, vectors, threshold, embedder)
+                q_views = views if queries is vectors else search_views(queries, embedder.search_view)
+                pairs += _join_near(uf, best, index, queries, q_views, vectors, threshold, embedder)
     return _label(uf, risk, ids, best, pairs)
 
 
-def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, vectors: np.ndarray,
-               threshold: float, embedder) -> int:
-    """Union every verified pair (query row, index row); returns how many were joined."""
+def _equal_groups(values: Sequence[str | None]) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, the later rows) of each value that occurs more than once; nulls never match."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    elif not isinstance(values, pa.Array):
+        values = pa.array(list(values), pa.string())
+    codes = pc.fill_null(pc.dictionary_encode(values).indices, -1).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    ordered = codes[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(codes) else np.zeros(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(codes)])
+    for start, length in zip(starts[lengths > 1], lengths[lengths > 1]):
+        if ordered[start] >= 0:
+            group = order[start:start + length]
+            yield int(group[0]), group[1:]
+
+
+def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, q_views: np.ndarray,
+               vectors: np.ndarray, threshold: float, embedder) -> int:
+    """Union every verified pair (query row, index row); returns how many were joined.
+    q_views: the queries' search views."""
     joined = 0
     cand = embedder.candidate_threshold(threshold)
-    for rows, cols, _ in range_pairs(index, queries, cand, view=embedder.search_view):
+    for rows, cols, _ in range_pairs(index, q_views, cand):
         keep = rows < cols  # each unordered pair once; a row never pairs with itself
         rows, cols = rows[keep], cols[keep]
         if not len(rows):
@@ -309,16 +372,27 @@ def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, e
 
 
 def _label(uf: UnionFind, risk: np.ndarray, ids: Sequence[str], best: np.ndarray, pairs: int) -> Clusters:
-    n = len(ids)
-    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
-    members: dict[int, list[int]] = {}
-    for i, r in enumerate(roots):
-        members.setdefault(int(r), []).append(i)
+    """Number the clusters (sets of more than one row) in the order of their keepers' ids."""
+    n = len(best)
+    roots = uf.roots()
     cluster = np.full(n, -1, dtype=np.int64)
     keeper = np.full(n, -1, dtype=np.int64)
-    groups = [m for m in members.values() if len(m) > 1]
-    keepers = [min(m, key=lambda i: (risk[i], ids[i])) for m in groups]
-    for number, (m, k) in enumerate(sorted(zip(groups, keepers), key=lambda g: ids[g[1]])):
+    rows = np.flatnonzero(np.bincount(roots, minlength=n)[roots] > 1)
+    names = _strings(ids, rows)
+    members: dict[int, list[int]] = {}
+    for r in rows:
+        members.setdefault(int(roots[r]), []).append(int(r))
+    keepers = [min(m, key=lambda i: (risk[i], names[i])) for m in members.values()]
+    for number, (m, k) in enumerate(sorted(zip(members.values(), keepers), key=lambda g: names[g[1]])):
         cluster[m] = number
         keeper[m] = k
     return Clusters(cluster, keeper, best, pairs)
+
+
+def _strings(values: Sequence[str], rows: np.ndarray) -> dict[int, str]:
+    """row -> value of the given rows, from a list or an Arrow array."""
+    import pyarrow as pa
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return dict(zip(rows.tolist(), values.take(pa.array(rows, pa.int64())).to_pylist()))
+    return {int(r): values[r] for r in rows}

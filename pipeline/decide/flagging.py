@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.fields import setting
+from pipeline.fields import check_choices, setting
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,7 @@ class FlagSettings:
                                          ("--flag-threshold", self.threshold, math.isfinite, "finite")):
             if value is not None and not ok(value):
                 raise ValueError(f"{name} must be {allowed}, got {value}")
-        if self.score not in SCORE_CHOICES:
-            raise ValueError(f"--score {self.score!r} is not one of {SCORE_CHOICES}")
+        check_choices(self)
         self.policy()
 
     def policy(self) -> str:

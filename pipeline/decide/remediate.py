@@ -32,7 +32,7 @@ from PIL import Image
 
 import transforms
 
-from pipeline.fields import setting
+from pipeline.fields import check_choices, setting
 from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
 from pipeline.decide.flagging import Threshold, accept, flag
 from pipeline.score.scoring import score_images
@@ -61,10 +61,7 @@ class RemediationSettings:
                                  "replacements must stay in distribution; 0 for no floor")
 
     def __post_init__(self) -> None:
-        if self.action not in ACTION_MODES:
-            raise ValueError(f"--action {self.action!r} is not one of {ACTION_MODES}")
-        if self.on_failure not in ON_FAILURE:
-            raise ValueError(f"--on-failure {self.on_failure!r} is not one of {ON_FAILURE}")
+        check_choices(self)
         if not 1 <= self.tries <= 20:
             raise ValueError(f"--augment-tries must be between 1 and 20, got {self.tries}")
         if not 0 <= self.accept_band < 0.5:

@@ -159,20 +159,21 @@ def write_embeddings(folder: Path, decided: pa.Table, scored_table: pa.Table, ve
     order); a row rejected since (its input changed during the run) is left out with its vector.
     An augmented row holds its variant's embedding (`embed` of its PNG bytes).
     """
-    at_scoring = ok_mask(scored_table)
-    names = ("id", "action", "augmented_png")
-    rows = [dict(zip(names, r)) for r, o in zip(zip(*(decided.column(n).to_pylist() for n in names)), at_scoring) if o]
-    keep = np.flatnonzero([r["action"] != "rejected" for r in rows])
+    rows = decided.select(["id", "action", "augmented_png"]).filter(ok_mask(scored_table))  # one per vector
+    keep = np.flatnonzero(pc.fill_null(pc.not_equal(rows.column("action"), "rejected"), True)
+                          .to_numpy(zero_copy_only=False))
     d = vectors.shape[1]
     schema = pa.schema([("id", pa.string()), ("action", pa.string()), ("embedding", pa.list_(pa.float32(), d))])
     with AtomicParquetWriter(folder / EMBEDDINGS, schema, {"embedder": embedder_name}) as w:
-        for start in range(0, len(keep), chunk):  # a chunk of vectors in memory at a time
+        for start in range(0, len(keep), chunk):  # a chunk of rows and vectors in memory at a time
             idx = keep[start:start + chunk]
+            part = rows.take(pa.array(idx, pa.int64()))
             out = np.array(vectors[idx], dtype=np.float32)
-            for k, i in enumerate(idx):
-                if rows[i]["action"] == "augmented":
-                    out[k] = embed(Path(rows[i]["augmented_png"]).read_bytes())
-            w.write_table(pa.table({"id": [rows[i]["id"] for i in idx], "action": [rows[i]["action"] for i in idx],
+            for k, (action, png) in enumerate(zip(part.column("action").to_pylist(),
+                                                  part.column("augmented_png").to_pylist())):
+                if action == "augmented":
+                    out[k] = embed(Path(png).read_bytes())
+            w.write_table(pa.table({"id": part.column("id"), "action": part.column("action"),
                                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(out.ravel(), pa.float32()), d)},
                                    schema))
 
@@ -201,8 +202,10 @@ def earlier_survivors(against: str, embedder_name: str) -> tuple[list[str], np.n
     """Ids and embeddings of the kept and augmented images of an earlier output (--against)."""
     check_against(against, embedder_name)
     table = pq.read_table(Path(against) / EMBEDDINGS)
-    keep = np.isin(np.array(table.column("action").to_pylist(), dtype=object), list(KEPT))
-    ids = [i for i, k in zip(table.column("id").to_pylist(), keep) if k]
-    if not keep.any():
-        return ids, np.zeros((0, 1), np.float32)
-    return ids, np.array(table.column("embedding").to_pylist(), dtype=np.float32)[keep]
+    kept = table.filter(pc.is_in(table.column("action"), pa.array(KEPT)))
+    if not kept.num_rows:
+        return [], np.zeros((0, 1), np.float32)
+    embedding = kept.column("embedding").combine_chunks()
+    d = embedding.type.list_size
+    vectors = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+    return kept.column("id").to_pylist(), vectors

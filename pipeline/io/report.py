@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -29,6 +31,22 @@ TOP_FLAGGED = 60  # images in the flagged gallery
 TOP_CLUSTERS = 30  # duplicate clusters shown
 CLUSTER_MEMBERS = 8  # members shown per cluster
 THUMB_SIZE = 128  # longest side of a stored thumbnail
+REPORT_COLUMNS = ["id", "status", "flagged", "flag_reason", "dup_cluster", "dup_of", "dup_similarity", "action",
+                  "action_reason", "augment_preset", "augmented_score"]  # what the page reads, less the score
+TABLE_ROWS = 10_000  # rows of the flagged and duplicated table, highest score first (the rest: the Parquet)
+
+
+def report_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows the report can show or list (flagged, in a duplicate cluster, pointing at an
+    earlier output, or augmented) as dicts: the Arrow table is filtered first, so only these
+    rows, never every input, become Python objects."""
+    def true(name: str) -> pa.ChunkedArray:
+        return pc.fill_null(table.column(name), False)
+
+    keep = pc.or_(pc.or_(true("flagged"), pc.is_valid(table.column("dup_cluster"))),
+                  pc.or_(pc.is_valid(table.column("dup_of")), pc.fill_null(pc.equal(table.column("action"), "augmented"),
+                                                                           False)))
+    return table.filter(keep).to_pylist()
 
 
 def thumb_name(key: str) -> str:
@@ -83,7 +101,7 @@ def fill_missing_thumbnails(out: Path) -> int:
     decoded = m.get("model") or m["decode"]  # memclean dedup has no model: how it decoded
     spec = ImageSpec(decoded["channels"], tuple(decoded["sample_size"]))
     cols = ["id", "path", "status", "flagged", "dup_cluster", "dup_of", "action", score]
-    rows = pq.read_table(out / "scores.parquet", columns=cols).to_pylist()
+    rows = report_rows(pq.read_table(out / "scores.parquet", columns=cols))
     folder = out / THUMBS
     folder.mkdir(exist_ok=True)
     made, wanted = 0, ids_to_show(rows, score)
@@ -116,7 +134,7 @@ def write_report_assets(out: Path, source, spec, decided, score: str) -> None:
     from pipeline.io.data import read_selected
 
     cols = ["id", "status", "flagged", "dup_cluster", "dup_of", "action", "augmented_png", score]
-    rows = decided.select(cols).to_pylist()
+    rows = report_rows(decided.select(cols))
     wanted = ids_to_show(rows, score)
     images = {i: img for i, (img, _) in read_selected(source, wanted, spec).items()}
     augmented = {r["id"]: Path(r["augmented_png"]).read_bytes() for r in rows
@@ -260,13 +278,15 @@ def write_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     m = json.loads((out / "manifest.json").read_text())
     score = (m["threshold"] or {}).get("score", "log_volume_growth")  # dedup outputs have none
-    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    everything = pq.read_table(out / "scores.parquet", columns=REPORT_COLUMNS + [score])
+    scores = report_rows(everything)
     ref_path = out / "reference_scores.parquet"
     reference = None
     if ref_path.exists():
         ref = pq.read_table(ref_path, columns=["status", score])
         reference = score_values(ref, score)[ok_mask(ref)]
-    ok = np.array([r[score] for r in scores if r["status"] == "ok"], float)
+    ok = score_values(everything, score)[ok_mask(everything)]
+    del everything
     flagged, clusters, augmented = shown_rows(scores, score)
     c = m["counts"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>memclean report</title>"
@@ -338,9 +358,15 @@ def duplicate_sections(scores: list[dict[str, Any]], clusters: dict[int, list[di
     if score is None:
         parts.append("<h2>Duplicated rows</h2>")
         listed = [r for r in scores if r["dup_cluster"] is not None or r["dup_of"] is not None]
-        parts.append(table(listed, ["id", "dup_cluster", "dup_of", "dup_similarity", "action", "action_reason"]))
+        parts.append(table(listed[:TABLE_ROWS], ["id", "dup_cluster", "dup_of", "dup_similarity", "action",
+                                                 "action_reason"]))
     else:
         parts.append("<h2>Flagged and duplicated rows</h2>")
-        listed = [r for r in scores if r["flagged"] or r["dup_cluster"] is not None]
-        parts.append(table(listed, ["id", score, "flagged", "dup_cluster", "dup_of", "action", "action_reason"]))
+        listed = sorted((r for r in scores if r["flagged"] or r["dup_cluster"] is not None),
+                        key=lambda r: (-(r[score] if r[score] is not None else -np.inf), r["id"]))
+        parts.append(table(listed[:TABLE_ROWS], ["id", score, "flagged", "dup_cluster", "dup_of", "action",
+                                                 "action_reason"]))
+    if len(listed) > TABLE_ROWS:
+        parts.append(f"<p class='muted'>The first {TABLE_ROWS:,} of {len(listed):,} rows"
+                     f"{', highest score first' if score else ''}; scores.parquet holds them all.</p>")
     return parts

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.fields import setting
@@ -101,7 +102,7 @@ class OutputSettings:
 
 def ok_mask(table: pa.Table) -> np.ndarray:
     """Which rows of a score table decoded and were scored: [rows] bool."""
-    return np.array([s == "ok" for s in table.column("status").to_pylist()], dtype=bool)
+    return pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def score_values(table: pa.Table, name: str) -> np.ndarray:

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.decide.dedup import THRESHOLD_MEANING, DedupSettings, build_index, duplicate_columns, \
-    mark_earlier_duplicates, on_gpu, save_index
-from pipeline.decide.embeddings import Embedder, make_embedder
+    mark_earlier_duplicates, on_gpu, save_index, search_views
+from pipeline.decide.embeddings import Embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.remediate import augment_and_rescore, plan, record_json, reject_changed, settle
 from pipeline.io.data import ImageSpec, Source, discover, read_selected
@@ -30,7 +30,7 @@ from pipeline.io.outputs import (check_against, decided_table, earlier_survivors
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import AtomicParquetWriter, OutputLock, check_output_dir, commit_dir, ok_mask, \
     score_values, staging_dir, write_json_atomic
-from pipeline.run.resources import resources
+from pipeline.run.resources import resources, trim_heap
 from pipeline.run.settings import RunSettings
 from pipeline.run.shards import ScoreJob, Scored, score_source
 from pipeline.score.models import LoadedModel
@@ -86,6 +86,7 @@ class Stage:
 
     def __exit__(self, *exc: Any) -> None:
         self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+        trim_heap()  # what the stage freed leaves the process, not only its heap
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         self.ctx.peak_rss_mb[self.name] = round(peak, 1)
         log.info("stage %s: %.1f s, peak RSS so far %.0f MB", self.name, self.ctx.timings[self.name], peak)
@@ -128,7 +129,7 @@ def start_run(settings: RunSettings) -> RunContext:
         if settings.flag.reference:
             discover(settings.flag.reference, settings.input.image_column)
         model = resources().model(settings.model)
-        embedder = make_embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
+        embedder = resources().embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
         if settings.dedup.against:
             check_against(settings.dedup.against, embedder.name)
         return RunContext(settings, source, model, embedder, staging_dir(out), lock=lock)
@@ -153,9 +154,11 @@ def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa
                       device: str) -> tuple[dict[str, list], Any]:
     """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then an
     earlier output's with --against), and the index built over the ok rows' vectors."""
-    ids, hashes = table.column("id").to_pylist(), table.column("pixel_sha256").to_pylist()
-    index = build_index(vectors, device=device, view=embedder.search_view)
-    cols = duplicate_columns(vectors, flipped, ids, hashes, risk, ok, threshold, embedder, index)
+    views = search_views(vectors, embedder.search_view)  # computed once: for the index and as queries
+    index = build_index(views, device=device)
+    cols = duplicate_columns(vectors, flipped, table.column("id"), table.column("pixel_sha256"), risk, ok,
+                             threshold, embedder, index, views)
+    del views
     if dedup.against:
         earlier_ids, earlier = earlier_survivors(dedup.against, embedder.name)
         mark_earlier_duplicates(cols, ok, vectors, dedup.against, earlier_ids, earlier, threshold, embedder, device)
@@ -262,15 +265,10 @@ def reject_changed_rows(decided: pa.Table, changed: set[str]) -> pa.Table:
 
 
 def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference: pa.Table | None) -> dict[str, Any]:
-    s, m = ctx.settings, ctx.model
+    s = ctx.settings
     dedup = dedup_record(ctx.embedder, ctx.dup_threshold, s.dedup, ctx.index)
-    model = {"path": str(m.checkpoint.root), "fingerprint": m.fingerprint, "layout": m.checkpoint.layout,
-             "variant": m.checkpoint.variant, "data_range": list(m.data_range),
-             "bits_per_dim_offset": m.score_fn.bits_offset, "score_space": m.score_space,
-             "latent_shape": m.latent_shape, "autoencoder": m.checkpoint.autoencoder_class,
-             "scheduler": m.scheduler_class, "channels": m.channels, "sample_size": list(m.sample_size)}
     return manifest(decided, threshold=threshold.to_dict(), score=s.flag.score, dedup=dedup, reference=reference,
-                    reference_path=s.flag.reference, model=model,
+                    reference_path=s.flag.reference, model=ctx.model.record(),
                     data={"path": ctx.source.path, "kind": ctx.source.kind}, settings=s.flat(),
                     timings=ctx.timings, peak_rss_mb=ctx.peak_rss_mb, scoring=ctx.scoring,
                     cache_dir=s.cache.root, out=str(ctx.out), image_bytes=ctx.image_bytes)

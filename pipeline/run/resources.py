@@ -1,5 +1,5 @@
-"""What the runs and scoring tasks of one process share: loaded checkpoints and open score
-caches. They live in one explicit `Resources` object per process (`resources()`), with a bound
+"""What the runs and scoring tasks of one process share: loaded checkpoints, their embedders and
+open score caches. They live in one explicit `Resources` object per process (`resources()`), with a bound
 on what it holds and a `clear()`, rather than in caches hidden inside functions.
 
 A model is reloaded when its checkpoint is rewritten in place (a retrain at the same path): the
@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from typing import Any
 
+from pipeline.decide.embeddings import make_embedder
 from pipeline.score.cache import ScoreCache
 from pipeline.score.models import LoadedModel, ModelSettings, load_model
 
@@ -29,6 +31,7 @@ class Resources:
         self.max_models = max_models
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._caches: dict[tuple[str, str], ScoreCache] = {}
+        self._embedders: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def model(self, settings: ModelSettings) -> LoadedModel:
@@ -53,10 +56,27 @@ class Resources:
             cache = self._caches.setdefault((str(root), key), ScoreCache(root, key))
         return cache.refresh()
 
+    def embedder(self, spec: str, model: LoadedModel, size: int, device: str):
+        """The duplicate-search embedder `spec` for this model, made once (a TorchScript file is
+        loaded once while it is unchanged on disk, not once per shard)."""
+        path = spec.partition(":")[2]
+        key = (spec, model.fingerprint, size, device, checkpoint_stamp(path) if os.path.isfile(path) else ())
+        with self._lock:
+            if key in self._embedders:
+                self._embedders.move_to_end(key)
+                return self._embedders[key]
+        made = make_embedder(spec, model, size, device)
+        with self._lock:
+            self._embedders[key] = made
+            while len(self._embedders) > 2 * self.max_models:
+                self._embedders.popitem(last=False)
+        return made
+
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
             self._caches.clear()
+            self._embedders.clear()
 
 
 _PROCESS = Resources()
@@ -65,3 +85,20 @@ _PROCESS = Resources()
 def resources() -> Resources:
     """This process's Resources (Prefect task threads and Dask workers each reach their own)."""
     return _PROCESS
+
+
+def trim_heap() -> bool:
+    """Hand the free pages of the C heap and of Arrow's memory pool back to the OS. A stage's
+    transient arrays (a blur's buffers, a table being written) are freed, but glibc keeps the
+    pages of large blocks it served from its heap, and the process's resident size would carry
+    every stage's high-water mark to the end of the run. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # Arrow's own allocator keeps freed pages too
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -29,12 +29,7 @@ def _score(settings: ScoreSettings, out: Path, progress: Callable[[int], None] |
     source = discover(settings.input.data, settings.input.image_column)
     model = resources().model(settings.model)
     spec = image_spec(model, settings.input.max_pixels, settings.input.min_size)
-    metadata = {"settings": settings.flat(), "memclean_version": __version__,
-                "model": {"path": settings.model.model, "fingerprint": model.fingerprint,
-                          "scheduler": model.scheduler_class, "layout": model.checkpoint.layout,
-                          "variant": settings.model.variant, "data_range": list(model.data_range),
-                          "bits_per_dim_offset": model.score_fn.bits_offset, "score_space": model.score_space,
-                          "latent_shape": model.latent_shape, "autoencoder": model.checkpoint.autoencoder_class}}
+    metadata = {"settings": settings.flat(), "memclean_version": __version__, "model": model.record()}
     rejected = 0
     with AtomicParquetWriter(out, SCORE_SCHEMA, metadata) as writer:
         for rows in score_items(model, source, settings.scorer, spec, settings.model.batch_size,

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from pipeline.decide.dedup import DedupSettings
 from pipeline.decide.flagging import FlagSettings
 from pipeline.decide.remediate import RemediationSettings
-from pipeline.fields import build, flatten, section, setting, unknown
+from pipeline.fields import build, check_choices, flatten, section, setting, unknown
 from pipeline.io.data import InputSettings
 from pipeline.io.store import OutputSettings
 from pipeline.score.cache import CacheSettings
@@ -85,5 +85,6 @@ class FlowSettings(SettingsMixin):
     dask_workers: int = setting(2, "LocalCluster worker processes (each gets cores / workers threads)")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.dask_workers < 1:
             raise ValueError(f"dask_workers must be at least 1, got {self.dask_workers}")

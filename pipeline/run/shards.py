@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.decide.embeddings import Embedder, make_embedder
+from pipeline.decide.embeddings import Embedder
 from pipeline.io.data import ImageSpec, Item, Source, batched
 from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
 from pipeline.run.resources import resources
@@ -45,7 +45,7 @@ def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreC
     """The model, embedder, input spec and cache of a job (loaded once per process)."""
     s = job.settings
     model = resources().model(s.model)
-    embedder = make_embedder(s.dedup.embedder, model, s.dedup.embed_size, s.model.device)
+    embedder = resources().embedder(s.dedup.embedder, model, s.dedup.embed_size, s.model.device)
     spec = image_spec(model, s.input.max_pixels, s.input.min_size)
     cache = None
     if s.cache.root is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -57,15 +58,39 @@ def namespace(model_fingerprint: str, settings: dict[str, Any], spec: dict[str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _key(sha256: str) -> bytes:
+    """The 32 bytes a cache entry is kept under: the digest itself for a hex sha256, else the
+    sha256 of the string (keys are opaque to the cache)."""
+    try:
+        if len(sha256) == 64:
+            return bytes.fromhex(sha256)
+    except ValueError:
+        pass
+    return hashlib.sha256(sha256.encode()).digest()
+
+
 class ScoreCache:
     """Score columns by file sha256, for one (model, settings, spec) namespace. A process shares
-    one instance per namespace (run.resources), and each refresh reads only new files."""
+    one instance per namespace (run.resources), and each refresh reads only new files.
+
+    Entries live in two arrays sorted by key (32 bytes of digest, then the five scores as
+    float64: 72 bytes an entry, against about 500 as Python dicts), looked up by binary search;
+    entries added since the last fold wait in a small dict, folded in once they outnumber
+    FOLD_AT or a quarter of the arrays (so folding costs O(log n) per entry).
+    """
+
+    FOLD_AT = 16384
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.dir = Path(root) / key  # one folder per namespace
-        self._known: dict[str, dict[str, Any]] = {}
-        self._read: set[str] = set()  # files already in _known
+        self._keys = np.zeros(0, "S32")  # sorted, unique
+        self._values = np.zeros((0, len(SCORE_COLUMNS)), np.float64)
+        self._pending: dict[bytes, tuple[float, ...]] = {}
+        self._read: set[str] = set()  # files already folded in
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._pending)
 
     def refresh(self) -> "ScoreCache":
         """Read the files added since the last refresh (by this or another process); start over
@@ -73,22 +98,47 @@ class ScoreCache:
         with self._lock:
             files = {f.name for f in self.dir.glob("*.parquet")} if self.dir.is_dir() else set()
             if not self._read <= files:
-                self._known, self._read = {}, set()
+                self._keys, self._values, self._pending, self._read = self._keys[:0], self._values[:0], {}, set()
+            keys, values = [], []
             for name in sorted(files - self._read):
                 try:
-                    for row in pq.read_table(self.dir / name).to_pylist():
-                        self._known[row.pop("sha256")] = row
-                except (OSError, pa.ArrowException) as e:  # a torn file from a killed writer
+                    table = pq.read_table(self.dir / name)
+                    keys.append(np.array([_key(s) for s in table.column("sha256").to_pylist()], "S32"))
+                    values.append(np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                                            for c in SCORE_COLUMNS], axis=1))
+                except (OSError, KeyError, pa.ArrowException) as e:  # a torn file from a killed writer
                     log.warning("ignoring unreadable cache file %s: %s", self.dir / name, e)
                 self._read.add(name)
+            if keys:
+                self._fold(np.concatenate(keys), np.concatenate(values))
         return self
 
+    def _fold(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Merge entries (and the pending ones) into the sorted arrays; a key already there keeps
+        its first value (a score is a function of its key: later copies are equal or redundant)."""
+        if self._pending:
+            keys = np.concatenate([np.array(list(self._pending), "S32"), keys])
+            values = np.concatenate([np.array(list(self._pending.values()), np.float64).reshape(-1, len(SCORE_COLUMNS)),
+                                     values])
+            self._pending = {}
+        keys, first = np.unique(np.concatenate([self._keys, keys]), return_index=True)
+        self._values = np.concatenate([self._values, values])[first]
+        self._keys = keys
+
     def get(self, sha256: str) -> dict[str, Any] | None:
-        return self._known.get(sha256)
+        k = _key(sha256)
+        with self._lock:
+            hit = self._pending.get(k)
+            if hit is None:
+                i = int(np.searchsorted(self._keys, k))
+                if i == len(self._keys) or self._keys[i] != k:
+                    return None
+                hit = self._values[i]
+        return {c: int(v) if c == "nfe" else float(v) for c, v in zip(SCORE_COLUMNS, hit)}
 
     def put(self, rows: list[dict[str, Any]]) -> None:
         """Add rows (sha256 + score columns) as one new file."""
-        rows = [r for r in rows if r["sha256"] not in self._known]
+        rows = [r for r in rows if self.get(r["sha256"]) is None]
         if not rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +147,9 @@ class ScoreCache:
         tmp = self.dir / f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"  # a writer's own
         pq.write_table(pa.Table.from_pylist([{c: r[c] for c in CACHE_SCHEMA.names} for r in rows], CACHE_SCHEMA), tmp)
         os.replace(tmp, path)
-        self._read.add(path.name)
-        for r in rows:
-            self._known[r["sha256"]] = {c: r[c] for c in SCORE_COLUMNS}
-
-
+        with self._lock:
+            self._read.add(path.name)
+            for r in rows:
+                self._pending.setdefault(_key(r["sha256"]), tuple(float(r[c]) for c in SCORE_COLUMNS))
+            if len(self._pending) > max(self.FOLD_AT, len(self._keys) // 4):
+                self._fold(self._keys[:0], self._values[:0])

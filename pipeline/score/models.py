@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.fields import setting
+from pipeline.fields import check_choices, setting
 from pipeline.score.schedules import VESchedule, VPSchedule, schedule_from_scheduler
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ModelSettings:
     batch_size: int = setting(16, "images decoded and solved together (throughput grows with it)")
 
     def __post_init__(self) -> None:
+        check_choices(self)  # data_range, device
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
@@ -67,11 +68,18 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete, broken, not allowed, or not scorable."""
 
 
+def bits_offset(data_range: tuple[float, float]) -> float:
+    """log2(1 / bin width) of 8-bit data k / 255 mapped to [lo, hi]: [-1, 1] -> log2(127.5) = 6.994."""
+    lo, hi = data_range
+    return math.log2(255 / (hi - lo))
+
+
 class ScoreFunction(Protocol):
     """A time-dependent score model with its noise schedule and the data range it models."""
 
     schedule: VPSchedule | VESchedule
     data_range: tuple[float, float]
+    bits_offset: float  # bits/dim = -logp / (D ln 2) + this: bits_offset(data_range), or 0 for a latent
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W], t: [] float64 in [eps, 1] -> [B, C, H, W] estimate of grad log p_t."""
@@ -337,7 +345,8 @@ class DiffusersScore(torch.nn.Module):
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: VPSchedule | VESchedule,
-                 prediction_type: str = "epsilon", data_range: tuple[float, float] = (-1.0, 1.0)):
+                 prediction_type: str = "epsilon", data_range: tuple[float, float] = (-1.0, 1.0),
+                 bits_per_dim_offset: float | None = None):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
@@ -348,7 +357,8 @@ class DiffusersScore(torch.nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type  # what the network outputs
         self.data_range = data_range  # the range of the images the model was trained on
-        self.bits_offset = math.log2(255 / (data_range[1] - data_range[0]))  # 8-bit bins in that range
+        # bits/dim's offset: 8-bit bins in the data range (bits_offset), or 0 for a continuous latent
+        self.bits_offset = bits_offset(data_range) if bits_per_dim_offset is None else bits_per_dim_offset
 
     @property
     def dtype(self) -> torch.dtype:
@@ -399,6 +409,15 @@ class LoadedModel:
         size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size,) * 2
         return (int(c.in_channels), int(size[0]), int(size[1]))
 
+    def record(self) -> dict[str, Any]:
+        """What was loaded, for the manifest and the Parquet metadata: the checkpoint as found
+        (root, layout, variant), its fingerprint, and how it scores."""
+        return {"path": str(self.checkpoint.root), "fingerprint": self.fingerprint, "layout": self.checkpoint.layout,
+                "variant": self.checkpoint.variant, "data_range": list(self.data_range),
+                "bits_per_dim_offset": self.score_fn.bits_offset, "score_space": self.score_space,
+                "latent_shape": self.latent_shape, "autoencoder": self.checkpoint.autoencoder_class,
+                "scheduler": self.scheduler_class, "channels": self.channels, "sample_size": list(self.sample_size)}
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Images in the model's data range -> what the score function takes (the latent, for
         latent pipelines; the images themselves otherwise)."""
@@ -440,9 +459,9 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False, device: str 
         channels = int(autoencoder.config.in_channels)
         sample_size = (sample_size[0] * encoder.factor, sample_size[1] * encoder.factor)
         data_range = "signed" if data_range == "auto" else data_range  # autoencoders take [-1, 1] images
-    score_fn = DiffusersScore(unet.to(device), schedule, prediction_type, resolve_data_range(data_range, schedule))
-    if encoder is not None:
-        score_fn.bits_offset = 0.0  # a continuous latent: no 8-bit bins to dequantize
+    # a latent is continuous: no 8-bit bins to dequantize, so bits/dim has no offset
+    score_fn = DiffusersScore(unet.to(device), schedule, prediction_type, resolve_data_range(data_range, schedule),
+                              None if encoder is None else 0.0)
     log.info("loaded %s (%s, %s, %s layout, data in %s%s) from %s", type(unet).__name__, type(scheduler).__name__,
              prediction_type, ckpt.layout, score_fn.data_range,
              f", latent through {ckpt.autoencoder_class}" if encoder is not None else "", ckpt.root)

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torchdiffeq import odeint
 
-from pipeline.fields import setting
+from pipeline.fields import check_choices, setting
 from pipeline.score.models import ScoreFunction
 from pipeline.score.probes import ProbeStream
 
@@ -66,23 +66,14 @@ class ScorerSettings:
                              "(autocast); V is float64 whatever it is", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence {self.divergence!r} is not one of {DIVERGENCES}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver {self.solver!r} is not one of {SOLVERS}")
         if not 1 <= self.probes <= 1024:
             raise ValueError(f"probes must be between 1 and 1024, got {self.probes}")
         if self.probe_mode is None:  # resolved here, so rows and cache keys record what ran
             object.__setattr__(self, "probe_mode", "fixed" if self.solver in ADAPTIVE_SOLVERS else "fresh")
-        if self.probe_mode not in PROBE_MODES:
-            raise ValueError(f"probe_mode {self.probe_mode!r} is not one of {PROBE_MODES}")
+        check_choices(self)  # divergence, solver, probe_mode, grid, precision
         if self.probe_mode == "fresh" and self.solver in ADAPTIVE_SOLVERS:
             raise ValueError(f"probe_mode 'fresh' needs a fixed-grid solver: {self.solver}'s step "
                              "control needs a deterministic right-hand side (use --probe-mode fixed)")
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid {self.grid!r} is not one of {GRIDS}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not (self.rtol > 0 and self.atol > 0):
@@ -264,12 +255,6 @@ def network_precision(precision: str, device: torch.device) -> Iterator[None]:
         cuda[0].allow_tf32, cuda[1].allow_tf32 = saved
 
 
-def bits_offset(data_range: tuple[float, float]) -> float:
-    """log2(1 / bin width) of 8-bit data k / 255 mapped to [lo, hi]: [-1, 1] -> log2(127.5) = 6.994."""
-    lo, hi = data_range
-    return math.log2(255 / (hi - lo))
-
-
 def bits_per_dim(logp: torch.Tensor, dims: int, offset: float) -> torch.Tensor:
     """Negative log-likelihood in bits per dimension: -logp / (D ln 2) + offset; for an 8-bit
     image the offset is -log2(bin width) (P(bin) = p(x) bin^D), for a continuous latent 0."""
@@ -304,6 +289,4 @@ def log_volume_growth(score_fn: ScoreFunction, x: torch.Tensor, settings: Scorer
                 progress(x.shape[0])
     prior = score_fn.schedule.prior_logp(latent)
     logp = prior + V
-    offset = getattr(score_fn, "bits_offset", None)
-    offset = bits_offset(getattr(score_fn, "data_range", (-1.0, 1.0))) if offset is None else offset
-    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), offset), nfe, latent)
+    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), score_fn.bits_offset), nfe, latent)

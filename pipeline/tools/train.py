@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from pipeline.fields import setting
+from pipeline.fields import check_choices, setting
 from pipeline.io.data import ImageSpec, Item, batched
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ class TrainSettings:
         for name in ("sample_size", "steps", "batch_size", "num_train_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+        check_choices(self)
         if self.sample_size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(f"sample_size {self.sample_size} must be divisible by "
                              f"{2 ** (len(self.block_out_channels) - 1)} for {len(self.block_out_channels)} levels")
