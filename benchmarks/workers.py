@@ -3,9 +3,10 @@ and 4 Dask LocalCluster workers, against the default (one process, shards one af
 
     .venv/bin/python benchmarks/workers.py [--images 1080] [--workers 1 2 4]
 
-Each worker is given cores / workers torch threads (flows/clean.py: task_runner_for); without
+Each worker is given cores / workers torch threads (flows/clean.py: task_runner_for; without
 that, every worker's torch takes every core, and two processes on 2 cores were measured 26x
-slower in aggregate. The demo model and images (its 540 training digits, twice under other
+slower in aggregate), and runs without the MALLOC_TRIM_THRESHOLD_ Dask's nanny sets (with it,
+every shard scored 1.6x slower). The demo model and images (its 540 training digits, twice under other
 names so nothing is a cache hit), the default solver, no cache, shards of 64. Images/s is over
 the scoring stage (the manifest's timings: the cluster's start-up and the model loads in each
 worker are inside it). Writes its section of benchmarks/RESULTS.md.

@@ -65,6 +65,14 @@ def task_runner_for(s: FlowSettings):
 
     if s.dask_address:
         return DaskTaskRunner(address=s.dask_address)
+    import dask
+
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in each worker it spawns. Any explicit value
+    # turns off glibc's dynamic mmap threshold: every tensor above 128 KB is then a fresh mmap
+    # whose pages fault in, and a shard scored 1.6x slower in a worker than in this process
+    # (5.2 s against 3.3 s for 64 demo digits, measured 2026-11-29). Unset it for the workers this
+    # process starts (benchmarks/workers.py measures the aggregate).
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     threads = max(1, (os.cpu_count() or 1) // s.dask_workers)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MEMCLEAN_TORCH_THREADS": str(threads)}
     api = api_url()
