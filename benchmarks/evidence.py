@@ -1,6 +1,6 @@
 """Evidence that the score finds memorized images, on the bundled demo; writes RESULTS.md.
 
-    .venv/bin/python benchmarks/evidence.py [--samples 1000] [--retrain-steps N]
+    .venv/bin/python benchmarks/evidence.py [--samples 1000] [--retrain-steps N] [--retrain-seeds 0 1 2]
 
 1. cleans the demo's training set with `memclean demo`'s settings (held-out split as the
    reference), which scores members (train/) and held-out images (heldout/);
@@ -11,8 +11,9 @@
    held-out and copied vs not copied members, for log_volume_growth and logp, next to two
    baselines: the denoising loss at a fixed step (loss-based membership inference) and the
    distance to the nearest other training image; and the scores by number of copies;
-4. retrains with the recipe in examples/model/training.json on the cleaned set, and counts
-   memorized samples again, next to the shipped model (the same recipe on the original set).
+4. retrains with the recipe in examples/model/training.json on the cleaned set (once per
+   --retrain-seeds, to show what another seed alone changes), and counts memorized samples
+   again, next to the shipped model (the same recipe on the original set).
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--retrain-steps", type=int, default=None, help="default: the shipped recipe's")
+    ap.add_argument("--retrain-seeds", type=int, nargs="+", default=None,
+                    help="seeds of the retraining on the cleaned set (default: the shipped recipe's)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -149,11 +152,15 @@ def main() -> None:
     if args.retrain_steps:
         ts["steps"] = args.retrain_steps
     cleaned = load_images(discover(str(work / "clean" / "cleaned")), spec)
-    t1 = time.time()
-    retrained = train(cleaned, work / "retrained", TrainSettings(**ts))
-    retrain_s = time.time() - t1
-    unet2, sched2 = load_pipeline(retrained)
-    mem2 = memorized(generate(unet2, dict(sched2.config), args.samples, seed=0).flatten(1).numpy(), tr, groups=group)
+    retrains = []  # (seed, seconds, memorized)
+    for seed in args.retrain_seeds or [ts["seed"]]:
+        t1 = time.time()
+        retrained = train(cleaned, work / f"retrained-{seed}", TrainSettings(**{**ts, "seed": seed}))
+        retrain_s = time.time() - t1
+        unet2, sched2 = load_pipeline(retrained)
+        retrains.append((seed, retrain_s, memorized(generate(unet2, dict(sched2.config), args.samples, seed=0)
+                                                    .flatten(1).numpy(), tr, groups=group)))
+        print(f"retrained with seed {seed} in {retrain_s:.0f} s: {retrains[-1][2]['count']} memorized", flush=True)
 
     best = max(auc, key=auc.get)
     default = FlagSettings().score
@@ -215,9 +222,10 @@ def main() -> None:
         "",
         "| model | memorized generations | distinct digits copied |",
         "|---|---|---|",
-        f"| shipped: the recipe on the original {len(member_ids)} images | {mem['count']} | {mem['copied_images']} |",
-        f"| the same recipe ({ts['steps']} steps, {retrain_s:.0f} s) on memclean's cleaned output "
-        f"({len(cleaned)} images) | {mem2['count']} | {mem2['copied_images']} |",
+        f"| shipped: the recipe on the original {len(member_ids)} images (seed {ts['seed']}) | {mem['count']} | "
+        f"{mem['copied_images']} |",
+        *[f"| the same recipe ({ts['steps']} steps, {s:.0f} s) on memclean's cleaned output ({len(cleaned)} images), "
+          f"seed {seed} | {m2['count']} | {m2['copied_images']} |" for seed, s, m2 in retrains],
         "",
         copied_line,
         "",

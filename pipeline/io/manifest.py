@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline import __version__
@@ -28,11 +29,15 @@ def versions() -> dict[str, str]:
             "albumentations": albumentations.__version__}
 
 
+def tally(column: pa.ChunkedArray) -> Counter:
+    """How often each non-null value occurs, counted by Arrow (no Python object per row)."""
+    return Counter({v["values"]: v["counts"] for v in pc.value_counts(column.drop_null()).to_pylist()})
+
+
 def counts(decided: pa.Table) -> dict[str, int]:
     """The manifest counts; input = kept + augmented + dropped + rejected always."""
-    actions = Counter(decided.column("action").to_pylist())
-    statuses = Counter(decided.column("status").to_pylist())
-    flagged = sum(bool(f) for f in decided.column("flagged").to_pylist())
+    actions, statuses = tally(decided.column("action")), tally(decided.column("status"))
+    flagged = tally(decided.column("flagged"))[True]
     c = {"input": decided.num_rows, "rejected": actions["rejected"], "scored": statuses["ok"],
          "flagged": flagged, **{a: actions[a] for a in ("kept", "augmented", "dropped")}}
     assert c["input"] == c["kept"] + c["augmented"] + c["dropped"] + c["rejected"], c
@@ -46,8 +51,8 @@ def threshold_section(threshold: dict[str, Any], score: str, c: dict[str, int]) 
 
 def dedup_section(decided: pa.Table, dedup: dict[str, Any]) -> dict[str, Any]:
     """The duplicate search's settings and index (`dedup`) with the clusters it found."""
-    clusters = [d for d in decided.column("dup_cluster").to_pylist() if d is not None]
-    return {**dedup, "clusters": len(set(clusters)), "in_clusters": len(clusters)}
+    clusters = tally(decided.column("dup_cluster"))
+    return {**dedup, "clusters": len(clusters), "in_clusters": sum(clusters.values())}
 
 
 def reference_section(reference: pa.Table | None, path: str | None) -> dict[str, Any] | None:
@@ -67,7 +72,7 @@ def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup:
              peak_rss_mb: dict[str, float], scoring: dict[str, dict[str, Any]], cache_dir: str | None,
              out: str, image_bytes: dict[str, int] | None = None) -> dict[str, Any]:
     """The manifest of a finished run (every argument is already plain data)."""
-    reasons = Counter(r for r in decided.column("reject_reason").to_pylist() if r)
+    reasons = {r: n for r, n in tally(decided.column("reject_reason")).items() if r}
     c = counts(decided)
     return {
         "counts": c,

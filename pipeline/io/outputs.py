@@ -42,9 +42,10 @@ def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str,
     """Stream the source again and write kept and augmented images to folder/ in the datasets
     Image layout, sharded. Returns the ids whose bytes changed since scoring (not written) and
     the image bytes written."""
-    cols = {c: decided.column(c).to_pylist() for c in ("id", "action", "sha256", score, "augmented_png",
-                                                        "augmented_score")}
-    wanted = {cols["id"][i]: i for i, a in enumerate(cols["action"]) if a in KEPT}
+    kept = decided.select(["id", "action", "sha256", score, "augmented_png", "augmented_score"]) \
+        .filter(pc.is_in(decided.column("action"), pa.array(KEPT)))
+    cols = {c: kept.column(c).combine_chunks() for c in kept.column_names}  # Arrow, read a row at a time
+    wanted = {id_: i for i, id_ in enumerate(kept.column("id").to_pylist())}
     folder.mkdir()
     n_files = max(1, -(-len(wanted) // settings.shard_rows))
     shard, writer, changed, total = 0, None, set(), 0
@@ -56,21 +57,22 @@ def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str,
             data = item.read()
         except (Rejected, OSError):
             data = b""
-        if hashlib.sha256(data).hexdigest() != cols["sha256"][i]:
+        sha256, action = cols["sha256"][i].as_py(), cols["action"][i].as_py()
+        if hashlib.sha256(data).hexdigest() != sha256:
             changed.add(item.id)
             continue
-        name, value = os.path.basename(item.path) or item.id, cols[score][i]
-        if cols["action"][i] == "augmented":
-            data = Path(cols["augmented_png"][i]).read_bytes()
-            name, value = os.path.splitext(name)[0] + ".aug.png", cols["augmented_score"][i]
+        name, value = os.path.basename(item.path) or item.id, cols[score][i].as_py()
+        if action == "augmented":
+            data = Path(cols["augmented_png"][i].as_py()).read_bytes()
+            name, value = os.path.splitext(name)[0] + ".aug.png", cols["augmented_score"][i].as_py()
         if writer is None or writer.count >= settings.shard_rows:
             if writer is not None:
                 writer.commit()
             writer = AtomicParquetWriter(folder / f"train-{shard:05d}-of-{n_files:05d}.parquet",
                                          cleaned_schema(), {}, settings.row_group_rows)
             shard += 1
-        writer.write([{"image": {"bytes": data, "path": name}, "id": item.id, "sha256": cols["sha256"][i],
-                       "action": cols["action"][i], "log_volume_growth": value}])
+        writer.write([{"image": {"bytes": data, "path": name}, "id": item.id, "sha256": sha256,
+                       "action": action, "log_volume_growth": value}])
         total += len(data)
     if writer is not None:
         writer.commit()

@@ -254,6 +254,8 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
 def reject_changed_rows(decided: pa.Table, changed: set[str]) -> pa.Table:
     """Inputs whose bytes changed between their scoring and write_cleaned become rejected
     (changed_during_run): what was judged is not what would be written."""
+    if not changed:  # the usual case: no column to rebuild
+        return decided
     action = decided.column("action").to_pylist()
     hit = reject_changed(decided.column("id").to_pylist(), action, changed)
     if any(hit):
