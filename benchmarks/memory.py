@@ -123,7 +123,9 @@ def main() -> None:
                                       for k, v in params.items()]]
             rss, secs = peak_rss_mb(cmd)
             m = json.loads((tmp / f"out{n}" / "manifest.json").read_text())
-            rows.append(f"| {n:,} | {rss['RssAnon']:.0f} | {rss['RssFile']:.0f} | {rss['VmRSS']:.0f} | {secs:.0f} | "
+            held = m["held_mb"]
+            rows.append(f"| {n:,} | {rss['RssAnon']:.0f} | {held['score']:.0f} | {held['flag_and_dedup']:.0f} | "
+                        f"{max(held.values()):.0f} | {rss['RssFile']:.0f} | {rss['VmRSS']:.0f} | {secs:.0f} | "
                         f"{m['scoring']['by_source']['input']['images_per_s']:.0f} "
                         f"| {max(m['peak_rss_mb'].items(), key=lambda kv: kv[1])[0]} |")
             print(rows[-1], flush=True)
@@ -134,8 +136,12 @@ def main() -> None:
                       "Memory of the run's own process, polled every 50 ms: anonymous (what it holds), "
                       "file-backed (resident pages of memory maps and libraries, which the kernel can drop) "
                       "and their sum.", "",
-                      "| images | peak anonymous (MB) | peak file-backed (MB) | peak RSS (MB) | seconds | "
-                      "scoring images/s | stage with the peak |", "|---|---|---|---|---|---|---|",
+                      "Held: the anonymous memory the run holds at the end of a stage, once what the stage freed "
+                      "is handed back to the OS (the manifest's `held_mb`): after scoring, after the decisions "
+                      "(flags, the FAISS index, clusters), and the most after any stage.", "",
+                      "| images | peak anonymous (MB) | held after scoring (MB) | held after decisions (MB) | "
+                      "held, most (MB) | peak file-backed (MB) | peak RSS (MB) | seconds | "
+                      "scoring images/s | stage with the peak |", "|---|---|---|---|---|---|---|---|---|---|",
                       *rows])
     print(text)
     if not args.no_write:

@@ -1,5 +1,6 @@
 """`memclean clean` end to end on a hostile corpus; the outputs opened by real readers."""
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -58,6 +59,8 @@ def test_hostile_corpus_is_fully_accounted_for(tmp_path, model, corpus):
     assert len(flagged) == c["flagged"] and all("quantile" in r["flag_reason"] for r in flagged)
     assert m["model"]["fingerprint"] and m["versions"]["torch"] and set(m["timings_s"]) >= {"score", "flag_and_dedup", "remediate"}
     assert m["reject_reasons"]["symlink_loop"] == 2
+    if os.path.exists("/proc/self/status"):  # Linux: the memory each stage left held
+        assert set(m["held_mb"]) == set(m["timings_s"]) and all(v > 0 for v in m["held_mb"].values())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
 
 

@@ -70,7 +70,8 @@ def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup:
              reference: pa.Table | None, reference_path: str | None, model: dict[str, Any],
              data: dict[str, Any], settings: dict[str, Any], timings: dict[str, float],
              peak_rss_mb: dict[str, float], scoring: dict[str, dict[str, Any]], cache_dir: str | None,
-             out: str, image_bytes: dict[str, int] | None = None) -> dict[str, Any]:
+             out: str, image_bytes: dict[str, int] | None = None,
+             held_mb: dict[str, float] | None = None) -> dict[str, Any]:
     """The manifest of a finished run (every argument is already plain data)."""
     reasons = {r: n for r, n in tally(decided.column("reject_reason")).items() if r}
     c = counts(decided)
@@ -86,6 +87,7 @@ def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup:
         "versions": versions(),
         "timings_s": timings,
         "peak_rss_mb": peak_rss_mb,
+        "held_mb": held_mb or {},  # anonymous memory held after each stage, freed memory returned
         "scoring": scoring_section(scoring, cache_dir),
         "image_bytes": image_bytes or {},  # bytes of images written into cleaned/ and flagged.parquet
         "out": out,

@@ -30,7 +30,7 @@ from pipeline.io.outputs import (check_against, decided_table, earlier_survivors
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import AtomicParquetWriter, OutputLock, check_output_dir, commit_dir, ok_mask, \
     score_values, staging_dir, write_json_atomic
-from pipeline.run.resources import resources, trim_heap
+from pipeline.run.resources import held_mb, resources, trim_heap
 from pipeline.run.settings import RunSettings
 from pipeline.run.shards import ScoreJob, Scored, score_source
 from pipeline.score.models import LoadedModel
@@ -51,6 +51,7 @@ class RunContext:
     staging: Path
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # process peak RSS after each stage
+    held_mb: dict[str, float] = field(default_factory=dict)  # anonymous memory held after each stage
     scoring: dict[str, dict[str, Any]] = field(default_factory=dict)  # per source: fresh, reused, s, images/s
     index: Any = None  # the FAISS index over this run's embeddings, once built
     image_bytes: dict[str, int] = field(default_factory=dict)  # image bytes written: cleaned, flagged
@@ -87,9 +88,13 @@ class Stage:
     def __exit__(self, *exc: Any) -> None:
         self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 3)
         trim_heap()  # what the stage freed leaves the process, not only its heap
+        held = held_mb()
+        if held is not None:
+            self.ctx.held_mb[self.name] = held
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         self.ctx.peak_rss_mb[self.name] = round(peak, 1)
-        log.info("stage %s: %.1f s, peak RSS so far %.0f MB", self.name, self.ctx.timings[self.name], peak)
+        log.info("stage %s: %.1f s, peak RSS so far %.0f MB, held after it %s MB", self.name,
+                 self.ctx.timings[self.name], peak, held)
 
 
 def sources(ctx: RunContext) -> list[tuple[str, Source, bool]]:
@@ -272,7 +277,7 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
     return manifest(decided, threshold=threshold.to_dict(), score=s.flag.score, dedup=dedup, reference=reference,
                     reference_path=s.flag.reference, model=ctx.model.record(),
                     data={"path": ctx.source.path, "kind": ctx.source.kind}, settings=s.flat(),
-                    timings=ctx.timings, peak_rss_mb=ctx.peak_rss_mb, scoring=ctx.scoring,
+                    timings=ctx.timings, peak_rss_mb=ctx.peak_rss_mb, held_mb=ctx.held_mb, scoring=ctx.scoring,
                     cache_dir=s.cache.root, out=str(ctx.out), image_bytes=ctx.image_bytes)
 
 

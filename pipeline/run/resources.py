@@ -87,6 +87,19 @@ def resources() -> Resources:
     return _PROCESS
 
 
+def held_mb() -> float | None:
+    """The anonymous memory this process holds now (Linux RssAnon, MB): what it allocated and
+    has not freed, without file pages the kernel can drop. None where /proc has no such line."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def trim_heap() -> bool:
     """Hand the free pages of the C heap and of Arrow's memory pool back to the OS. A stage's
     transient arrays (a blur's buffers, a table being written) are freed, but glibc keeps the
