@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.fields import setting
 
@@ -82,9 +84,7 @@ def duplicate_columns(vectors: np.ndarray, flipped: np.ndarray | None, ids: Sequ
 
 
 def _take(values: Sequence, rows: np.ndarray) -> Sequence:
-    """values[rows], for a list or an Arrow array."""
-    import pyarrow as pa
-
+    """values[rows], for a list or an Arrow array (an Arrow array again)."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return values.take(pa.array(rows, pa.int64()))
     return [values[r] for r in rows]
@@ -92,11 +92,11 @@ def _take(values: Sequence, rows: np.ndarray) -> Sequence:
 
 def mark_earlier_duplicates(cols: dict[str, list], ok: np.ndarray, vectors: np.ndarray, label: str,
                             earlier_ids: list[str], earlier: np.ndarray, threshold: float, embedder,
-                            device: str = "cpu") -> None:
+                            device: str = "cpu", views: np.ndarray | None = None) -> None:
     """Point dup_of of each ok row that duplicates an earlier output's kept image (and no image
-    of its own cluster) at it, as `label:id`."""
+    of its own cluster) at it, as `label:id`. views: the vectors' search views, when computed."""
     rows = np.where(ok)[0]
-    match, sim = near_matches(vectors, earlier, threshold, embedder, device)
+    match, sim = near_matches(vectors, earlier, threshold, embedder, device, views)
     for k, r in enumerate(rows):
         if match[k] >= 0 and cols["dup_of"][r] is None:
             cols["dup_of"][r] = f"{label}:{earlier_ids[match[k]]}"
@@ -314,9 +314,6 @@ def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk:
 
 def _equal_groups(values: Sequence[str | None]) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, the later rows) of each value that occurs more than once; nulls never match."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     elif not isinstance(values, pa.Array):
@@ -324,7 +321,7 @@ def _equal_groups(values: Sequence[str | None]) -> Iterator[tuple[int, np.ndarra
     codes = pc.fill_null(pc.dictionary_encode(values).indices, -1).to_numpy(zero_copy_only=False)
     order = np.argsort(codes, kind="stable")
     ordered = codes[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(codes) else np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # no codes: one empty run, skipped
     lengths = np.diff(np.r_[starts, len(codes)])
     for start, length in zip(starts[lengths > 1], lengths[lengths > 1]):
         if ordered[start] >= 0:
@@ -352,16 +349,18 @@ def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, q_vi
 
 
 def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, embedder,
-                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                 device: str = "cpu", query_views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, its most similar reference row at or above threshold (else -1)
-    and that similarity: used to check a new drop against an earlier cleaned output."""
+    and that similarity: used to check a new drop against an earlier cleaned output.
+    query_views: the queries' search views, when they were computed already."""
     match = np.full(len(queries), -1, dtype=np.int64)
     sim = np.zeros(len(queries), dtype=np.float32)
     if not len(reference) or not len(queries):
         return match, sim
     index = build_index(reference, device=device, view=embedder.search_view)
-    for rows, cols, _ in range_pairs(index, queries, embedder.candidate_threshold(threshold),
-                                     view=embedder.search_view):
+    if query_views is None:
+        query_views = search_views(queries, embedder.search_view)
+    for rows, cols, _ in range_pairs(index, query_views, embedder.candidate_threshold(threshold)):
         if not len(rows):
             continue
         s = embedder.similarity(queries[rows], reference[cols], floor=threshold)
@@ -391,8 +390,5 @@ def _label(uf: UnionFind, risk: np.ndarray, ids: Sequence[str], best: np.ndarray
 
 def _strings(values: Sequence[str], rows: np.ndarray) -> dict[int, str]:
     """row -> value of the given rows, from a list or an Arrow array."""
-    import pyarrow as pa
-
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return dict(zip(rows.tolist(), values.take(pa.array(rows, pa.int64())).to_pylist()))
-    return {int(r): values[r] for r in rows}
+    taken = _take(values, rows)
+    return dict(zip(rows.tolist(), taken.to_pylist() if isinstance(taken, (pa.Array, pa.ChunkedArray)) else taken))

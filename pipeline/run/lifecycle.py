@@ -163,10 +163,10 @@ def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa
     index = build_index(views, device=device)
     cols = duplicate_columns(vectors, flipped, table.column("id"), table.column("pixel_sha256"), risk, ok,
                              threshold, embedder, index, views)
-    del views
     if dedup.against:
         earlier_ids, earlier = earlier_survivors(dedup.against, embedder.name)
-        mark_earlier_duplicates(cols, ok, vectors, dedup.against, earlier_ids, earlier, threshold, embedder, device)
+        mark_earlier_duplicates(cols, ok, vectors, dedup.against, earlier_ids, earlier, threshold, embedder, device,
+                                views)
     return cols, index
 
 
