@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.io.data import ImageSpec, batched, discover
-from pipeline.decide.dedup import UnionFind, build_index, find_clusters, near_matches, range_pairs
+from pipeline.decide.dedup import IVF_NPROBE, IVF_TRAIN_PER_LIST, UnionFind, build_index, find_clusters, \
+    near_matches, range_pairs, read_index, write_index
 from pipeline.decide.embeddings import CosineSimilarity, PixelEmbedder
 from tests.planted import planted_set
 
@@ -81,6 +82,42 @@ def test_ivf_index_finds_the_same_pairs_as_flat():
                        for a, b in zip(r, c) if a < b}
     assert len(found["flat"]) == 100
     assert len(found["ivf"] & found["flat"]) >= 95
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 3000])
+def test_index_file_is_faiss_own_serialisation(tmp_path, n):
+    """write_index streams the rows into the file a chunk at a time (memory-mapped rows in,
+    never the index in memory); its bytes are exactly faiss.write_index's for the same index
+    built in memory, flat and IVF (with every IVF list non-empty FAISS writes the same 'full'
+    sizes), and read_index maps it back: the IVF lists are FAISS's on-disk lists."""
+    import faiss
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 24)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert write_index(mapped, tmp_path / "flat.faiss", "flat") == "flat"
+    flat = faiss.IndexFlatIP(24)
+    flat.add(x)
+    assert (tmp_path / "flat.faiss").read_bytes() == faiss.serialize_index(flat).tobytes()
+    if n < 1000:
+        return
+    assert write_index(mapped, tmp_path / "ivf.faiss", "ivf") == "ivf"
+    nlist = int(4 * np.sqrt(n))  # as write_index sizes it; FAISS warns about the small training set
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(24), 24, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))
+    ivf.train(x[sample])
+    ivf.nprobe = IVF_NPROBE
+    ivf.add(x)
+    assert min(ivf.invlists.list_size(i) for i in range(nlist)) > 0
+    assert (tmp_path / "ivf.faiss").read_bytes() == faiss.serialize_index(ivf).tobytes()
+    mapped_ivf = read_index(tmp_path / "ivf.faiss")
+    assert isinstance(faiss.downcast_InvertedLists(mapped_ivf.invlists), faiss.OnDiskInvertedLists)
+    assert mapped_ivf.nprobe == IVF_NPROBE
+    for got, want in zip(mapped_ivf.search(x[:50], 5), ivf.search(x[:50], 5)):
+        assert np.array_equal(got, want)  # the same bytes searched by the same code
+    with pytest.raises(ValueError, match="index kind"):
+        write_index(x, tmp_path / "bad.faiss", "hnsw")
 
 
 def test_knn_emulation_of_range_search_finds_the_same_pairs(caplog, monkeypatch):

@@ -3,6 +3,8 @@
 Exact duplicates (equal decoded-pixel hashes) are joined first; near duplicates are pairs whose
 cosine similarity is at least the threshold. The search runs in query batches against one
 index (exact IndexFlatIP up to FLAT_MAX vectors, IVF above), so no N x N matrix is ever built.
+The index is written to its file a chunk at a time, in FAISS's own format, and searched
+memory-mapped from it: its storage (1 KB an image) is file pages, not memory the run holds.
 With a CUDA device and a GPU build of FAISS (faiss-gpu) the index moves to the GPU; GPU
 indexes have no range search, so there each batch runs a k-nearest search whose k doubles
 for the queries whose k-th neighbour is still above the threshold (up to GPU_MAX_K).
@@ -113,20 +115,6 @@ def on_gpu(index) -> bool:
     return type(index).__name__.startswith("Gpu")
 
 
-def to_cpu(index):
-    """The index itself, or a CPU copy of a GPU index (for faiss.write_index)."""
-    import faiss
-
-    return faiss.index_gpu_to_cpu(index) if on_gpu(index) else index
-
-
-def save_index(index, path) -> None:
-    """Write the index (from a CPU copy when it lives on a GPU)."""
-    import faiss
-
-    faiss.write_index(to_cpu(index), str(path))
-
-
 def _chunks(vectors: np.ndarray, view: Callable[[np.ndarray], np.ndarray] | None,
             size: int = QUERY_BATCH) -> Iterator[tuple[int, np.ndarray]]:
     """(start, view of rows start..start+size) over vectors that may be memory-mapped: only one
@@ -154,29 +142,27 @@ def search_views(vectors: np.ndarray, view: Callable[[np.ndarray], np.ndarray] |
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
-                view: Callable[[np.ndarray], np.ndarray] | None = None):
+                view: Callable[[np.ndarray], np.ndarray] | None = None, path: str | os.PathLike | None = None):
     """An inner-product FAISS index over unit vectors [N, d] (flat, or IVF for large N) or
-    their `view` (an embedder's search view; see search_views), added in one call so FAISS
-    sizes its storage once (growing it chunk by chunk doubled it, and left the old copies to
-    the allocator); on the GPU when `device` is CUDA and FAISS has GPU support (else on the
-    CPU, with a warning)."""
+    their `view` (an embedder's search view; see search_views), written to `path` (an
+    unnamed temporary file when None) by write_index and read back memory-mapped: FAISS's
+    storage is the file's pages, which the kernel can drop, not memory the run holds. On the
+    GPU when `device` is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
     import faiss
 
     x = search_views(vectors, view)
-    n, d = x.shape
-    if kind == "flat" or (kind == "auto" and n <= FLAT_MAX):
-        index = faiss.IndexFlatIP(d)
+    if path is None:  # a file that is gone once read: the map keeps its pages
+        folder = os.path.dirname(getattr(x, "filename", None) or getattr(vectors, "filename", None) or "") or None
+        fd, tmp = tempfile.mkstemp(suffix=".faiss", dir=folder)
+        os.close(fd)
+        try:
+            write_index(x, tmp, kind)
+            index = read_index(tmp)
+        finally:
+            os.unlink(tmp)
     else:
-        # benchmarks/dedup_million.py: 4 sqrt(n) lists trained on 39 points each (FAISS's floor)
-        # and 8 probed keep the planted pairs' recall above 0.95 at a million, in minutes on 2 cores
-        nlist = max(1, int(4 * np.sqrt(n)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))
-        index.train(np.ascontiguousarray(x[sample]))
-        index.nprobe = min(nlist, IVF_NPROBE)
-    if n:
-        index.add(x)
+        write_index(x, path, kind)
+        index = read_index(path)
     del x
     if str(device).startswith("cuda"):
         if gpu_faiss_available():
@@ -188,6 +174,102 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
             log.warning("device %s: this FAISS build has no GPU support (install faiss-gpu); "
                         "duplicate search runs on the CPU", device)
     return index
+
+
+def read_index(path: str | os.PathLike):
+    """A FAISS index file memory-mapped: a flat index's storage (IO_FLAG_MMAP_IFC), or an IVF
+    index's lists (IO_FLAG_MMAP: OnDiskInvertedLists over the file). FAISS takes one or the other."""
+    import faiss
+
+    with open(path, "rb") as f:
+        ivf = f.read(4) == b"IwFl"
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC)
+
+
+def write_index(x: np.ndarray, path: str | os.PathLike, kind: str = "auto") -> str:
+    """Write `x` [N, d] (float32, possibly memory-mapped) as a FAISS inner-product index file
+    a chunk at a time: IndexFlatIP up to FLAT_MAX rows (or kind 'flat'), else IndexIVFFlat.
+    The bytes are those faiss.write_index writes for the same index built in memory (FAISS's
+    own serialisation gives the header; the rows follow in its layout), without ever holding
+    the index: at a million images it is 1 GB. Returns the kind written."""
+    if kind not in ("auto", "flat", "ivf"):
+        raise ValueError(f"index kind must be auto, flat or ivf, got {kind!r}")
+    n, d = x.shape
+    flat = kind == "flat" or (kind == "auto" and n <= FLAT_MAX)
+    with open(path, "wb") as f:
+        if flat:
+            _write_flat(f, x)
+        else:
+            _write_ivf(f, x)
+    return "flat" if flat else "ivf"
+
+
+def _serialized(index) -> bytearray:
+    import faiss
+
+    return bytearray(faiss.serialize_index(index).tobytes())
+
+
+def _set_ntotal(header: bytearray, n: int) -> bytearray:
+    """Every FAISS index header is fourcc, d (int32), ntotal (int64), ...: set ntotal."""
+    if header[8:16] != bytes(8):
+        raise RuntimeError("unexpected FAISS index header (ntotal of an empty index is not 0)")
+    header[8:16] = np.int64(n).tobytes()
+    return header
+
+
+def _write_flat(f, x: np.ndarray) -> None:
+    """IndexFlatIP: its header, then its codes as one vector (count of floats, the floats)."""
+    import faiss
+
+    n, d = x.shape
+    header = _serialized(faiss.IndexFlatIP(d))  # ends with the empty codes vector's count, 0
+    if header[-8:] != bytes(8) or header[:4] != b"IxFI":
+        raise RuntimeError("unexpected FAISS IndexFlatIP serialisation")
+    header[-8:] = np.uint64(n * d).tobytes()
+    f.write(_set_ntotal(header, n))
+    for start, chunk in _chunks(x, None):
+        f.write(chunk.tobytes())
+
+
+IVF_EMPTY_LISTS = 32  # "ilar", nlist, code_size, "sprs", an empty vector: the lists of an empty index
+
+
+def _write_ivf(f, x: np.ndarray) -> None:
+    """IndexIVFFlat: FAISS's serialisation of the trained, empty index up to its inverted
+    lists, then the lists in FAISS's array layout ("ilar", "full" sizes, then each non-empty
+    list's codes and ids), each row in the list of its nearest centroid (quantizer.assign, as
+    IndexIVF.add does), in row order within a list."""
+    import faiss
+
+    n, d = x.shape
+    # benchmarks/dedup_million.py: 4 sqrt(n) lists trained on 39 points each (FAISS's floor)
+    # and 8 probed keep the planted pairs' recall above 0.95 at a million, in minutes on 2 cores
+    nlist = max(1, int(4 * np.sqrt(n)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))
+    index.train(np.ascontiguousarray(x[sample]))
+    index.nprobe = min(nlist, IVF_NPROBE)
+    empty = _serialized(index)
+    tail = empty[-IVF_EMPTY_LISTS:]
+    if tail[:4] != b"ilar" or tail[20:24] != b"sprs" or empty[:4] != b"IwFl":
+        raise RuntimeError("unexpected FAISS IndexIVFFlat serialisation")
+    lists = np.empty(n, np.int64)
+    for start, chunk in _chunks(x, None):
+        lists[start:start + len(chunk)] = index.quantizer.assign(chunk, 1).ravel()
+    order = np.argsort(lists, kind="stable")
+    sizes = np.bincount(lists, minlength=nlist).astype(np.uint64)
+    del lists
+    f.write(_set_ntotal(empty[:-IVF_EMPTY_LISTS], n))
+    f.write(b"ilar" + np.uint64(nlist).tobytes() + np.uint64(d * 4).tobytes() + b"full")
+    f.write(np.uint64(nlist).tobytes() + sizes.tobytes())
+    ends = np.cumsum(sizes.astype(np.int64))
+    for end, size in zip(ends.tolist(), sizes.tolist()):
+        if size:
+            rows = order[end - size:end]
+            f.write(np.ascontiguousarray(x[rows], dtype=np.float32).tobytes())
+            f.write(rows.astype(np.int64).tobytes())
 
 
 def range_pairs(index, queries: np.ndarray, threshold: float, batch: int = QUERY_BATCH,

@@ -23,6 +23,7 @@ from pipeline.io.store import (DECISION_SCHEMA, IMAGE, AtomicParquetWriter, Outp
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings.parquet"  # id, action, embedding: what --against reads
+INDEX = "index.faiss"  # the FAISS index over the run's search views, memory-mapped while the run uses it
 KEPT = ("kept", "augmented")  # the actions whose images the cleaned dataset holds
 
 

@@ -20,12 +20,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.decide.dedup import DedupSettings, save_index
+from pipeline.decide.dedup import DedupSettings
 from pipeline.decide.embeddings import Embedder, make_embedder
 from pipeline.io.data import DecodeSettings, InputSettings, Source, batched, discover
 from pipeline.io.manifest import manifest
 from pipeline.decide.remediate import RemediationSettings, plan
-from pipeline.io.outputs import check_against, decided_table, embed_png, write_cleaned, write_embeddings, \
+from pipeline.io.outputs import INDEX, check_against, decided_table, embed_png, write_cleaned, write_embeddings, \
     write_tables
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import SCORE_SCHEMA, OutputLock, OutputSettings, check_output_dir, commit_dir, \
@@ -86,15 +86,16 @@ def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder,
 
 
 def dedup_columns(table: pa.Table, vectors: np.ndarray | None, flipped: np.ndarray | None,
-                  settings: DedupRunSettings, embedder: Embedder, threshold: float) -> tuple[dict[str, list], Any]:
+                  settings: DedupRunSettings, embedder: Embedder, threshold: float,
+                  index_path: Path) -> tuple[dict[str, list], Any]:
     """The decision columns: duplicates dropped (keeper: first by id, no risk), the rest kept
-    (remediate.plan with --action dedup and nothing flagged)."""
+    (remediate.plan with --action dedup and nothing flagged); the index goes to index_path."""
     n, ok = table.num_rows, ok_mask(table)
     cols: dict[str, list] = {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
     index = None
     if vectors is not None and len(vectors):
         cols, index = search_duplicates(vectors, flipped, table, ok, np.zeros(n), threshold, embedder,
-                                        settings.dedup, settings.decode.device)
+                                        settings.dedup, settings.decode.device, index_path)
     action, reason, _ = plan(ok, np.zeros(n, bool), cols["dup_of"], RemediationSettings(action="dedup"))
     cols.update({"flagged": [False if o else None for o in ok], "flag_reason": [None] * n,
                  "action": action, "action_reason": reason,
@@ -125,7 +126,7 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         table, vectors, flipped = embed_source(source, settings, embedder, scratch, progress)
         timings["embed"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        cols, index = dedup_columns(table, vectors, flipped, settings, embedder, threshold)
+        cols, index = dedup_columns(table, vectors, flipped, settings, embedder, threshold, staging / INDEX)
         timings["dedup"] = round(time.perf_counter() - t0, 3)
         decided = decided_table(table, cols)
         t0 = time.perf_counter()
@@ -135,7 +136,6 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         if vectors is not None:
             write_embeddings(staging, decided, table, vectors, embed_png(embedder, spec, settings.decode.device),
                              embedder.name)
-            save_index(index, staging / "index.faiss")
         timings["write"] = round(time.perf_counter() - t0, 3)
         dedup = dedup_record(embedder, threshold, settings.dedup, index)
         result = manifest(decided, threshold={"policy": None, "value": None, "parameters": {}}, score=SCORE,

@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.decide.dedup import THRESHOLD_MEANING, DedupSettings, build_index, duplicate_columns, \
-    mark_earlier_duplicates, on_gpu, save_index, search_views
+    mark_earlier_duplicates, on_gpu, search_views
 from pipeline.decide.embeddings import Embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.remediate import augment_and_rescore, plan, record_json, reject_changed, settle
 from pipeline.io.data import ImageSpec, Source, discover, read_selected
 from pipeline.io.manifest import manifest
-from pipeline.io.outputs import (check_against, decided_table, earlier_survivors, embed_png, replace_column,
+from pipeline.io.outputs import (INDEX, check_against, decided_table, earlier_survivors, embed_png, replace_column,
                                  write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import AtomicParquetWriter, OutputLock, check_output_dir, commit_dir, ok_mask, \
@@ -156,11 +156,12 @@ def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference:
 
 def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
                       risk: np.ndarray, threshold: float, embedder: Embedder, dedup: DedupSettings,
-                      device: str) -> tuple[dict[str, list], Any]:
+                      device: str, index_path: Path) -> tuple[dict[str, list], Any]:
     """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then an
-    earlier output's with --against), and the index built over the ok rows' vectors."""
+    earlier output's with --against), and the index over the ok rows' vectors, written to
+    index_path (the output's index.faiss) and memory-mapped from it."""
     views = search_views(vectors, embedder.search_view)  # computed once: for the index and as queries
-    index = build_index(views, device=device)
+    index = build_index(views, device=device, path=index_path)
     cols = duplicate_columns(vectors, flipped, table.column("id"), table.column("pixel_sha256"), risk, ok,
                              threshold, embedder, index, views)
     if dedup.against:
@@ -184,7 +185,7 @@ def duplicates(ctx: RunContext, scored: Scored, ok: np.ndarray, risk: np.ndarray
     if not s.remediation.dedups or not ok.any():
         return {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
     cols, ctx.index = search_duplicates(scored.vectors, scored.flipped, scored.table, ok, risk, ctx.dup_threshold,
-                                        ctx.embedder, s.dedup, s.model.device)
+                                        ctx.embedder, s.dedup, s.model.device, ctx.staging / INDEX)
     return cols
 
 
@@ -251,8 +252,8 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
         if scored.vectors is not None:
             write_embeddings(ctx.staging, decided, scored.table, scored.vectors,
                              embed_png(ctx.embedder, ctx.spec, s.model.device), ctx.embedder.name)
-            save_index(ctx.index if ctx.index is not None else build_index(scored.vectors, view=ctx.embedder.search_view),
-                       ctx.staging / "index.faiss")
+            if ctx.index is None:  # no duplicate search ran: the index is still an output
+                build_index(scored.vectors, view=ctx.embedder.search_view, path=ctx.staging / INDEX)
     return decided
 
 
