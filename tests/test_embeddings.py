@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decide.embeddings import PixelEmbedder, make_embedder
+from pipeline.decide.embeddings import PixelEmbedder, _gaussian_blur, make_embedder
 
 
 class Mean(torch.nn.Module):
@@ -107,3 +107,24 @@ def test_flat_images_join_nothing_by_similarity(data_range):
     assert np.linalg.norm(a) < 0.999 and emb.similarity(a, a)[0] == -1 and emb.similarity(a, b)[0] == -1
     textured = emb(lo + (hi - lo) * (_photo_like(rng) + 1) / 2).numpy()
     assert abs(np.linalg.norm(textured) - 1) < 1e-5 and emb.similarity(textured, textured)[0] > 0.999
+
+
+@pytest.mark.parametrize("shape,sigma", [((32, 32), 1.0), ((32, 32), 3 ** 0.5), ((32, 32), 8.0), ((12, 20), 2.0)])
+def test_blur_is_the_reflect_padded_separable_convolution(shape, sigma):
+    """The matrix blur equals torch's own reflect padding and 1-D convolutions, computed in
+    float64 as the reference. Bound: two passes of 2r + 1 float32 products and sums with
+    weights summing to 1, each rounding by at most eps32 * max|x| (r = ceil(3 sigma))."""
+    import math
+
+    import torch.nn.functional as F
+
+    x = torch.randn(7, 1, *shape, generator=torch.Generator().manual_seed(0))
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    ref = F.conv2d(F.pad(x.double(), (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    ref = F.conv2d(F.pad(ref, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    bound = 2 * (2 * r + 1) * torch.finfo(torch.float32).eps * x.abs().max().item()
+    assert (_gaussian_blur(x, sigma).double() - ref).abs().max().item() <= bound
+    flat = torch.full((2, 1, *shape), 0.3)  # the weights of every output sum to 1
+    assert (_gaussian_blur(flat, sigma) - 0.3).abs().max().item() <= bound

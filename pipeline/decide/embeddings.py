@@ -63,13 +63,32 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return F.normalize(v.flatten(1).to(torch.float32), dim=1)
 
 
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """[n, n] matrix of a 1-D Gaussian blur with reflect padding (radius ceil(3 sigma), at most
+    n - 1 as reflect padding allows): row i holds the weights output i takes from each input."""
+    radius = min(max(1, math.ceil(3 * sigma)), n - 1)
+    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma**2))
+    k = k / k.sum()
+    m = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for o in range(-radius, radius + 1):
+            j = abs(i + o)  # reflect at both edges, the edge pixel not repeated (torch's "reflect")
+            j = 2 * (n - 1) - j if j > n - 1 else j
+            m[i, j] += k[o + radius]
+    return m
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding: [B, 1, H, W] -> same."""
-    radius = max(1, math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype) ** 2 / (2 * sigma**2))
-    k = (k / k.sum()).to(x.device)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    """Separable Gaussian blur with reflect padding: [B, 1, H, W] -> same, as two small
+    matrix products (M_H x M_W^T). A convolution computes the same sums, but on the CPU its
+    speed and scratch memory depend on the batch size: 2,048 thumbnails took 170 MB of scratch
+    and 5x the time of 256."""
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    mh = _blur_matrix(h, sigma).to(x.dtype).to(x.device)
+    mw = mh if w == h else _blur_matrix(w, sigma).to(x.dtype).to(x.device)
+    return mh @ x @ mw.T
 
 
 class PixelEmbedder:
