@@ -155,7 +155,7 @@ def write_flagged(folder: Path, source: Source, decided: pa.Table, score: str, m
 
 
 def write_embeddings(folder: Path, decided: pa.Table, scored_table: pa.Table, vectors: np.ndarray,
-                     embed: Callable[[bytes], np.ndarray], embedder_name: str, chunk: int = 4096) -> None:
+                     embed: Callable[[bytes], np.ndarray], embedder_name: str, chunk: int = 1024) -> None:
     """embeddings.parquet: id, action and the embedding of what the cleaned set holds.
 
     `vectors` belong to the rows that decoded at scoring time (scored_table's ok rows, in
@@ -167,7 +167,8 @@ def write_embeddings(folder: Path, decided: pa.Table, scored_table: pa.Table, ve
                           .to_numpy(zero_copy_only=False))
     d = vectors.shape[1]
     schema = pa.schema([("id", pa.string()), ("action", pa.string()), ("embedding", pa.list_(pa.float32(), d))])
-    with AtomicParquetWriter(folder / EMBEDDINGS, schema, {"embedder": embedder_name}) as w:
+    with AtomicParquetWriter(folder / EMBEDDINGS, schema, {"embedder": embedder_name},
+                             use_dictionary=["id", "action"]) as w:
         for start in range(0, len(keep), chunk):  # a chunk of rows and vectors in memory at a time
             idx = keep[start:start + chunk]
             part = rows.take(pa.array(idx, pa.int64()))

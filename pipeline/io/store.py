@@ -273,14 +273,16 @@ class AtomicParquetWriter:
     """Stream rows to `path`, which appears only on `commit()` (or a clean `with` exit)."""
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, metadata: dict[str, Any],
-                 row_group_size: int = 1024):
+                 row_group_size: int = 1024, use_dictionary: bool | list[str] = True):
         self.path = Path(path)
         self.schema = with_metadata(schema, metadata)
         self.row_group_size = row_group_size  # rows buffered before a row group is written
         self._tmp = _temporary(self.path)
         self._rows: list[dict[str, Any]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        # use_dictionary: the columns worth a dictionary (not float vectors: their dictionary
+        # is as large as the data, and building it doubled write_embeddings' memory and time)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, use_dictionary=use_dictionary)
         self.count = 0  # rows written so far
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:

@@ -88,11 +88,19 @@ def score_shard(job: ScoreJob, items: Iterable[Item], name: str, embed: bool,
 
 
 def gather(job: ScoreJob, names: list[str]) -> Scored:
-    """The shards' rows concatenated in order, and their vectors in one memory-mapped array
-    (staging/shards/NAME.vectors.npy): no step holds every vector in memory."""
+    """The shards' rows concatenated in order into one Arrow IPC file, read back memory-mapped
+    (staging/shards/NAME.arrow), and their vectors in one memory-mapped array
+    (staging/shards/NAME.vectors.npy): no step holds every row or every vector in memory;
+    what a step selects or computes from them is its own."""
     folder = Path(job.staging) / "shards"
-    table = pa.concat_tables([pq.read_table(folder / f"{n}.parquet") for n in names]) if names \
-        else SCORE_SCHEMA.empty_table()
+    table = SCORE_SCHEMA.empty_table()
+    if names:
+        target = folder / f"{names[0].rsplit('-', 1)[0]}.arrow"
+        with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, pq.read_schema(folder / f"{names[0]}.parquet")) as w:
+            for n in names:  # a row group at a time
+                for batch in pq.ParquetFile(folder / f"{n}.parquet").iter_batches():
+                    w.write_batch(batch)
+        table = pa.ipc.open_file(pa.memory_map(str(target))).read_all()
 
     def stack(suffix: str) -> np.ndarray | None:
         parts = [folder / f"{n}.{suffix}" for n in names if (folder / f"{n}.{suffix}").exists()]
