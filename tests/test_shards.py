@@ -38,3 +38,12 @@ def test_shards_cover_the_source_in_order_and_gather_whole(tmp_path, write_image
     assert regathered.vectors is None
     cols = ["id", "log_volume_growth"]
     assert regathered.table.select(cols).equals(scored.table.select(cols))
+    # gathered into one Arrow IPC file, read back memory-mapped: the rows are the shards' own
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard_rows = pa.concat_tables([pq.read_table(staging / "shards" / f"{r['name']}.parquet") for r in results])
+    assert scored.table.equals(shard_rows)
+    assert (staging / "shards" / "input.arrow").is_file()
+    buffers = [b for chunk in scored.table.column("id").chunks for b in chunk.buffers() if b is not None]
+    assert buffers and all(not b.is_mutable for b in buffers)  # views of the read-only map, not copies
