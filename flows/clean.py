@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.fields import options, signature
 from pipeline.io.data import Shard
-from pipeline.io.report import report_rows, shown_rows
+from pipeline.io.report import REPORT_COLUMNS, read_report_rows, shown_rows
 from pipeline.run.lifecycle import (RunContext, Stage, abort_run, finish_run, scoring_summary, sources,
                                     stage_name, start_run)
 from pipeline.run.settings import FlowSettings, RunSettings
@@ -111,10 +111,8 @@ def finish_task(ctx: RunContext, scored, reference) -> dict[str, Any]:
 def publish(manifest: dict[str, Any], out: str) -> None:
     """Artifacts: the top flagged images (a duplicate cluster once, as the report shows them)
     and a summary that links to the outputs."""
-    import pyarrow.parquet as pq
-
     score = manifest["threshold"]["score"]
-    top, _, _ = shown_rows(report_rows(pq.read_table(Path(out) / "scores.parquet")), score)
+    top, _, _ = shown_rows(read_report_rows(Path(out) / "scores.parquet", REPORT_COLUMNS + [score]), score)
     create_table_artifact([{"id": r["id"], score: round(r[score], 3), "action": r["action"], "dup_of": r["dup_of"],
                             "why": r["action_reason"] or r["flag_reason"]} for r in top[:50]],
                           key="memclean-top-flagged", description="the highest-scoring flagged images")

@@ -49,6 +49,21 @@ def report_rows(table: pa.Table) -> list[dict[str, Any]]:
     return table.filter(keep).to_pylist()
 
 
+def read_report_rows(path: str | os.PathLike, columns: list[str]) -> list[dict[str, Any]]:
+    """report_rows of a scores.parquet, read a batch at a time (only `columns`): only the rows
+    the report can show are ever held, never the whole table."""
+    rows: list[dict[str, Any]] = []
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        rows += report_rows(pa.Table.from_batches([batch]))
+    return rows
+
+
+def read_ok_scores(path: str | os.PathLike, score: str) -> np.ndarray:
+    """The score of every ok row of a scores table (two columns read, not the table)."""
+    t = pq.read_table(path, columns=["status", score])
+    return score_values(t, score)[ok_mask(t)]
+
+
 def thumb_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20] + ".png"
 
@@ -101,7 +116,7 @@ def fill_missing_thumbnails(out: Path) -> int:
     decoded = m.get("model") or m["decode"]  # memclean dedup has no model: how it decoded
     spec = ImageSpec(decoded["channels"], tuple(decoded["sample_size"]))
     cols = ["id", "path", "status", "flagged", "dup_cluster", "dup_of", "action", score]
-    rows = report_rows(pq.read_table(out / "scores.parquet", columns=cols))
+    rows = read_report_rows(out / "scores.parquet", cols)
     folder = out / THUMBS
     folder.mkdir(exist_ok=True)
     made, wanted = 0, ids_to_show(rows, score)
@@ -278,15 +293,10 @@ def write_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     m = json.loads((out / "manifest.json").read_text())
     score = (m["threshold"] or {}).get("score", "log_volume_growth")  # dedup outputs have none
-    everything = pq.read_table(out / "scores.parquet", columns=REPORT_COLUMNS + [score])
-    scores = report_rows(everything)
+    scores = read_report_rows(out / "scores.parquet", REPORT_COLUMNS + [score])
     ref_path = out / "reference_scores.parquet"
-    reference = None
-    if ref_path.exists():
-        ref = pq.read_table(ref_path, columns=["status", score])
-        reference = score_values(ref, score)[ok_mask(ref)]
-    ok = score_values(everything, score)[ok_mask(everything)]
-    del everything
+    reference = read_ok_scores(ref_path, score) if ref_path.exists() else None
+    ok = read_ok_scores(out / "scores.parquet", score)
     flagged, clusters, augmented = shown_rows(scores, score)
     c = m["counts"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>memclean report</title>"
