@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.io.data import ImageSpec, batched, discover
-from pipeline.decide.dedup import IVF_NPROBE, IVF_TRAIN_PER_LIST, UnionFind, build_index, find_clusters, \
-    near_matches, range_pairs, read_index, write_index
+from pipeline.decide.dedup import IVF_NPROBE, IVF_TRAIN_PER_LIST, UnionFind, build_index, duplicate_columns, \
+    find_clusters, near_matches, range_pairs, read_index, write_index
 from pipeline.decide.embeddings import CosineSimilarity, PixelEmbedder
 from tests.planted import planted_set
 
@@ -50,6 +50,40 @@ def test_keeper_ties_broken_by_id_and_exact_hashes_join():
     c = find_clusters(v, ["h", "x", "h", "h"], np.zeros(4), ["d", "c", "b", "a"], 0.95, CosineSimilarity())
     assert c.cluster.tolist()[1] == -1 and len(set(c.cluster[[0, 2, 3]])) == 1
     assert c.keeper[0] == 3  # id "a"
+
+
+def test_duplicate_columns_name_keepers_by_row_with_and_without_rejected_rows():
+    """Vectors cover the ok rows only; dup_of names the keeper's id from the full table's
+    columns (Arrow), whether some rows were rejected (their columns are taken) or none."""
+    import pyarrow as pa
+
+    ids, hashes = pa.array(["d", "b", "c", "a"]), pa.array(["h", None, "x", "h"])
+    for ok in (np.array([True, False, True, True]), np.ones(4, bool)):
+        v = np.eye(4, dtype=np.float32)[: ok.sum()]
+        cols = duplicate_columns(v, None, ids, hashes, np.zeros(4), ok, 0.95, CosineSimilarity(), None)
+        assert cols["dup_of"] == ["a", None, None, None]  # "a" (row 3) keeps: equal risk, lowest id
+        assert cols["dup_cluster"][0] == cols["dup_cluster"][3] == 0 and cols["dup_cluster"][2] is None
+        assert cols["dup_similarity"][0] == cols["dup_similarity"][3] == 1.0
+
+
+def test_equal_groups_split_key_collisions_and_skip_nulls():
+    """Rows are grouped by a key of each value's first 16 bytes; values that share those bytes
+    (a forced collision) are told apart by the values themselves, across Arrow chunks and
+    slices, and short values fall back to exact codes; nulls never match."""
+    import pyarrow as pa
+
+    from pipeline.decide.dedup import _equal_groups
+
+    def groups(values):
+        return sorted((first, rest.tolist()) for first, rest in _equal_groups(values))
+
+    long = ["p" * 16 + "x", "p" * 16 + "y", "p" * 16 + "x", None, "q" * 64, "q" * 64, "p" * 16 + "y" * 9]
+    want = [(0, [2]), (4, [5])]
+    assert groups(long) == want
+    assert groups(pa.chunked_array([pa.array(long[:3]), pa.array(long[3:])])) == want
+    assert groups(pa.array(["zz"] + long).slice(1)) == want
+    assert groups(["a", None, "a", "bb", None, "p" * 16 + "x", "bb"]) == [(0, [2]), (3, [6])]
+    assert groups([]) == [] and groups([None, None]) == []
 
 
 def test_flip_only_behind_the_option(tmp_path):

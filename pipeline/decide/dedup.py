@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # on that data). Exactness is worth its price up to here; past it IVF's sqrt(n) advantage grows.
 FLAT_MAX = 100_000
 QUERY_BATCH = 4096  # queries per range search call
+VIEW_BATCH = 1024  # rows per search-view computation (a view's scratch is a few times its rows)
 IVF_TRAIN_PER_LIST = 39  # training points per IVF list
 IVF_NPROBE = 8  # IVF lists searched per query
 KNN_START = 32  # first k of the k-nearest emulation of a range search
@@ -73,8 +74,9 @@ def duplicate_columns(vectors: np.ndarray, flipped: np.ndarray | None, ids: Sequ
     rows = np.flatnonzero(ok)
     if not len(rows):
         return cols
-    c = find_clusters(vectors, _take(hashes, rows), risk[rows], _take(ids, rows), threshold, embedder,
-                      flipped, index, views)
+    every = len(rows) == n  # every row ok: the columns themselves, not copies
+    c = find_clusters(vectors, hashes if every else _take(hashes, rows), risk[rows], ids if every else _take(ids, rows),
+                      threshold, embedder, flipped, index, views)
     clustered = np.flatnonzero(c.cluster >= 0)
     names = _strings(ids, rows[c.keeper[clustered]])
     for k in clustered.tolist():
@@ -136,7 +138,7 @@ def search_views(vectors: np.ndarray, view: Callable[[np.ndarray], np.ndarray] |
     d = view(np.ones((1, vectors.shape[1]), np.float32)).shape[1]
     out = np.memmap(tempfile.TemporaryFile(dir=folder), np.float32, "w+", shape=(n, d)) if folder and n \
         else np.empty((n, d), np.float32)
-    for start, chunk in _chunks(vectors, view):
+    for start, chunk in _chunks(vectors, view, VIEW_BATCH):
         out[start:start + len(chunk)] = chunk
     return out
 
@@ -395,20 +397,63 @@ def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk:
 
 
 def _equal_groups(values: Sequence[str | None]) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, the later rows) of each value that occurs more than once; nulls never match."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    elif not isinstance(values, pa.Array):
-        values = pa.array(list(values), pa.string())
-    codes = pc.fill_null(pc.dictionary_encode(values).indices, -1).to_numpy(zero_copy_only=False)
-    order = np.argsort(codes, kind="stable")
-    ordered = codes[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # no codes: one empty run, skipped
-    lengths = np.diff(np.r_[starts, len(codes)])
-    for start, length in zip(starts[lengths > 1], lengths[lengths > 1]):
-        if ordered[start] >= 0:
-            group = order[start:start + length]
-            yield int(group[0]), group[1:]
+    """(first row, the later rows) of each value that occurs more than once; nulls never match.
+    Rows are grouped by a 64-bit key of each value (_string_keys: no copy of the strings, 8
+    bytes a row), and rows whose keys are equal are split by their values themselves, so a
+    key collision never joins different values."""
+    if isinstance(values, pa.Array):
+        values = pa.chunked_array([values])
+    elif not isinstance(values, pa.ChunkedArray):
+        values = pa.chunked_array([pa.array(list(values), pa.string())], pa.string())
+    keys, valid = _string_keys(values)
+    rows = np.flatnonzero(valid)
+    order = rows[np.argsort(keys[rows], kind="stable")]  # equal keys: rows in increasing order
+    del rows
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # runs of equal keys
+    runs = np.diff(np.r_[starts, len(order)])
+    members = order[np.repeat(runs > 1, runs)]  # the rows of every run of two or more, run after run
+    lengths = runs[runs > 1]
+    names = values.take(pa.array(members, pa.int64())).to_pylist()  # only rows of a group become strings
+    at = 0
+    for length in lengths.tolist():
+        by_value: dict[str, list[int]] = {}
+        for row, value in zip(members[at:at + length].tolist(), names[at:at + length]):
+            by_value.setdefault(value, []).append(row)
+        at += length
+        for same in sorted(by_value.values()):
+            if len(same) > 1:
+                yield same[0], np.array(same[1:], np.int64)
+
+
+KEY_BYTES = 16  # bytes of a value that make its key (a hex digest's first 64 bits)
+
+
+def _string_keys(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A 64-bit key of every row (the first KEY_BYTES bytes of its string mixed into one word,
+    read from Arrow's own buffers a chunk at a time; dictionary codes where some value is
+    shorter) and which rows are not null: [n] uint64, [n] bool."""
+    n = len(values)
+    keys, valid = np.zeros(n, np.uint64), np.zeros(n, bool)
+    pos = 0
+    for chunk in values.chunks:
+        m = len(chunk)
+        chunk = chunk.cast(pa.string()) if chunk.type != pa.string() else chunk
+        ok = chunk.is_valid().to_numpy(zero_copy_only=False)
+        _, offsets, data = chunk.buffers()
+        starts = np.frombuffer(offsets, np.int32, m + 1, chunk.offset * 4)
+        rows = np.flatnonzero(ok)
+        if len(rows) and (np.diff(starts)[rows] < KEY_BYTES).any():  # short values: exact codes instead
+            codes = pc.dictionary_encode(values.combine_chunks()).indices
+            return pc.fill_null(codes, 0).to_numpy(zero_copy_only=False).astype(np.uint64), \
+                values.is_valid().to_numpy(zero_copy_only=False)
+        if len(rows):
+            raw = np.frombuffer(data, np.uint8)[starts[rows][:, None] + np.arange(KEY_BYTES)]
+            words = np.ascontiguousarray(raw).view(np.uint64)  # [k, 2]
+            keys[pos + rows] = words[:, 0] ^ (words[:, 1] * np.uint64(0x9E3779B97F4A7C15))
+        valid[pos:pos + m] = ok
+        pos += m
+    return keys, valid
 
 
 def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, q_views: np.ndarray,
