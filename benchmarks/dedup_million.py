@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,8 +136,9 @@ def main() -> None:
         views = search_views(v, emb.search_view)  # as lifecycle.search_duplicates: once, memory-mapped
         index = build_index(views)
         built = time.perf_counter() - t0
-        ids = [f"{i:07d}" for i in range(args.n)]
-        c = find_clusters(v, [None] * args.n, np.zeros(args.n), ids, args.threshold, emb, index=index, views=views)
+        ids = pa.array([f"{i:07d}" for i in range(args.n)])  # Arrow columns, as a run's score table holds them
+        hashes = pa.nulls(args.n, pa.string())
+        c = find_clusters(v, hashes, np.zeros(args.n), ids, args.threshold, emb, index=index, views=views)
         total = time.perf_counter() - t0
         peak, peak_anon = peak_mb(), anon.stop()
         del views
@@ -178,7 +180,8 @@ def main() -> None:
         f"{flat_s * (args.n / m) ** 2 / 3600:.1f} h at {args.n:,} by extrapolation; memclean uses flat up to "
         f"{FLAT_MAX:,} vectors and IVF above. Peak RSS counts resident pages of the memory map, which the "
         "kernel can drop; anonymous memory (polled every 50 ms during the search) is what the process holds: "
-        "FAISS's index of 1 KB a vector, and the search's working set."])
+        "the search's working set and the union-find's arrays. FAISS's index (1 KB a vector) is written to its "
+        "file a chunk at a time and searched memory-mapped, so its pages are file-backed."])
     print(text)
     if not args.no_write:
         write_section("dedup-million", text)

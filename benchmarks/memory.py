@@ -5,8 +5,9 @@
 
 Each run is a fresh subprocess whose memory is polled from /proc (anonymous and file-backed). Shards travel as
 descriptors (a Parquet row range, never its bytes), decoding streams in batches, and the
-duplicate search's vectors and views are memory-mapped; what still grows with the input is
-FAISS's own index (1 KB an image) and the score table (about 0.4 KB). The score cache is on, as
+duplicate search's vectors and views, FAISS's index (index.faiss) and the gathered score table
+(an Arrow IPC file) are memory-mapped; what still grows with the input is the decision columns
+and the score cache's arrays (a few hundred bytes an image). The score cache is on, as
 by default, in a fresh folder per size. Uses a tiny random UNet and the cheapest solver: this measures the
 pipeline's memory, not the model's. Writes its section of benchmarks/RESULTS.md.
 """
@@ -138,7 +139,7 @@ def main() -> None:
                       "and their sum.", "",
                       "Held: the anonymous memory the run holds at the end of a stage, once what the stage freed "
                       "is handed back to the OS (the manifest's `held_mb`): after scoring, after the decisions "
-                      "(flags, the FAISS index, clusters), and the most after any stage.", "",
+                      "(flags, duplicate search, clusters), and the most after any stage.", "",
                       "| images | peak anonymous (MB) | held after scoring (MB) | held after decisions (MB) | "
                       "held, most (MB) | peak file-backed (MB) | peak RSS (MB) | seconds | "
                       "scoring images/s | stage with the peak |", "|---|---|---|---|---|---|---|---|---|---|",
