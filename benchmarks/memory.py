@@ -1,7 +1,7 @@
 """Peak memory of a whole clean run as the input grows: 2,000, 20,000 and 100,000 small images.
 
     .venv/bin/python benchmarks/memory.py [--sizes 2000 20000 100000] [--source parquet|folder]
-                                          [--runner flow|cli]
+                                          [--runner flow|cli] [--memory-limit MB]
 
 Each run is a fresh subprocess whose memory is polled from /proc (anonymous and file-backed). Shards travel as
 descriptors (a Parquet row range, never its bytes), decoding streams in batches, and the
@@ -14,6 +14,7 @@ pipeline's memory, not the model's. Writes its section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,12 +63,45 @@ def status_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def peak_rss_mb(cmd: list[str]) -> tuple[dict[str, float], float]:
-    """Run `cmd` and poll its memory every 50 ms: peaks (MB) of its anonymous memory (what the
-    process itself holds), of its file-backed pages (memory maps: the kernel can drop them) and
-    of their sum; and the seconds it ran."""
+class MemoryCgroup:
+    """A cgroup (v1 memory controller, or v2) whose memory limit, page cache included, is
+    `limit_mb`: what a container with that much memory gives a run. Needs write access to
+    /sys/fs/cgroup (root in most containers)."""
+
+    def __init__(self, limit_mb: int):
+        name = f"memclean-bench-{os.getpid()}"
+        v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+        try:
+            if v1.is_dir():
+                self.path, limit, self.peak_file = v1 / name, "memory.limit_in_bytes", "memory.max_usage_in_bytes"
+            else:
+                self.path, limit, self.peak_file = v2 / name, "memory.max", "memory.peak"
+            self.path.mkdir()
+            (self.path / limit).write_text(str(limit_mb * 2**20))
+        except OSError as e:
+            raise SystemExit(f"--memory-limit needs a writable cgroup memory controller: {e}")
+
+    def join(self) -> None:
+        """Move the calling process into the cgroup (a child's preexec_fn)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak_mb(self) -> float:
+        return int((self.path / self.peak_file).read_text()) / 2**20
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def peak_rss_mb(cmd: list[str], cgroup: MemoryCgroup | None = None) -> tuple[dict[str, float], float]:
+    """Run `cmd` (in `cgroup` when given) and poll its memory every 50 ms: peaks (MB) of its
+    anonymous memory (what the process itself holds), of its file-backed pages (memory maps:
+    the kernel can drop them) and of their sum; and the seconds it ran."""
     t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=cgroup.join if cgroup else None)
     peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     while child.poll() is None:
         for key, value in status_kb(child.pid).items():
@@ -108,6 +142,9 @@ def main() -> None:
     ap.add_argument("--source", choices=("folder", "parquet"), default="parquet")
     ap.add_argument("--runner", choices=("cli", "flow"), default="flow")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--memory-limit", type=int, metavar="MB",
+                    help="run each size in a cgroup with this memory limit, page cache included (as a container "
+                         "would): the run must finish inside it; its section is memory-...-limited")
     args = ap.parse_args()
     memclean = str(Path(sys.executable).with_name("memclean"))
     rows = []
@@ -122,15 +159,23 @@ def main() -> None:
             cmd = [sys.executable, "-c", FLOW, json.dumps(params)] if args.runner == "flow" else \
                 [memclean, "clean", *[f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
                                       for k, v in params.items()]]
-            rss, secs = peak_rss_mb(cmd)
+            cgroup = MemoryCgroup(args.memory_limit) if args.memory_limit else None
+            try:
+                rss, secs = peak_rss_mb(cmd, cgroup)
+                group_peak = cgroup.peak_mb() if cgroup else None
+            finally:
+                if cgroup:
+                    cgroup.remove()
             m = json.loads((tmp / f"out{n}" / "manifest.json").read_text())
             held = m["held_mb"]
             rows.append(f"| {n:,} | {rss['RssAnon']:.0f} | {held['score']:.0f} | {held['flag_and_dedup']:.0f} | "
                         f"{max(held.values()):.0f} | {rss['RssFile']:.0f} | {rss['VmRSS']:.0f} | {secs:.0f} | "
                         f"{m['scoring']['by_source']['input']['images_per_s']:.0f} "
-                        f"| {max(m['peak_rss_mb'].items(), key=lambda kv: kv[1])[0]} |")
+                        f"| {max(m['peak_rss_mb'].items(), key=lambda kv: kv[1])[0]} |"
+                        + (f" {group_peak:.0f} |" if cgroup else ""))
             print(rows[-1], flush=True)
-    text = "\n".join([f"## Memory: `benchmarks/memory.py --source {args.source} --runner {args.runner}`", "",
+    limited = f" --memory-limit {args.memory_limit}" if args.memory_limit else ""
+    text = "\n".join([f"## Memory: `benchmarks/memory.py --source {args.source} --runner {args.runner}{limited}`", "",
                       "Peak RSS of a whole clean run (Euler-1 on a tiny random DDPM, so the pipeline's memory and "
                       f"not a model's; --action dedup; the score cache on, as by default, empty at the start), {args.source} input, run by the {args.runner}; "
                       f"{hardware()}.", "",
@@ -140,13 +185,18 @@ def main() -> None:
                       "Held: the anonymous memory the run holds at the end of a stage, once what the stage freed "
                       "is handed back to the OS (the manifest's `held_mb`): after scoring, after the decisions "
                       "(flags, duplicate search, clusters), and the most after any stage.", "",
+                      *([f"Each run in a cgroup limited to {args.memory_limit} MB, page cache included, as a "
+                         "container with that much memory: the kernel reclaims the memory maps' pages to stay "
+                         "under it, and kills the run if what it holds does not fit. Cgroup peak: the most the "
+                         "cgroup was charged.", ""] if args.memory_limit else []),
                       "| images | peak anonymous (MB) | held after scoring (MB) | held after decisions (MB) | "
                       "held, most (MB) | peak file-backed (MB) | peak RSS (MB) | seconds | "
-                      "scoring images/s | stage with the peak |", "|---|---|---|---|---|---|---|---|---|---|",
+                      "scoring images/s | stage with the peak |" + (" cgroup peak (MB) |" if limited else ""),
+                      "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if limited else ""),
                       *rows])
     print(text)
     if not args.no_write:
-        write_section(f"memory-{args.source}-{args.runner}", text)
+        write_section(f"memory-{args.source}-{args.runner}" + ("-limited" if limited else ""), text)
 
 
 if __name__ == "__main__":
