@@ -68,8 +68,8 @@ class MemoryCgroup:
     `limit_mb`: what a container with that much memory gives a run. Needs write access to
     /sys/fs/cgroup (root in most containers)."""
 
-    def __init__(self, limit_mb: int):
-        name = f"memclean-bench-{os.getpid()}"
+    def __init__(self, limit_mb: int, label: str):
+        name = f"memclean-bench-{os.getpid()}-{label}"
         v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
         try:
             if v1.is_dir():
@@ -89,10 +89,22 @@ class MemoryCgroup:
         return int((self.path / self.peak_file).read_text()) / 2**20
 
     def remove(self) -> None:
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+        """Kill what is left in the cgroup (a killed run's Prefect server) and remove it."""
+        import signal
+
+        for _ in range(50):
+            pids = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"could not remove {self.path}", file=sys.stderr)
 
 
 def peak_rss_mb(cmd: list[str], cgroup: MemoryCgroup | None = None) -> tuple[dict[str, float], float]:
@@ -159,10 +171,17 @@ def main() -> None:
             cmd = [sys.executable, "-c", FLOW, json.dumps(params)] if args.runner == "flow" else \
                 [memclean, "clean", *[f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
                                       for k, v in params.items()]]
-            cgroup = MemoryCgroup(args.memory_limit) if args.memory_limit else None
+            cgroup = MemoryCgroup(args.memory_limit, str(n)) if args.memory_limit else None
             try:
                 rss, secs = peak_rss_mb(cmd, cgroup)
                 group_peak = cgroup.peak_mb() if cgroup else None
+            except subprocess.CalledProcessError as e:
+                if not cgroup:
+                    raise
+                rows.append(f"| {n:,} | the run was killed ({e.returncode}): it did not fit in "
+                            f"{args.memory_limit} MB |" + " |" * 10)
+                print(rows[-1], flush=True)
+                continue
             finally:
                 if cgroup:
                     cgroup.remove()
