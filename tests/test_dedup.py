@@ -227,3 +227,13 @@ def test_memory_mapped_views_and_arrow_columns_give_the_same_clusters(tmp_path):
     b = find_clusters(mapped, pa.chunked_array([hashes[:20], hashes[20:]]), risk, pa.array(ids), 0.95, emb, views=views)
     assert a.count == b.count >= 6 and np.array_equal(a.cluster, b.cluster) and np.array_equal(a.keeper, b.keeper)
     assert np.array_equal(a.best_similarity, b.best_similarity) and a.pairs == b.pairs
+
+
+def test_a_faiss_without_memory_mapped_flat_indexes_is_refused_clearly(tmp_path, monkeypatch):
+    """FAISS before 1.11 has no IO_FLAG_MMAP_IFC: read_index says which version it needs."""
+    import faiss
+
+    write_index(np.eye(3, dtype=np.float32), tmp_path / "i.faiss", "flat")
+    monkeypatch.delattr(faiss, "IO_FLAG_MMAP_IFC")
+    with pytest.raises(RuntimeError, match="FAISS 1.11 or later"):
+        read_index(tmp_path / "i.faiss")

@@ -183,6 +183,9 @@ def read_index(path: str | os.PathLike):
     index's lists (IO_FLAG_MMAP: OnDiskInvertedLists over the file). FAISS takes one or the other."""
     import faiss
 
+    if not hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+        raise RuntimeError(f"FAISS {faiss.__version__} cannot memory-map a flat index: memclean needs FAISS 1.11 "
+                           "or later (pip install 'faiss-cpu>=1.11', or faiss-gpu of that version)")
     with open(path, "rb") as f:
         ivf = f.read(4) == b"IwFl"
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC)
