@@ -77,7 +77,11 @@ class MemoryCgroup:
             else:
                 self.path, limit, self.peak_file = v2 / name, "memory.max", "memory.peak"
             self.path.mkdir()
-            (self.path / limit).write_text(str(limit_mb * 2**20))
+            try:
+                (self.path / limit).write_text(str(limit_mb * 2**20))
+            except OSError:
+                self.path.rmdir()
+                raise
         except OSError as e:
             raise SystemExit(f"--memory-limit needs a writable cgroup memory controller: {e}")
 
@@ -85,8 +89,23 @@ class MemoryCgroup:
         """Move the calling process into the cgroup (a child's preexec_fn)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
-    def peak_mb(self) -> float:
-        return int((self.path / self.peak_file).read_text()) / 2**20
+    def peak_mb(self) -> float | None:
+        try:  # cgroup v2's memory.peak needs Linux 5.19
+            return int((self.path / self.peak_file).read_text()) / 2**20
+        except OSError:
+            return None
+
+    def oom_kills(self) -> int:
+        """Processes the cgroup's OOM killer killed (v1 memory.oom_control, v2 memory.events)."""
+        for name in ("memory.oom_control", "memory.events"):
+            try:
+                for line in (self.path / name).read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+            except OSError:
+                continue
+        return 0
 
     def remove(self) -> None:
         """Kill what is left in the cgroup (a killed run's Prefect server) and remove it."""
@@ -178,8 +197,9 @@ def main() -> None:
             except subprocess.CalledProcessError as e:
                 if not cgroup:
                     raise
-                rows.append(f"| {n:,} | the run was killed ({e.returncode}): it did not fit in "
-                            f"{args.memory_limit} MB |" + " |" * 10)
+                why = f"killed by the OOM killer: it did not fit in {args.memory_limit} MB" if cgroup.oom_kills() \
+                    else f"failed (exit {e.returncode})"
+                rows.append(f"| {n:,} | {why} |" + " |" * 9)
                 print(rows[-1], flush=True)
                 continue
             finally:
@@ -191,7 +211,7 @@ def main() -> None:
                         f"{max(held.values()):.0f} | {rss['RssFile']:.0f} | {rss['VmRSS']:.0f} | {secs:.0f} | "
                         f"{m['scoring']['by_source']['input']['images_per_s']:.0f} "
                         f"| {max(m['peak_rss_mb'].items(), key=lambda kv: kv[1])[0]} |"
-                        + (f" {group_peak:.0f} |" if cgroup else ""))
+                        + (f" {group_peak:.0f} |" if group_peak is not None else " |" if cgroup else ""))
             print(rows[-1], flush=True)
     limited = f" --memory-limit {args.memory_limit}" if args.memory_limit else ""
     text = "\n".join([f"## Memory: `benchmarks/memory.py --source {args.source} --runner {args.runner}{limited}`", "",

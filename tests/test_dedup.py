@@ -121,9 +121,10 @@ def test_ivf_index_finds_the_same_pairs_as_flat():
 @pytest.mark.parametrize("n", [0, 1, 7, 3000])
 def test_index_file_is_faiss_own_serialisation(tmp_path, n):
     """write_index streams the rows into the file a chunk at a time (memory-mapped rows in,
-    never the index in memory); its bytes are exactly faiss.write_index's for the same index
-    built in memory, flat and IVF (with every IVF list non-empty FAISS writes the same 'full'
-    sizes), and read_index maps it back: the IVF lists are FAISS's on-disk lists."""
+    never the index in memory); its bytes are faiss.write_index's for the same index built in
+    memory, flat and IVF (with every IVF list non-empty, as asserted, FAISS writes the same
+    'full' sizes), and read_index maps it back: the flat index searches as the in-memory one,
+    the IVF lists are FAISS's on-disk lists."""
     import faiss
 
     rng = np.random.default_rng(n)
@@ -134,6 +135,11 @@ def test_index_file_is_faiss_own_serialisation(tmp_path, n):
     flat = faiss.IndexFlatIP(24)
     flat.add(x)
     assert (tmp_path / "flat.faiss").read_bytes() == faiss.serialize_index(flat).tobytes()
+    mapped_flat = read_index(tmp_path / "flat.faiss")
+    assert mapped_flat.ntotal == n
+    if n:
+        for got, want in zip(mapped_flat.search(x[:5], min(n, 3)), flat.search(x[:5], min(n, 3))):
+            assert np.array_equal(got, want)
     if n < 1000:
         return
     assert write_index(mapped, tmp_path / "ivf.faiss", "ivf") == "ivf"

@@ -152,6 +152,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
     GPU when `device` is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
     import faiss
 
+    check_faiss()
     x = search_views(vectors, view)
     if path is None:  # a file that is gone once read: the map keeps its pages
         folder = os.path.dirname(getattr(x, "filename", None) or getattr(vectors, "filename", None) or "") or None
@@ -178,14 +179,22 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
     return index
 
 
-def read_index(path: str | os.PathLike):
-    """A FAISS index file memory-mapped: a flat index's storage (IO_FLAG_MMAP_IFC), or an IVF
-    index's lists (IO_FLAG_MMAP: OnDiskInvertedLists over the file). FAISS takes one or the other."""
+def check_faiss() -> None:
+    """FAISS must memory-map flat indexes (IO_FLAG_MMAP_IFC, FAISS 1.11): checked when a run
+    starts, not hours later at its duplicate search."""
     import faiss
 
     if not hasattr(faiss, "IO_FLAG_MMAP_IFC"):
         raise RuntimeError(f"FAISS {faiss.__version__} cannot memory-map a flat index: memclean needs FAISS 1.11 "
                            "or later (pip install 'faiss-cpu>=1.11', or faiss-gpu of that version)")
+
+
+def read_index(path: str | os.PathLike):
+    """A FAISS index file memory-mapped: a flat index's storage (IO_FLAG_MMAP_IFC), or an IVF
+    index's lists (IO_FLAG_MMAP: OnDiskInvertedLists over the file). FAISS takes one or the other."""
+    import faiss
+
+    check_faiss()
     with open(path, "rb") as f:
         ivf = f.read(4) == b"IwFl"
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC)
@@ -194,9 +203,10 @@ def read_index(path: str | os.PathLike):
 def write_index(x: np.ndarray, path: str | os.PathLike, kind: str = "auto") -> str:
     """Write `x` [N, d] (float32, possibly memory-mapped) as a FAISS inner-product index file
     a chunk at a time: IndexFlatIP up to FLAT_MAX rows (or kind 'flat'), else IndexIVFFlat.
-    The bytes are those faiss.write_index writes for the same index built in memory (FAISS's
-    own serialisation gives the header; the rows follow in its layout), without ever holding
-    the index: at a million images it is 1 GB. Returns the kind written."""
+    FAISS's own serialisation gives the header and the rows follow in its layout, without ever
+    holding the index (at a million images it is 1 GB): faiss.read_index reads it as the same
+    index built in memory, and the bytes are faiss.write_index's own (for IVF when more than
+    half the lists are non-empty; FAISS writes sparse list sizes otherwise). Returns the kind."""
     if kind not in ("auto", "flat", "ivf"):
         raise ValueError(f"index kind must be auto, flat or ivf, got {kind!r}")
     n, d = x.shape
@@ -401,8 +411,8 @@ def find_clusters(vectors: np.ndarray, pixel_hashes: Sequence[str | None], risk:
 
 def _equal_groups(values: Sequence[str | None]) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, the later rows) of each value that occurs more than once; nulls never match.
-    Rows are grouped by a 64-bit key of each value (_string_keys: no copy of the strings, 8
-    bytes a row), and rows whose keys are equal are split by their values themselves, so a
+    Rows are grouped by a 64-bit key of each value (_string_keys: 8 bytes a row, from the
+    strings' first bytes gathered a block at a time, not a copy of the column), and rows whose keys are equal are split by their values themselves, so a
     key collision never joins different values."""
     if isinstance(values, pa.Array):
         values = pa.chunked_array([values])
@@ -430,6 +440,7 @@ def _equal_groups(values: Sequence[str | None]) -> Iterator[tuple[int, np.ndarra
 
 
 KEY_BYTES = 16  # bytes of a value that make its key (a hex digest's first 64 bits)
+KEY_BLOCK = 65536  # rows whose leading bytes are gathered at once (an index of 128 bytes a row)
 
 
 def _string_keys(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -441,6 +452,8 @@ def _string_keys(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     pos = 0
     for chunk in values.chunks:
         m = len(chunk)
+        if not m:  # an empty chunk may have no offsets buffer at all
+            continue
         chunk = chunk.cast(pa.string()) if chunk.type != pa.string() else chunk
         ok = chunk.is_valid().to_numpy(zero_copy_only=False)
         _, offsets, data = chunk.buffers()
@@ -450,10 +463,12 @@ def _string_keys(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
             codes = pc.dictionary_encode(values.combine_chunks()).indices
             return pc.fill_null(codes, 0).to_numpy(zero_copy_only=False).astype(np.uint64), \
                 values.is_valid().to_numpy(zero_copy_only=False)
-        if len(rows):
-            raw = np.frombuffer(data, np.uint8)[starts[rows][:, None] + np.arange(KEY_BYTES)]
+        buf = np.frombuffer(data, np.uint8) if len(rows) else None
+        for b in range(0, len(rows), KEY_BLOCK):  # a block of rows' leading bytes at a time
+            block = rows[b:b + KEY_BLOCK]
+            raw = buf[starts[block][:, None] + np.arange(KEY_BYTES)]
             words = np.ascontiguousarray(raw).view(np.uint64)  # [k, 2]
-            keys[pos + rows] = words[:, 0] ^ (words[:, 1] * np.uint64(0x9E3779B97F4A7C15))
+            keys[pos + block] = words[:, 0] ^ (words[:, 1] * np.uint64(0x9E3779B97F4A7C15))
         valid[pos:pos + m] = ok
         pos += m
     return keys, valid

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.decide.dedup import DedupSettings
+from pipeline.decide.dedup import DedupSettings, check_faiss
 from pipeline.decide.embeddings import Embedder, make_embedder
 from pipeline.io.data import DecodeSettings, InputSettings, Source, batched, discover
 from pipeline.io.manifest import manifest
@@ -115,6 +115,7 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         spec = settings.decode.spec(settings.input)
         embedder = make_embedder(settings.dedup.embedder, None, settings.dedup.embed_size, settings.decode.device,
                                  image_side=settings.decode.image_size)
+        check_faiss()  # before any scoring: the index is searched memory-mapped
         if settings.dedup.against:
             check_against(settings.dedup.against, embedder.name)
         threshold = embedder.default_threshold if settings.dedup.dup_threshold is None else settings.dedup.dup_threshold

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decide.dedup import THRESHOLD_MEANING, DedupSettings, build_index, duplicate_columns, \
-    mark_earlier_duplicates, on_gpu, search_views
+from pipeline.decide.dedup import THRESHOLD_MEANING, DedupSettings, build_index, check_faiss, \
+    duplicate_columns, mark_earlier_duplicates, on_gpu, search_views
 from pipeline.decide.embeddings import Embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.remediate import augment_and_rescore, plan, record_json, reject_changed, settle
@@ -135,6 +135,7 @@ def start_run(settings: RunSettings) -> RunContext:
             discover(settings.flag.reference, settings.input.image_column)
         model = resources().model(settings.model)
         embedder = resources().embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
+        check_faiss()  # before any scoring: the index is searched memory-mapped
         if settings.dedup.against:
             check_against(settings.dedup.against, embedder.name)
         return RunContext(settings, source, model, embedder, staging_dir(out), lock=lock)
