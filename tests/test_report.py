@@ -143,3 +143,24 @@ def test_the_table_lists_the_highest_scores_first_up_to_its_cap(report, tmp_path
     top = sorted(listed, key=lambda r: (-r["log_volume_growth"], r["id"]))[:3]
     assert re.findall(r"<tr><td>([^<]+)</td>", table) == [r["id"] for r in top]
     assert f"The first 3 of {len(listed)} rows" in html
+
+
+def test_scan_scores_reads_rows_and_ok_scores_in_one_pass(tmp_path):
+    """scan_scores keeps only the showable rows and returns exactly the ok rows' scores, in
+    order, across row groups; without a score it returns no scores."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io.report import scan_scores
+
+    t = pa.table({"id": ["a", "b", "c", "d", "e"], "status": ["ok", "rejected", "ok", "ok", "ok"],
+                  "flagged": [True, None, False, False, None], "dup_cluster": pa.array([None, None, 0, None, None], pa.int64()),
+                  "dup_of": [None, None, None, None, None], "action": ["kept", "rejected", "kept", "kept", "augmented"],
+                  "log_volume_growth": [1.5, None, 2.5, 3.5, 4.5]})
+    pq.write_table(t, tmp_path / "scores.parquet", row_group_size=2)
+    cols = ["id", "status", "flagged", "dup_cluster", "dup_of", "action", "log_volume_growth"]
+    rows, ok = scan_scores(tmp_path / "scores.parquet", cols, "log_volume_growth")
+    assert [r["id"] for r in rows] == ["a", "c", "e"]  # flagged, clustered, augmented
+    assert ok.tolist() == [1.5, 2.5, 3.5, 4.5]
+    assert scan_scores(tmp_path / "scores.parquet", cols)[1] is None

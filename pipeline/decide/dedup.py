@@ -152,7 +152,6 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
     GPU when `device` is CUDA and FAISS has GPU support (else on the CPU, with a warning)."""
     import faiss
 
-    check_faiss()
     x = search_views(vectors, view)
     if path is None:  # a file that is gone once read: the map keeps its pages
         folder = os.path.dirname(getattr(x, "filename", None) or getattr(vectors, "filename", None) or "") or None

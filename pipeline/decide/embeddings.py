@@ -14,6 +14,7 @@ Embedders take images as the model sees them (x: [B, C, H, W] in [-1, 1]) and re
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Callable, Protocol
@@ -63,9 +64,11 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return F.normalize(v.flatten(1).to(torch.float32), dim=1)
 
 
+@functools.lru_cache(maxsize=32)
 def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
     """[n, n] matrix of a 1-D Gaussian blur with reflect padding (radius ceil(3 sigma), at most
-    n - 1 as reflect padding allows): row i holds the weights output i takes from each input."""
+    n - 1 as reflect padding allows): row i holds the weights output i takes from each input.
+    Made once per (n, sigma): every blur of a run uses the same few."""
     radius = min(max(1, math.ceil(3 * sigma)), n - 1)
     k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma**2))
     k = k / k.sum()

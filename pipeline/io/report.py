@@ -52,10 +52,23 @@ def report_rows(table: pa.Table) -> list[dict[str, Any]]:
 def read_report_rows(path: str | os.PathLike, columns: list[str]) -> list[dict[str, Any]]:
     """report_rows of a scores.parquet, read a batch at a time (only `columns`): only the rows
     the report can show are ever held, never the whole table."""
+    return scan_scores(path, columns)[0]
+
+
+def scan_scores(path: str | os.PathLike, columns: list[str],
+                score: str | None = None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """One pass over a scores.parquet, a batch at a time: report_rows of `columns`, and with
+    `score` (one of them, with status) the score of every ok row."""
     rows: list[dict[str, Any]] = []
+    ok: list[np.ndarray] = []
     for batch in pq.ParquetFile(path).iter_batches(columns=columns):
-        rows += report_rows(pa.Table.from_batches([batch]))
-    return rows
+        t = pa.Table.from_batches([batch])
+        rows += report_rows(t)
+        if score is not None:
+            ok.append(score_values(t, score)[ok_mask(t)])
+    if score is None:
+        return rows, None
+    return rows, np.concatenate(ok) if ok else np.zeros(0)
 
 
 def read_ok_scores(path: str | os.PathLike, score: str) -> np.ndarray:
@@ -293,10 +306,9 @@ def write_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     m = json.loads((out / "manifest.json").read_text())
     score = (m["threshold"] or {}).get("score", "log_volume_growth")  # dedup outputs have none
-    scores = read_report_rows(out / "scores.parquet", REPORT_COLUMNS + [score])
+    scores, ok = scan_scores(out / "scores.parquet", REPORT_COLUMNS + [score], score)
     ref_path = out / "reference_scores.parquet"
     reference = read_ok_scores(ref_path, score) if ref_path.exists() else None
-    ok = read_ok_scores(out / "scores.parquet", score)
     flagged, clusters, augmented = shown_rows(scores, score)
     c = m["counts"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>memclean report</title>"

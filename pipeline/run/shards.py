@@ -93,9 +93,10 @@ def gather(job: ScoreJob, names: list[str]) -> Scored:
     (staging/shards/NAME.vectors.npy): no step holds every row or every vector in memory;
     what a step selects or computes from them is its own."""
     folder = Path(job.staging) / "shards"
+    prefix = names[0].rsplit('-', 1)[0] if names else None  # input-000003 -> input
     table = SCORE_SCHEMA.empty_table()
     if names:
-        target = folder / f"{names[0].rsplit('-', 1)[0]}.arrow"
+        target = folder / f"{prefix}.arrow"
         with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, pq.read_schema(folder / f"{names[0]}.parquet")) as w:
             for n in names:  # a row group at a time
                 for batch in pq.ParquetFile(folder / f"{n}.parquet").iter_batches():
@@ -107,7 +108,7 @@ def gather(job: ScoreJob, names: list[str]) -> Scored:
         if not parts:
             return None
         shapes = [np.load(p, mmap_mode="r").shape for p in parts]
-        target = folder / f"{names[0].rsplit('-', 1)[0]}.{suffix.replace('npy', 'vectors.npy')}"
+        target = folder / f"{prefix}.{suffix.replace('npy', 'vectors.npy')}"
         out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32,
                                         shape=(sum(sh[0] for sh in shapes), shapes[0][1]))
         row = 0
