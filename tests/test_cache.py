@@ -99,3 +99,23 @@ def test_entries_fold_into_sorted_arrays_and_every_one_is_found(tmp_path, monkey
                    for i, s in enumerate(shas))
         assert cache.get("absent") is None and cache.get("f" * 64) is None
     assert b._keys.nbytes + b._values.nbytes == 60 * 72
+
+
+def test_keys_ending_in_nul_bytes_are_found_and_kept_apart(tmp_path):
+    """A sha256 is 32 raw bytes; one in 256 ends in 0x00. Keys ending in one, two and 31 NUL
+    bytes, and keys that differ only in how many trailing NULs they have, are each found with
+    their own value, before and after they are folded into the sorted arrays, and when read
+    back by another instance."""
+    stem = "ab" * 16
+    shas = [stem + "cd" * 15 + "00", stem + "cd" * 14 + "0000", "05" + "00" * 31, "05" + "00" * 30 + "01",
+            stem + "cd" * 15 + "01", "00" * 32]
+    assert all(len(s) == 64 for s in shas) and len(set(shas)) == len(shas)
+    a = ScoreCache(tmp_path, "k")
+    a.put([row(s, float(i)) for i, s in enumerate(shas)])  # pending (a dict) until folded
+    assert [a.get(s)["log_volume_growth"] for s in shas] == [float(i) for i in range(len(shas))]
+    a._fold(a._keys[:0], a._values[:0])  # now only in the sorted arrays
+    assert len(a._keys) == len(shas) and not a._pending
+    assert [a.get(s)["log_volume_growth"] for s in shas] == [float(i) for i in range(len(shas))]
+    b = ScoreCache(tmp_path, "k").refresh()  # read from the file, folded at once
+    assert [b.get(s)["log_volume_growth"] for s in shas] == [float(i) for i in range(len(shas))]
+    assert b.get("05" + "00" * 29 + "0100") is None  # a near miss is a miss

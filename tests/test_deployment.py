@@ -75,6 +75,18 @@ def prefect(env, *args, cwd, timeout=300):
     return r.stdout
 
 
+def png_whose_sha256_ends_in_nul(rng) -> bytes:
+    """A 10x10 RGB PNG whose file sha256 ends in the byte 0x00 (1 in 256 random images)."""
+    import hashlib
+    import io
+
+    while True:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(buf, "PNG")
+        if hashlib.sha256(buf.getvalue()).digest()[-1] == 0:
+            return buf.getvalue()
+
+
 def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
     project = tmp_path / "project"  # a copy of the repository's deployable parts
     project.mkdir()
@@ -83,8 +95,9 @@ def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(6):
+    for i in range(5):
         Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(data / f"i{i}.png")
+    (data / "i5.png").write_bytes(png_whose_sha256_ends_in_nul(rng))  # the cache once never found these
     model = save_checkpoint(tiny_unet(channels=3, size=8), DDPMScheduler(), tmp_path / "model")
     out = tmp_path / "out"
 
@@ -107,6 +120,9 @@ def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
         second = json.loads((out / "manifest.json").read_text())
         assert second["counts"]["input"] == 7
         assert second["scoring"]["scored_fresh"] == 1 and second["scoring"]["reused"] == 6
+        prefect(server, "deployment", "run", "clean/demo", *params, "--watch", "--watch-timeout", "300", cwd=project)
+        third = json.loads((out / "manifest.json").read_text())  # nothing new: nothing scored afresh
+        assert third["scoring"]["scored_fresh"] == 0 and third["scoring"]["reused"] == 7
         listed = prefect(server, "deployment", "ls", cwd=project)
         assert "clean/celeba" in listed and "clean/demo" in listed
     finally:

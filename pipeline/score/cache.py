@@ -58,6 +58,17 @@ def namespace(model_fingerprint: str, settings: dict[str, Any], spec: dict[str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+KEY = np.dtype("V32")  # a key's 32 raw bytes. Not "S32": numpy strips trailing NUL bytes from an S
+# scalar, so a digest ending in 0x00 never equalled its own entry (1 image in 256 missed the
+# cache on every run), and keys differing only in trailing NULs sorted as equal. V32 compares,
+# sorts and searches all 32 bytes.
+
+
+def _keys(raw: list[bytes]) -> np.ndarray:
+    """Keys (32 bytes each) as a [n] KEY array."""
+    return np.frombuffer(b"".join(raw), KEY) if raw else np.zeros(0, KEY)
+
+
 def _key(sha256: str) -> bytes:
     """The 32 bytes a cache entry is kept under: the digest itself for a hex sha256, else the
     sha256 of the string (keys are opaque to the cache)."""
@@ -73,7 +84,7 @@ class ScoreCache:
     """Score columns by file sha256, for one (model, settings, spec) namespace. A process shares
     one instance per namespace (run.resources), and each refresh reads only new files.
 
-    Entries live in two arrays sorted by key (32 bytes of digest, then the five scores as
+    Entries live in two arrays sorted by key (32 raw bytes of digest, `KEY`, then the five scores as
     float64: 72 bytes an entry, against about 500 as Python dicts), looked up by binary search;
     entries added since the last fold wait in a small dict, folded in once they outnumber
     FOLD_AT or a quarter of the arrays (so folding costs O(log n) per entry).
@@ -83,7 +94,7 @@ class ScoreCache:
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.dir = Path(root) / key  # one folder per namespace
-        self._keys = np.zeros(0, "S32")  # sorted, unique
+        self._keys = np.zeros(0, KEY)  # sorted, unique
         self._values = np.zeros((0, len(SCORE_COLUMNS)), np.float64)
         self._pending: dict[bytes, tuple[float, ...]] = {}
         self._read: set[str] = set()  # files already folded in
@@ -103,7 +114,7 @@ class ScoreCache:
             for name in sorted(files - self._read):
                 try:
                     table = pq.read_table(self.dir / name)
-                    keys.append(np.array([_key(s) for s in table.column("sha256").to_pylist()], "S32"))
+                    keys.append(_keys([_key(s) for s in table.column("sha256").to_pylist()]))
                     values.append(np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
                                             for c in SCORE_COLUMNS], axis=1))
                 except (OSError, KeyError, pa.ArrowException) as e:  # a torn file from a killed writer
@@ -117,7 +128,7 @@ class ScoreCache:
         """Merge entries (and the pending ones) into the sorted arrays; a key already there keeps
         its first value (a score is a function of its key: later copies are equal or redundant)."""
         if self._pending:
-            keys = np.concatenate([np.array(list(self._pending), "S32"), keys])
+            keys = np.concatenate([_keys(list(self._pending)), keys])
             values = np.concatenate([np.array(list(self._pending.values()), np.float64).reshape(-1, len(SCORE_COLUMNS)),
                                      values])
             self._pending = {}
@@ -130,8 +141,9 @@ class ScoreCache:
         with self._lock:
             hit = self._pending.get(k)
             if hit is None:
-                i = int(np.searchsorted(self._keys, k))
-                if i == len(self._keys) or self._keys[i] != k:
+                key = np.void(k)
+                i = int(np.searchsorted(self._keys, key))
+                if i == len(self._keys) or self._keys[i] != key:
                     return None
                 hit = self._values[i]
         return {c: int(v) if c == "nfe" else float(v) for c, v in zip(SCORE_COLUMNS, hit)}
