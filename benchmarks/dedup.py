@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.decide.dedup import FLAT_MAX, build_index, range_pairs  # noqa: E402
+from pipeline.decide.index import FLAT_MAX, build_index  # noqa: E402
+from pipeline.decide.neighbours import range_pairs  # noqa: E402
 
 
 def vectors(n: int, d: int, rng: np.random.Generator) -> np.ndarray:

@@ -35,9 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.results import hardware, write_section  # noqa: E402
 from benchmarks.memory import status_kb  # noqa: E402
-from pipeline.decide.dedup import FLAT_MAX, build_index, find_clusters, range_pairs, search_views  # noqa: E402
+from pipeline.decide.clusters import find_clusters  # noqa: E402
+from pipeline.decide.index import FLAT_MAX, build_index, search_views  # noqa: E402
+from pipeline.decide.neighbours import range_pairs  # noqa: E402
 from pipeline.decide.embeddings import PixelEmbedder  # noqa: E402
-from tests.planted import pink_noise  # noqa: E402
 
 CHUNK = 8192
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.results import hardware, write_section  # noqa: E402
-from pipeline.decide.dedup import find_clusters  # noqa: E402
+from pipeline.decide.clusters import find_clusters  # noqa: E402
 from pipeline.decide.embeddings import PixelEmbedder  # noqa: E402
 from pipeline.io.data import ImageSpec, batched, discover  # noqa: E402
 from tests.planted import planted_set  # noqa: E402
@@ -135,7 +135,7 @@ def phash(img: Image.Image) -> np.ndarray:
 
 
 def phash_clusters(root: Path, ids: list[str], max_distance: int = 10) -> np.ndarray:
-    from pipeline.decide.dedup import UnionFind
+    from pipeline.decide.clusters import UnionFind
 
     h = np.array([phash(Image.open(root / i)) for i in ids])
     dist = (h[:, None, :] != h[None, :, :]).sum(-1)

@@ -23,10 +23,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline.fields import options, signature
 from pipeline.io.data import Shard
 from pipeline.io.report import REPORT_COLUMNS, read_report_rows, shown_rows
-from pipeline.run.lifecycle import (RunContext, Stage, abort_run, finish_run, scoring_summary, sources,
-                                    stage_name, start_run)
+from pipeline.run.lifecycle import RunContext, finish_run, score_sources, start_run
 from pipeline.run.settings import FlowSettings, RunSettings
-from pipeline.run.shards import ScoreJob, gather, score_shard, shard_name
+from pipeline.run.shards import ScoreJob, score_shard, shard_name
 
 PARAMETERS = options(RunSettings) + options(FlowSettings)  # the flow's parameters, in order
 
@@ -98,14 +97,23 @@ def api_url() -> str | None:
         return None
 
 
+def mapped(runner):
+    """A ShardScorer (lifecycle.score_sources) that maps the shards over Prefect tasks on `runner`."""
+    def score(job: ScoreJob, prefix: str, shards, embed: bool) -> list[dict[str, Any]]:
+        shards = list(shards)
+        names = [shard_name(prefix, k) for k in range(len(shards))]
+        return score_shards.with_options(task_runner=runner)(job, shards, names, embed)
+    return score
+
+
 @task(cache_policy=NO_CACHE)
 def start_task(settings: RunSettings) -> RunContext:
     return start_run(settings)
 
 
 @task(cache_policy=NO_CACHE)
-def finish_task(ctx: RunContext, scored, reference) -> dict[str, Any]:
-    return finish_run(ctx, scored, reference)
+def finish_task(ctx: RunContext, scored) -> dict[str, Any]:
+    return finish_run(ctx, scored)
 
 
 def publish(manifest: dict[str, Any], out: str) -> None:
@@ -134,21 +142,9 @@ def clean(**params: Any) -> dict[str, Any]:
     flow_params = {o.name for o in options(FlowSettings)}
     settings = RunSettings.from_flat({k: v for k, v in params.items() if k not in flow_params})
     where = FlowSettings.from_flat({k: v for k, v in params.items() if k in flow_params})
-    ctx = start_task(settings)
-    try:
-        runner = task_runner_for(where)
-        scored = {}
-        for prefix, source, embed in sources(ctx):
-            shards = list(source.shards(settings.cache.shard_size))
-            names = [shard_name(prefix, k) for k in range(len(shards))]
-            with Stage(ctx, stage_name(prefix)):
-                results = score_shards.with_options(task_runner=runner)(ctx.job, shards, names, embed)
-            scoring_summary(ctx, prefix, results)
-            scored[prefix] = gather(ctx.job, names)
-        manifest = finish_task(ctx, scored["input"], scored.get("reference"))
-    except BaseException:
-        abort_run(ctx)
-        raise
+    runner = task_runner_for(where)
+    with start_task(settings) as ctx:  # the same three steps as lifecycle.run_clean
+        manifest = finish_task(ctx, score_sources(ctx, mapped(runner)))
     publish(manifest, settings.output.out)
     c = manifest["counts"]
     logger.info("%d inputs: %d kept, %d augmented, %d dropped, %d rejected -> %s",

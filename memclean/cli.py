@@ -1,8 +1,9 @@
 """The `memclean` command line: one verb per job (DESIGN.md), on top of the library.
 
-Every option of `score`, `clean` and `train` is derived from the settings model
+Every option of `score`, `clean`, `dedup` and `train` is derived from that verb's settings model
 (pipeline/run/settings.py, pipeline/fields.py): its name, type, default, help and validation live
-there, once. `demo` runs the flow `clean` with the parameters of prefect.yaml's `clean/demo`.
+there, once. `demo` runs the flow `clean` with the parameters of prefect.yaml's `clean/demo`;
+`report` takes an output folder.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ log = logging.getLogger("memclean.cli")
 SECTION_TITLES = {  # RunSettings section -> the help group its options are listed under
     "input": "input", "model": "model", "output": "output", "scorer": "scoring (the probability-flow ODE solve)",
     "cache": "caching and resuming", "flag": "flagging (one policy)", "dedup": "duplicates",
-    "remediation": "remediation", "decode": "decoding (no model says how)",
+    "remediation": "remediation", "decode": "decoding (no model says how)", "train": "training recipe",
 }
 
 
@@ -73,8 +74,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from pipeline.run.duplicates import DedupRunSettings, run_dedup
+    from pipeline.run.dedup import run_dedup
     from pipeline.run.score import count_inputs
+    from pipeline.run.settings import DedupRunSettings
 
     settings = from_args(DedupRunSettings, args)
     with progress_bar(count_inputs(settings.input.data, settings.input.image_column), "embedding") as bar:
@@ -145,27 +147,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pipeline.io.data import ImageSpec, discover
-    from pipeline.tools.train import TrainSettings, load_images, train
+    from pipeline.run.settings import TrainRunSettings
+    from pipeline.tools.train import load_images, train
 
-    settings = from_args(TrainSettings, args)
-    if args.out.exists() and not args.overwrite:
-        raise SystemExit(f"memclean: {args.out} exists; pass --overwrite to replace it")
-    images = load_images(discover(args.data), ImageSpec(settings.channels, (settings.sample_size,) * 2))
-    with tqdm(total=settings.steps, desc="training", unit="step", file=sys.stderr) as bar:
+    settings = from_args(TrainRunSettings, args)
+    out, recipe = Path(settings.output.out), settings.train
+    if out.exists() and not settings.output.overwrite:
+        raise SystemExit(f"memclean: {out} exists; pass --overwrite to replace it")
+    spec = ImageSpec(recipe.channels, (recipe.sample_size,) * 2, settings.input.max_pixels, settings.input.min_size)
+    images = load_images(discover(settings.input.data, settings.input.image_column), spec)
+    with tqdm(total=recipe.steps, desc="training", unit="step", file=sys.stderr) as bar:
         def progress(step: int, loss: float) -> None:
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        train(images, args.out, settings, progress, recipe={"command": "memclean " + " ".join(sys.argv[1:])})
-    print(f"trained on {len(images)} images -> {args.out}")
+        train(images, out, recipe, progress, recipe={"command": "memclean " + " ".join(sys.argv[1:])})
+    print(f"trained on {len(images)} images -> {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.run.duplicates import DedupRunSettings
-    from pipeline.run.settings import RunSettings, ScoreSettings
-    from pipeline.tools.train import TrainSettings
+    from pipeline.run.settings import DedupRunSettings, RunSettings, ScoreSettings, TrainRunSettings
 
     parser = argparse.ArgumentParser(prog="memclean", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"memclean {__version__}")
@@ -194,11 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="a memclean clean or dedup output folder")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("train", help="train a small DDPM (demo and proxy models)")
-    p.add_argument("--data", required=True, type=Path, help="folder of training images (recursive)")
-    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (save_pretrained layout)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    add_options(p, options(TrainSettings))
+    p = sub.add_parser("train", help="train a small DDPM (demo and proxy models; --out MODEL_DIR)")
+    add_sections(p, TrainRunSettings)
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -111,6 +111,16 @@ def check_choices(obj: Any) -> None:
             raise ValueError(f"--{name} {value!r} is not one of {choices}")
 
 
+DEVICE_HELP = "where it runs: cpu, cuda or cuda:N (the CUDA device of index N)"
+
+
+def check_device(value: str, option: str = "--device") -> None:
+    """A device setting, checked the same everywhere: cpu, cuda or cuda:N (N a device index)."""
+    kind, colon, index = str(value).partition(":")
+    if not (value == "cpu" or (kind == "cuda" and (not colon or index.isdigit()))):
+        raise ValueError(f"{option} {value!r} is not a device: cpu, cuda or cuda:N")
+
+
 def flatten(obj: Any) -> dict[str, Any]:
     """The flat name -> value of every setting of a section (the resolved settings)."""
     out = {}

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance
+
+from pipeline.decide.embeddings import PixelEmbedder
+from pipeline.io.data import ImageSpec, batched, discover
 
 
 def pink_noise(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -77,3 +82,12 @@ def planted_set(root, n_unique: int = 200, n_groups: int = 20, seed: int = 0, ki
             variant(base, kind, rng).save(root / f"g{g:03d}_{kind}.png")
             truth[f"g{g:03d}_{kind}.png"] = g
     return truth
+
+
+def embed_folder(root: Path, size=(64, 64), flip=False):
+    """Decode a folder at `size` and embed it with the pixel embedder: (decoded, vectors, mirrored vectors, embedder)."""
+    ds = [d for b in batched(discover(root), ImageSpec(3, size), 64) for d in b]
+    x = torch.stack([d.pixels for d in ds])
+    emb = PixelEmbedder(image_side=min(size))
+    flipped = emb(x, flip=True).numpy() if flip else None
+    return ds, emb(x).numpy(), flipped, emb

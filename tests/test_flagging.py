@@ -64,8 +64,8 @@ def test_quantile_zscore_absolute():
     assert quantile_threshold(s, 0.9).value == pytest.approx(np.quantile(s, 0.9))
     z = zscore_threshold(s, 2.0)
     assert z.value == pytest.approx(50.5 + 2 * 1.4826 * 25)
-    assert flag(np.array([1.0, 10.0, np.nan]), absolute_threshold(5.0)).tolist() == [False, True, False]
-    t = absolute_threshold(5.0)
+    assert flag(np.array([1.0, 10.0, np.nan]), absolute_threshold(s, 5.0)).tolist() == [False, True, False]
+    t = absolute_threshold(s, 5.0)
     assert "5" in t.reason(7.0, "log_volume_growth") and "absolute" in t.reason(7.0, "x")
 
 
@@ -82,7 +82,29 @@ def test_policy_choice_is_validated():
                 dict(threshold=float("nan"))):
         with pytest.raises(ValueError, match="must be"):
             FlagSettings(**bad)
-    with pytest.raises(ValueError):
-        quantile_threshold(np.array([1.0]), 1.5)
     with pytest.raises(ValueError, match="no finite"):
         quantile_threshold(np.array([np.nan]), 0.5)
+
+
+def test_every_policy_has_one_signature_and_is_reached_through_the_settings():
+    """Each POLICIES entry is threshold(sample, parameter): the settings pick the sample (the
+    dataset's or the reference's scores) and the parameter (given, or the default); a policy
+    reading the reference is refused without one. Hand-computed answers on 1..100 and 101..200."""
+    import inspect
+
+    from pipeline.decide.flagging import POLICIES
+
+    for p in POLICIES.values():  # exactly two required arguments: the sample and the parameter
+        assert [q.kind for q in inspect.signature(p.threshold).parameters.values()
+                if q.default is inspect.Parameter.empty] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 2
+    data, ref = np.arange(1, 101, dtype=float), np.arange(101, 201, dtype=float)
+    cases = {"quantile": (FlagSettings(), np.quantile(data, 0.95)),
+             "reference_fpr": (FlagSettings(reference="held", fpr=0.1), np.quantile(ref, 0.9)),
+             "robust_zscore": (FlagSettings(zscore=1.0), 50.5 + 1.4826 * 25),
+             "absolute": (FlagSettings(threshold=3.5), 3.5)}
+    assert set(cases) == set(POLICIES)
+    for name, (settings, want) in cases.items():
+        t = settings.threshold_for(data, ref)
+        assert t.policy == name and t.value == pytest.approx(want, rel=1e-12), name
+    with pytest.raises(ValueError, match="needs the reference"):
+        FlagSettings(reference="held").threshold_for(data, None)

@@ -1,5 +1,4 @@
 """The Prefect `clean` flow: under a test harness, on Dask, and validated before work."""
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -146,3 +145,22 @@ def test_dask_workers_get_their_share_of_the_cores_and_this_flow_s_api(harness):
     threads = str(max(1, (os.cpu_count() or 1) // 2))
     assert env["OMP_NUM_THREADS"] == env["MEMCLEAN_TORCH_THREADS"] == threads
     assert env["PREFECT_API_URL"] == api_url() and api_url().startswith("http://127.0.0.1")
+
+
+def test_the_flow_calls_the_library_public_steps_only():
+    """flows/clean.py imports no private name from the library, and from the clean run only
+    its public steps (the same ones lifecycle.run_clean, the CLI's path, calls)."""
+    import ast
+    import inspect
+
+    import flows.clean
+    from pipeline.run import lifecycle
+
+    tree = ast.parse(inspect.getsource(flows.clean))
+    imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith("pipeline") for a in n.names}
+    assert not [name for _, name in imported if name.startswith("_")]
+    steps = {name for module, name in imported if module == "pipeline.run.lifecycle"}
+    assert steps == {"RunContext", "start_run", "score_sources", "finish_run"}
+    run_clean = inspect.getsource(lifecycle.run_clean)
+    assert all(step in run_clean for step in ("start_run", "score_sources", "finish_run"))

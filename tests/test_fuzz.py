@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from diffusers import DDPMScheduler
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image

@@ -255,6 +255,57 @@ def test_an_input_that_changes_during_the_run_is_rejected_and_every_vector_stays
         assert np.allclose(r["embedding"], expected, atol=64 * 2.0**-23), r["id"]
 
 
+def test_a_keeper_that_changes_before_writing_hands_its_cluster_to_the_next_member(tmp_path, model, monkeypatch):
+    """Four files of one picture (a duplicate cluster) and six others; the cluster's keeper is
+    rewritten between scoring and writing. It ends rejected (changed_during_run), out of its
+    cluster and out of flagged.parquet; its lowest-risk copy becomes the keeper (kept, in
+    cleaned/) and the other copies name it: the picture stays in the dataset."""
+    import pipeline.run.lifecycle
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    for k in range(4):
+        Image.fromarray(picture).save(data / f"copy{k}.png")
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(data / f"other{i}.png")
+    real, seen = pipeline.run.lifecycle.write_cleaned, {}
+
+    def rewrite_keeper_then_write(folder, source, decided, *rest):
+        rows = decided.select(["id", "dup_cluster", "dup_of"]).to_pylist()
+        (keeper,) = [r["id"] for r in rows if r["dup_cluster"] is not None and r["dup_of"] is None]
+        seen["keeper"] = keeper
+        Image.fromarray(255 - picture).save(data / keeper)
+        return real(folder, source, decided, *rest)
+
+    monkeypatch.setattr(pipeline.run.lifecycle, "write_cleaned", rewrite_keeper_then_write)
+    # every image flagged (quantile 0.01 of 10 scores), on failure kept: the copies' fate is the keeper's
+    assert run(tmp_path, model, data, "--no-cache", "--action", "dedup", "--flag-quantile", "0.01") == 0
+    out = tmp_path / "out"
+    rows = {r["id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
+    old = seen["keeper"]
+    assert rows[old]["status"] == "rejected" and rows[old]["reject_reason"] == "changed_during_run"
+    assert rows[old]["action"] == "rejected" and rows[old]["flagged"] is None and rows[old]["dup_cluster"] is None
+    copies = sorted(i for i in rows if i.startswith("copy") and i != old)
+    keepers = [i for i in copies if rows[i]["dup_of"] is None]
+    assert len(keepers) == 1 and rows[keepers[0]]["action"] == "kept"
+    new = keepers[0]
+    assert new == min(copies, key=lambda i: (rows[i]["log_volume_growth"], i))  # the lowest-risk member
+    assert "changed during the run" in rows[new]["action_reason"]
+    for i in copies:
+        assert rows[i]["dup_cluster"] == rows[new]["dup_cluster"] is not None
+        if i != new:
+            assert rows[i]["dup_of"] == new and rows[i]["action"] == "dropped" and new in rows[i]["action_reason"]
+    cleaned = {r["id"]: r for r in pq.read_table(out / "cleaned").to_pylist()}
+    assert new in cleaned and old not in cleaned and cleaned[new]["image"]["bytes"] == (data / new).read_bytes()
+    flagged = pq.read_table(out / "flagged.parquet").column("id").to_pylist()
+    assert old not in flagged and new in flagged
+    c = json.loads((out / "manifest.json").read_text())["counts"]
+    assert c["input"] == 10 == c["kept"] + c["augmented"] + c["dropped"] + c["rejected"] and c["rejected"] == 1
+    assert c["kept"] == len(cleaned) == 7  # six others and the picture, once
+
+
 @pytest.mark.parametrize("embedder", ["pixel", "unet"])
 def test_a_clean_run_on_a_latent_checkpoint(tmp_path, write_images, embedder):
     """The whole run on an LDM-style pipeline: scored in its latent, flagged, deduplicated on

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.data import discover
-from pipeline.io.outputs import (EMBEDDINGS, check_against, earlier_survivors, write_cleaned, write_embeddings,
-                                 write_flagged, write_tables)
+from pipeline.io.outputs import (EMBEDDINGS, ImageSpool, check_against, earlier_survivors, write_embeddings,
+                                 write_cleaned, write_flagged, write_tables)
 from pipeline.io.store import OutputSettings, read_metadata
 
 
@@ -23,18 +23,34 @@ def table_for(data, actions, flagged=None):
                      "augmented_score": pa.array([None] * n, pa.float64()), "flagged": flagged or [False] * n})
 
 
-def test_cleaned_holds_the_kept_images_and_reports_changed_ones(tmp_path, write_images):
-    data = write_images(n=4, size=(8, 8))
-    decided = table_for(data, ["kept", "dropped", "kept", "kept"])
+def test_cleaned_holds_the_kept_images_and_hands_changed_ones_to_reconcile(tmp_path, write_images):
+    """One pass writes the kept rows (shard_rows 1: a file each, named once their count is
+    known) and spools the flagged ones; a changed input goes to `reconcile`, and the row it
+    turns kept is read in a second pass."""
+    data = write_images(n=5, size=(8, 8))
+    decided = table_for(data, ["kept", "dropped", "kept", "kept", "dropped"], flagged=[False, True, False, False, True])
     (data / "img002.png").write_bytes(b"changed since scoring")
-    changed, written = write_cleaned(tmp_path / "cleaned", discover(data), decided, "log_volume_growth",
-                                     OutputSettings(out="x", shard_rows=1))
-    assert changed == {"img002.png"}
-    assert written == sum(len((data / i).read_bytes()) for i in ("img000.png", "img003.png"))
+    (data / "img003.png").unlink()  # gone from the source: changed as well
+    calls = []
+
+    def reconcile(table, changed):
+        calls.append(set(changed))  # a stand-in for remediate.reject_changed: img001 takes img002's place
+        action = ["rejected" if i in changed else ("kept" if i == "img001.png" else a)
+                  for i, a in zip(table.column("id").to_pylist(), table.column("action").to_pylist())]
+        return table.set_column(table.schema.get_field_index("action"), "action", pa.array(action))
+
+    spool = ImageSpool(tmp_path / "spool.arrow")
+    decided, written = write_cleaned(tmp_path / "cleaned", discover(data), decided, "log_volume_growth",
+                                    OutputSettings(out="x", shard_rows=1), reconcile, spool)
+    assert calls == [{"img002.png", "img003.png"}]  # the second pass found nothing more
     rows = pq.read_table(tmp_path / "cleaned").to_pylist()
-    assert sorted(r["id"] for r in rows) == ["img000.png", "img003.png"]
+    assert sorted(r["id"] for r in rows) == ["img000.png", "img001.png"]
     assert all(r["image"]["bytes"] == (data / r["id"]).read_bytes() for r in rows)
-    assert len(list((tmp_path / "cleaned").glob("train-*-of-00003.parquet"))) == 2  # 3 planned, 1 changed
+    assert written == sum(len((data / i).read_bytes()) for i in ("img000.png", "img001.png"))
+    assert sorted(p.name for p in (tmp_path / "cleaned").iterdir()) == ["train-00000-of-00002.parquet",
+                                                                         "train-00001-of-00002.parquet"]
+    assert sorted(spool.rows) == ["img001.png", "img004.png"]  # the flagged rows, read in the same pass
+    assert decided.column("action").to_pylist() == ["kept", "kept", "rejected", "rejected", "dropped"]
 
 
 def test_flagged_rows_carry_their_images_highest_score_first_in_small_row_groups(tmp_path, write_images):
@@ -44,12 +60,14 @@ def test_flagged_rows_carry_their_images_highest_score_first_in_small_row_groups
     png.write_bytes(b"\x89PNG variant")
     decided = decided.set_column(decided.schema.get_field_index("augmented_png"), "augmented_png",
                                  pa.array([None, str(png), None, None, None], pa.string()))
-    (data / "img004.png").write_bytes(b"changed since scoring")
-    written = write_flagged(tmp_path, discover(data), decided, "log_volume_growth", {"k": 1}, row_group_rows=2)
+    spool = ImageSpool(tmp_path / ".flagged-images.arrow")
+    for i in ("img000.png", "img001.png", "img002.png"):  # img004 is flagged but was not spooled
+        spool.add(i, (data / i).read_bytes(), i)
+    written = write_flagged(tmp_path, spool, decided, "log_volume_growth", {"k": 1}, row_group_rows=2)
     t = pq.read_table(tmp_path / "flagged.parquet")
     rows = t.to_pylist()
     assert [r["id"] for r in rows] == ["img004.png", "img002.png", "img001.png", "img000.png"]  # score 4, 2, 1, 0
-    assert rows[0]["image"] is None  # its bytes changed: no image rather than another one
+    assert rows[0]["image"] is None  # no bytes for it: no image rather than another one
     for r in rows[1:]:
         assert r["image"] == {"bytes": (data / r["id"]).read_bytes(), "path": r["id"]}
     assert rows[2]["augmented_image"] == {"bytes": png.read_bytes(), "path": "variant.png"}

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from diffusers import DDPMScheduler
 
 import transforms
@@ -137,19 +136,65 @@ def test_plan_covers_every_action():
     ok = np.array([True, True, True, True, False])
     flagged = np.array([True, False, True, False, False])
     dup_of = [None, None, None, "a", None]
-    for mode, expected in {
-        "auto": ["augmented", "kept", "augmented", "dropped", "rejected"],
+    for mode, expected in {  # None: to augment, undecided until settle
+        "auto": [None, "kept", None, "dropped", "rejected"],
         "dedup": ["kept", "kept", "kept", "dropped", "rejected"],
-        "augment": ["augmented", "kept", "augmented", "kept", "rejected"],
+        "augment": [None, "kept", None, "kept", "rejected"],
         "drop": ["dropped", "kept", "dropped", "kept", "rejected"],
         "none": ["kept", "kept", "kept", "kept", "rejected"],
     }.items():
         action, _, augment = plan(ok, flagged, dup_of, RemediationSettings(action=mode))
         assert action == expected, mode
-        assert augment.tolist() == [a == "augmented" for a in expected]
+        assert augment.tolist() == [a is None for a in expected]
     for bad in (dict(action="purge"), dict(tries=0), dict(tries=21), dict(accept_band=0.5), dict(accept_band=-0.1)):
         with pytest.raises(ValueError):
             RemediationSettings(**bad)
+
+
+def decisions(rows):
+    """A decided table from hand-written rows (id, score, flagged, dup_cluster, dup_of, action)."""
+    import pyarrow as pa
+
+    keys = ("id", "log_volume_growth", "flagged", "dup_cluster", "dup_of", "action")
+    cols = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+    n = len(rows)
+    cols.update(status=["ok"] * n, reject_reason=[None] * n, flag_reason=[("f" if f else None) for f in cols["flagged"]],
+                dup_similarity=[1.0 if k is not None else None for k in cols["dup_cluster"]],
+                action_reason=[f"duplicate of {d}" if d else None for d in cols["dup_of"]],
+                augmented_png=[None] * n)
+    types = {"dup_cluster": pa.int64(), "dup_similarity": pa.float32(), "log_volume_growth": pa.float64(),
+             "flagged": pa.bool_()}
+    return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()})
+
+
+def test_reject_changed_gives_a_cluster_a_new_keeper_and_leaves_the_rest_consistent():
+    """Hand-built decisions. Cluster 0: keeper a changed; b (risk 2) and c (risk 1) were its
+    copies: c, the lowest risk, keeps the picture and b names it. Cluster 1: keeper d kept, copy e
+    changed: d is alone and no cluster. Cluster 2: keeper f duplicated an earlier output's image
+    and changed: its copy g inherits that and stays dropped. Cluster 3: flagged keeper h changed
+    under --action auto: its flagged copy i cannot be augmented any more, so on-failure decides."""
+    from pipeline.decide.remediate import reject_changed
+
+    t = decisions([("a", 0.0, False, 0, None, "kept"), ("b", 2.0, False, 0, "a", "dropped"),
+                   ("c", 1.0, False, 0, "a", "dropped"), ("d", 0.0, False, 1, None, "kept"),
+                   ("e", 5.0, True, 1, "d", "dropped"), ("f", 0.0, False, 2, "prev:z", "dropped"),
+                   ("g", 1.0, False, 2, "f", "dropped"), ("h", 9.0, True, 3, None, "augmented"),
+                   ("i", 9.5, True, 3, "h", "dropped"), ("j", 3.0, False, None, None, "kept")])
+    auto = RemediationSettings(action="auto", on_failure="keep")
+    out = {r["id"]: r for r in reject_changed(t, {"a", "e", "f", "h", "zz"}, "log_volume_growth", auto).to_pylist()}
+    for gone in "aefh":
+        assert (out[gone]["status"], out[gone]["reject_reason"], out[gone]["action"]) == \
+            ("rejected", "changed_during_run", "rejected"), gone
+        assert out[gone]["flagged"] is None and out[gone]["dup_cluster"] is None and out[gone]["dup_of"] is None
+    assert (out["c"]["dup_of"], out["c"]["action"], out["c"]["dup_cluster"]) == (None, "kept", 0)
+    assert (out["b"]["dup_of"], out["b"]["action"], out["b"]["action_reason"]) == ("c", "dropped", "duplicate of c")
+    assert (out["d"]["dup_cluster"], out["d"]["dup_of"], out["d"]["action"]) == (None, None, "kept")
+    assert (out["g"]["dup_of"], out["g"]["action"], out["g"]["dup_cluster"]) == ("prev:z", "dropped", None)
+    assert out["i"]["dup_of"] is None and out["i"]["action"] == "kept" and "no augmentation tried" in out["i"]["action_reason"]
+    assert out["j"] == {**out["j"], "action": "kept", "status": "ok"}
+    dropping = reject_changed(t, {"h"}, "log_volume_growth", RemediationSettings(action="auto"))
+    assert dropping.column("action").to_pylist()[8] == "dropped"  # on failure: drop (the default)
+    assert reject_changed(t, {"nothing here"}, "log_volume_growth", auto) is t  # no change: the same table
 
 
 def test_flagged_images_open_in_datasets_pyarrow_and_duckdb(setup):

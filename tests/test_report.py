@@ -1,4 +1,5 @@
 """report.html rendered in a real headless Chromium: not blank, every image loads, nothing external."""
+import json
 import os
 import re
 import shutil
@@ -65,27 +66,63 @@ def test_report_renders_with_every_image(report, tmp_path):
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not blank: text, images, plot
 
 
-def test_gallery_counts_and_order(report):
+def hand_made_output(folder):
+    """An output folder written by hand: eight rows whose gallery, clusters and pairs are counted
+    below without the report's code. Flagged: f1 (9) and its copy f2 (8) in cluster 0, f3 (7)
+    alone, f4 (6) and f5 (5) in cluster 1 with the unflagged f6 (4); k1 (1) kept, a1 (0.5)
+    augmented; a rejected row r1."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    html = (report / "report.html").read_text()
-    rows = pq.read_table(report / "scores.parquet").to_pylist()
-    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: (-r["log_volume_growth"], r["id"]))
-    expected, seen = [], set()  # one card per duplicate cluster: its highest-scoring flagged member
-    for r in flagged:
-        if r["dup_cluster"] is None or r["dup_cluster"] not in seen:
-            expected.append(r["id"])
-            seen.add(r["dup_cluster"])
-    gallery = html.split("id='flagged'>")[1].split("</div>\n<h2>")[0]
-    shown = re.findall(r'alt="([^"]+)"', gallery)
-    assert shown == expected[:60]
-    flagged_clusters = [r["dup_cluster"] for r in flagged if r["dup_cluster"] is not None]
-    assert len(flagged_clusters) > len(set(flagged_clusters))  # the fixture has flagged copies to fold
-    assert gallery.count("flagged copies</b>") == sum(flagged_clusters.count(k) > 1 for k in set(flagged_clusters))
-    clusters = {r["dup_cluster"] for r in rows if r["dup_cluster"] is not None}
-    assert html.count("class='row cluster'") == min(len(clusters), 30) >= 4
-    augmented = [r for r in rows if r["action"] == "augmented"]
-    assert html.count("class='row pair'") == len(augmented)
+    rows = [("f1", 9.0, True, 0, None, "kept"), ("f2", 8.0, True, 0, "f1", "dropped"),
+            ("f3", 7.0, True, None, None, "dropped"), ("f4", 6.0, True, 1, "f6", "dropped"),
+            ("f5", 5.0, True, 1, "f6", "dropped"), ("f6", 4.0, False, 1, None, "kept"),
+            ("k1", 1.0, False, None, None, "kept"), ("a1", 0.5, True, None, None, "augmented"),
+            ("r1", None, None, None, None, "rejected")]
+    keys = ("id", "log_volume_growth", "flagged", "dup_cluster", "dup_of", "action")
+    cols = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+    n = len(rows)
+    cols.update(status=["rejected" if a == "rejected" else "ok" for a in cols["action"]],
+                flag_reason=["why" if f else None for f in cols["flagged"]], action_reason=[None] * n,
+                dup_similarity=[0.99 if k is not None else None for k in cols["dup_cluster"]],
+                augment_preset=["light" if a == "augmented" else None for a in cols["action"]],
+                augmented_score=[0.2 if a == "augmented" else None for a in cols["action"]])
+    types = {"dup_cluster": pa.int64(), "dup_similarity": pa.float32(), "log_volume_growth": pa.float64(),
+             "augmented_score": pa.float64(), "flagged": pa.bool_()}
+    folder.mkdir()
+    pq.write_table(pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()}),
+                   folder / "scores.parquet")
+    threshold = {"value": 4.5, "policy": "absolute", "parameters": {"value": 4.5}, "details": {},
+                 "score": "log_volume_growth", "realised_flag_rate": 6 / 8}
+    manifest = {"counts": {"input": 9, "flagged": 6, "kept": 3, "augmented": 1, "dropped": 4, "rejected": 1},
+                "threshold": threshold, "dedup": {"clusters": 2}, "data": {"path": "d"}, "out": str(folder),
+                "model": {}, "settings": {}, "versions": {}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_gallery_counts_and_order(tmp_path, monkeypatch):
+    """The gallery shows one card per duplicate cluster (its highest-scoring flagged member),
+    highest score first, and counts the flagged copies it folds; every cluster is a row (keeper
+    first); every augmented image a pair. Expected answers counted by hand from the fixture."""
+    import pipeline.io.report as report_module
+
+    out = hand_made_output(tmp_path / "out")
+
+    def gallery() -> tuple[str, list[str]]:
+        html = report_module.write_report(out).read_text()
+        part = html.split("id='flagged'>")[1].split("</div>\n<h2>")[0]
+        return html, re.findall(r'alt="([^"]+)"', part)
+
+    html, shown = gallery()
+    assert shown == ["f1", "f3", "f4", "a1"]  # f2 folds into f1's card, f5 into f4's
+    assert html.split("id='flagged'>")[1].split("</div>\n<h2>")[0].count("+1 flagged copies</b>") == 2
+    assert html.count("class='row cluster'") == 2 and html.count("class='row pair'") == 1
+    rows = re.findall(r"data-cluster='(\d+)'>(.*?)(?=<div class='row cluster'|<h2>)", html, re.S)
+    assert [(k, re.findall(r'alt="([^"]+)"', part)) for k, part in rows] == \
+        [("1", ["f6", "f4", "f5"]), ("0", ["f1", "f2"])]  # the largest first; in each, the keeper first, then by id
+    monkeypatch.setattr(report_module, "TOP_FLAGGED", 2)
+    assert gallery()[1] == ["f1", "f3"]
 
 
 def test_a_missing_image_is_caught(report, tmp_path):
@@ -148,7 +185,6 @@ def test_the_table_lists_the_highest_scores_first_up_to_its_cap(report, tmp_path
 def test_scan_scores_reads_rows_and_ok_scores_in_one_pass(tmp_path):
     """scan_scores keeps only the showable rows and returns exactly the ok rows' scores, in
     order, across row groups; without a score it returns no scores."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 

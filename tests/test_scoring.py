@@ -2,12 +2,10 @@
 reused without a solve."""
 import numpy as np
 import pytest
-import torch
 from diffusers import DDPMScheduler
-from PIL import Image
 
 import pipeline.score.scoring as scoring
-from pipeline.io.data import Item, discover
+from pipeline.io.data import discover
 from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
 from pipeline.score.models import load_model
 from pipeline.score.scoring import image_spec, score_items

@@ -50,3 +50,43 @@ def test_choices_are_checked_however_the_settings_arrive(flat, message):
         RunSettings.from_flat({**BASE, **flat})
     with pytest.raises(ValueError, match="--task-runner 'ray'"):
         FlowSettings.from_flat({"task_runner": "ray"})
+
+
+@pytest.mark.parametrize("device,ok", [("cpu", True), ("cuda", True), ("cuda:1", True), ("cuda:", False),
+                                       ("cuda:x", False), ("gpu", False), ("CPU", False)])
+def test_one_device_check_for_the_model_and_for_dedup(device, ok):
+    """`--device` means the same in every verb: the model's (score, clean) and the embedder's
+    (dedup) accept and refuse the same values, with the same words."""
+    from pipeline.run.settings import DedupRunSettings
+
+    for model in (RunSettings, DedupRunSettings):
+        flat = {**BASE, "device": device} if model is RunSettings else {"data": "d", "out": "o", "device": device}
+        if ok:
+            assert model.from_flat(flat).flat()["device"] == device
+        else:
+            with pytest.raises(ValueError, match=f"--device {device!r} is not a device: cpu, cuda or cuda:N"):
+                model.from_flat(flat)
+
+
+def test_every_verb_has_its_model_here_and_its_options_from_it():
+    """Each verb's command-line options are its settings model's: none is written by hand."""
+    import dataclasses
+
+    from memclean.cli import build_parser
+    from pipeline.run.settings import DedupRunSettings, TrainRunSettings
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for verb, model in (("score", ScoreSettings), ("clean", RunSettings), ("dedup", DedupRunSettings),
+                        ("train", TrainRunSettings)):
+        given = {a.dest for a in sub[verb]._actions if a.dest != "help"}
+        assert given == {o.name for o in options(model) if o.cli}, verb
+    assert {f.name for f in dataclasses.fields(TrainRunSettings)} == {"input", "output", "train"}
+
+
+def test_the_duplicate_threshold_is_decided_in_one_place():
+    from pipeline.decide.clusters import DedupSettings
+    from pipeline.decide.embeddings import PixelEmbedder
+
+    emb = PixelEmbedder()
+    assert DedupSettings().threshold_for(emb) == emb.default_threshold
+    assert DedupSettings(dup_threshold=0.5).threshold_for(emb) == 0.5

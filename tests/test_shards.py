@@ -1,10 +1,11 @@
 """Sharded scoring: shards in order, gathered whole, cached scores reused by a second job."""
 import numpy as np
+import pytest
 from diffusers import DDPMScheduler
 
 from pipeline.io.data import discover
 from pipeline.run.settings import RunSettings
-from pipeline.run.shards import ScoreJob, gather, score_shard, score_source, shard_name
+from pipeline.run.shards import ScoreJob, gather, job_context, score_shard, score_source, shard_name
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 
@@ -38,12 +39,20 @@ def test_shards_cover_the_source_in_order_and_gather_whole(tmp_path, write_image
     assert regathered.vectors is None
     cols = ["id", "log_volume_growth"]
     assert regathered.table.select(cols).equals(scored.table.select(cols))
-    # gathered into one Arrow IPC file, read back memory-mapped: the rows are the shards' own
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    # the gathered rows are what the unsharded path (score_items over the whole folder, other
+    # batches) makes of the same images: identity and status exactly, V to float32 rounding of the
+    # sums in another batch shape (64 * 2^-23 of |V|, as tests/test_volume.py bounds it)
+    from pipeline.score.scoring import score_items
 
-    shard_rows = pa.concat_tables([pq.read_table(staging / "shards" / f"{r['name']}.parquet") for r in results])
-    assert scored.table.equals(shard_rows)
-    assert (staging / "shards" / "input.arrow").is_file()
+    model, _, spec, _ = job_context(job)
+    direct = [r for rows in score_items(model, discover(data), s.scorer, spec, 3, "cpu") for r in rows]
+    got = scored.table.to_pylist()
+    assert [(r["id"], r["status"], r["reject_reason"], r["sha256"]) for r in got] == \
+        [(r["id"], r["status"], r["reject_reason"], r["sha256"]) for r in direct]
+    for a, b in zip(got, direct):
+        assert (a["log_volume_growth"] is None) == (b["log_volume_growth"] is None)
+        if a["log_volume_growth"] is not None:
+            assert a["log_volume_growth"] == pytest.approx(b["log_volume_growth"], rel=64 * 2.0**-23), a["id"]
+    assert (staging / "shards" / "input.arrow").is_file()  # gathered into one Arrow IPC file, memory-mapped
     buffers = [b for chunk in scored.table.column("id").chunks for b in chunk.buffers() if b is not None]
     assert buffers and all(not b.is_mutable for b in buffers)  # views of the read-only map, not copies

@@ -1,7 +1,8 @@
 """Vectors for duplicate search, compared by cosine similarity (all are L2-normalised).
 
-Embedders take images as the model sees them (x: [B, C, H, W] in [-1, 1]) and return
-[B, d] float32 unit vectors. They are chosen by name from EMBEDDERS:
+Embedders take images as the model sees them (x: [B, C, H, W] in the model's data range: [-1, 1]
+for VP/DDPM models, [0, 1] for VE; without a model, [-1, 1]) and return [B, d] float32 unit
+vectors. They are chosen by name from EMBEDDERS:
     pixel             model-free: grey, resized to 32x32, blurred (sigma 1 px), mean removed.
                       Its similarity is the correlation of two thumbnails and of their detail,
                       aligned over zooms of +-5% and shifts of up to 1/32 of the image or one
@@ -34,7 +35,7 @@ class Embedder(Protocol):
     default_threshold: float  # similarity at or above which two images are duplicates
 
     def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        """x: [B, C, H, W] in [-1, 1] -> [B, d] unit vectors (of the mirrored image if flip)."""
+        """x: [B, C, H, W] in the model's data range -> [B, d] unit vectors (of the mirrored image if flip)."""
 
     def search_view(self, v: np.ndarray) -> np.ndarray:
         """The vectors the FAISS index holds (unit, inner product)."""

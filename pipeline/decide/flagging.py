@@ -51,8 +51,6 @@ def _finite(scores: np.ndarray, what: str) -> np.ndarray:
 
 def quantile_threshold(scores: np.ndarray, q: float) -> Threshold:
     """The q quantile of the dataset's own scores: about (1 - q) of the images are flagged."""
-    if not 0 < q < 1:
-        raise ValueError(f"--flag-quantile must lie in (0, 1), got {q}")
     s = _finite(scores, "dataset")
     return Threshold(float(np.quantile(s, q)), "quantile", {"q": q}, {"n": int(s.size)})
 
@@ -80,8 +78,6 @@ def reference_threshold(reference: np.ndarray, fpr: float, confidence: float = 0
     statistics, `order_statistic_ranks`); an end the sample cannot bound is null (unbounded),
     and a reference too small for A is warned about, with the size it would take.
     """
-    if not 0 < fpr < 1:
-        raise ValueError(f"--flag-fpr must lie in (0, 1), got {fpr}")
     s = np.sort(_finite(reference, "reference"))
     n = s.size
     r, k = order_statistic_ranks(n, 1 - fpr, confidence)
@@ -107,19 +103,38 @@ def zscore_threshold(scores: np.ndarray, z: float) -> Threshold:
     return Threshold(med + z * scale, "robust_zscore", {"z": z}, {"median": med, "scale": scale, "n": int(s.size)})
 
 
-def absolute_threshold(value: float) -> Threshold:
-    """A fixed threshold, e.g. carried over from an earlier run's manifest."""
-    if not np.isfinite(value):
-        raise ValueError(f"--flag-threshold must be finite, got {value}")
+def absolute_threshold(scores: np.ndarray, value: float) -> Threshold:
+    """A fixed threshold, e.g. carried over from an earlier run's manifest (the scores unread)."""
     return Threshold(float(value), "absolute", {"value": float(value)})
 
 
-POLICIES: dict[str, Callable[..., Threshold]] = {
-    "quantile": quantile_threshold,
-    "reference_fpr": reference_threshold,
-    "robust_zscore": zscore_threshold,
-    "absolute": absolute_threshold,
+@dataclass(frozen=True)
+class Policy:
+    """A flagging policy: the FlagSettings field (and option) that names it, its parameter's
+    default and valid values, the sample it reads, and the threshold it makes. Every policy
+    has one signature, threshold(sample, parameter) -> Threshold; values are validated once,
+    when FlagSettings is built, not again by the policy."""
+
+    option: str  # the FlagSettings field giving the parameter
+    named_by: str  # the FlagSettings field whose presence chooses the policy
+    default: float | None  # the parameter when the option is not given
+    valid: Callable[[float], bool]  # what the parameter must satisfy ...
+    allowed: str  # ... in words, for the error
+    sample: str  # the scores it reads: dataset or reference
+    threshold: Callable[[np.ndarray, float], Threshold]
+
+
+def _unit(v: float) -> bool:
+    return 0 < v < 1
+
+
+POLICIES: dict[str, Policy] = {
+    "reference_fpr": Policy("fpr", "reference", DEFAULT_FPR, _unit, "in (0, 1)", "reference", reference_threshold),
+    "quantile": Policy("quantile", "quantile", DEFAULT_QUANTILE, _unit, "in (0, 1)", "dataset", quantile_threshold),
+    "robust_zscore": Policy("zscore", "zscore", None, math.isfinite, "finite", "dataset", zscore_threshold),
+    "absolute": Policy("threshold", "threshold", None, math.isfinite, "finite", "dataset", absolute_threshold),
 }
+DEFAULT_POLICY = "quantile"  # when none is named
 
 
 SCORE_CHOICES = ("log_volume_growth", "logp")  # the score columns a threshold can judge
@@ -142,12 +157,10 @@ class FlagSettings:
     score: str = setting("log_volume_growth", "the score that flagging judges", choices=SCORE_CHOICES)
 
     def __post_init__(self) -> None:
-        for name, value, ok, allowed in (("--flag-quantile", self.quantile, lambda v: 0 < v < 1, "in (0, 1)"),
-                                         ("--flag-fpr", self.fpr, lambda v: 0 < v < 1, "in (0, 1)"),
-                                         ("--flag-zscore", self.zscore, math.isfinite, "finite"),
-                                         ("--flag-threshold", self.threshold, math.isfinite, "finite")):
-            if value is not None and not ok(value):
-                raise ValueError(f"{name} must be {allowed}, got {value}")
+        for p in POLICIES.values():
+            value = getattr(self, p.option)
+            if value is not None and not p.valid(value):
+                raise ValueError(f"--flag-{p.option} must be {p.allowed}, got {value}")
         check_choices(self)
         self.policy()
 
@@ -155,24 +168,20 @@ class FlagSettings:
         """The one policy named (validated): reference_fpr, quantile, robust_zscore or absolute."""
         if self.fpr is not None and self.reference is None:
             raise ValueError("--flag-fpr needs --reference: held-out images to calibrate against")
-        chosen = [name for name, given in (("reference_fpr", self.reference is not None),
-                                           ("quantile", self.quantile is not None),
-                                           ("robust_zscore", self.zscore is not None),
-                                           ("absolute", self.threshold is not None)) if given]
+        chosen = [name for name, p in POLICIES.items() if getattr(self, p.named_by) is not None]
         if len(chosen) > 1:
             raise ValueError(f"choose one flagging policy, got {chosen} (--reference [--flag-fpr], "
                              "--flag-quantile, --flag-zscore, --flag-threshold)")
-        return chosen[0] if chosen else "quantile"
+        return chosen[0] if chosen else DEFAULT_POLICY
 
     def threshold_for(self, scores: np.ndarray, reference: np.ndarray | None) -> Threshold:
-        """The threshold of the chosen policy, from POLICIES (reference: the held-out scores)."""
-        policy = self.policy()
-        if policy == "reference_fpr" and reference is None:
+        """The chosen policy's threshold (scores: the dataset's; reference: the held-out scores)."""
+        name = self.policy()
+        p = POLICIES[name]
+        if p.sample == "reference" and reference is None:
             raise ValueError("the reference policy needs the reference's scores")
-        args = {"reference_fpr": (reference, DEFAULT_FPR if self.fpr is None else self.fpr),
-                "robust_zscore": (scores, self.zscore), "absolute": (self.threshold,),
-                "quantile": (scores, DEFAULT_QUANTILE if self.quantile is None else self.quantile)}[policy]
-        return POLICIES[policy](*args)
+        value = getattr(self, p.option)
+        return p.threshold(reference if p.sample == "reference" else scores, p.default if value is None else value)
 
 
 def flag(scores: np.ndarray, threshold: Threshold) -> np.ndarray:

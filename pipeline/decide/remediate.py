@@ -15,6 +15,7 @@ dropped or kept-and-flagged, as --on-failure says.
 
 This module owns a row's action, from the first decision (`plan`) through augmentation
 (`settle`) to inputs that changed during the run (`reject_changed`); nothing else sets it.
+A row sent to augmentation has no action (None) until `settle` gives it one.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -80,8 +81,9 @@ class RemediationSettings:
 
 
 def plan(ok: np.ndarray, flagged: np.ndarray, dup_of: list[str | None],
-         settings: RemediationSettings) -> tuple[list[str], list[str | None], np.ndarray]:
-    """First decision per row: (action, reason, augment?) before any augmentation runs."""
+         settings: RemediationSettings) -> tuple[list[str | None], list[str | None], np.ndarray]:
+    """First decision per row: (action, reason, augment?) before any augmentation runs; a row
+    to augment has action None until `settle` decides it."""
     action, reason = [], []
     augment = np.zeros(len(ok), dtype=bool)
     for i in range(len(ok)):
@@ -92,7 +94,7 @@ def plan(ok: np.ndarray, flagged: np.ndarray, dup_of: list[str | None],
         elif flagged[i] and settings.action == "drop":
             action.append("dropped"), reason.append("flagged")
         elif flagged[i] and settings.augments:
-            action.append("augmented"), reason.append(None)  # settled by augment_and_rescore
+            action.append(None), reason.append(None)  # settled once its augmentations are scored
             augment[i] = True
         else:
             action.append("kept"), reason.append("flagged; kept as --action says" if flagged[i] else None)
@@ -144,8 +146,7 @@ def next_level(a: Attempt) -> int:
 def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], model, spec: ImageSpec,
                         scorer: ScorerSettings, threshold: Threshold, low: float | None, score_name: str,
                         settings: RemediationSettings, folder: Path, batch_size: int = 16,
-                        device: str | torch.device = "cpu",
-                        progress: Callable[[int], None] | None = None) -> dict[str, Attempt]:
+                        device: str | torch.device = "cpu") -> dict[str, Attempt]:
     """Augment each image (id -> (full-size image in the model's mode, sha256)) and re-score,
     in rounds: every image whose variant is not yet accepted gets another try."""
     results: dict[str, Attempt] = {}
@@ -169,25 +170,23 @@ def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], model, spec:
                 why = verdict(v, threshold, low)
                 results[i] = Attempt(why == "accepted", attempt + 1, transforms.PRESETS[level], v, record,
                                      save_png(folder, i, buf.getvalue()), level, why)
-            if progress:
-                progress(len(chunk))
         pending = [i for i in pending if not results[i].accepted]
         if not pending:
             break
     return results
 
 
-def settle(action: list[str], reason: list[str | None], rows: dict[str, int], results: dict[str, Attempt],
+def settle(action: list[str | None], reason: list[str | None], rows: dict[str, int], results: dict[str, Attempt],
            threshold: Threshold, low: float | None, on_failure: str) -> None:
     """The final action of each row sent to augmentation (id -> row): augmented when its last
-    variant is accepted, else dropped or kept as on_failure says, or dropped when the image could
-    not be read again."""
+    variant is accepted, else dropped or kept as on_failure says. A row with no result changed
+    since it was scored (data.read_verified): it stays undecided, and reject_changed rejects it."""
     band = f"[{'-inf' if low is None else format(low, '.4g')}, {threshold.value:.4g}]"
     for id_, row in rows.items():
         a = results.get(id_)
         if a is None:
-            action[row], reason[row] = "dropped", "could not be re-read for augmentation"
-        elif a.accepted:
+            continue
+        if a.accepted:
             action[row] = "augmented"
             reason[row] = f"{a.preset} augmentation re-scored {a.score:.4g}, inside the accept band {band}"
         else:
@@ -196,14 +195,72 @@ def settle(action: list[str], reason: list[str | None], rows: dict[str, int], re
                            f"(last {a.preset} {a.score:.4g}: {a.verdict}); on failure: {on_failure}")
 
 
-def reject_changed(ids: list[str], action: list[str], changed: set[str]) -> list[bool]:
-    """Inputs whose bytes changed between scoring and writing end rejected (their score is of
-    other bytes); returns which rows that turned."""
+CHANGED = "changed_during_run"  # the reject reason of an input whose bytes changed after scoring
+CHANGED_COLUMNS = ("status", "reject_reason", "flagged", "flag_reason", "dup_cluster", "dup_of", "dup_similarity",
+                   "action", "action_reason", "augmented_png")  # what reject_changed may rewrite
+
+
+def reject_changed(decided: pa.Table, changed: set[str], score: str, settings: RemediationSettings) -> pa.Table:
+    """The decisions made consistent again after inputs changed (or vanished) between their
+    scoring and a re-read (data.read_verified): each becomes rejected (changed_during_run),
+    unflagged and out of its cluster; the copies that named it as keeper get a new one, their
+    lowest-risk member (ties by id, as clusters choose keepers), whose action is planned afresh
+    as a keeper's (a flagged one that would be augmented is handled as a failed augmentation:
+    augmentation has run by then); and a cluster left with one member is no cluster.
+    `score` is the risk column. Only the decision columns (CHANGED_COLUMNS) change."""
+    ids = decided.column("id").to_pylist()
     hit = [i in changed for i in ids]
-    for k, h in enumerate(hit):
-        if h:
-            action[k] = "rejected"
-    return hit
+    if not any(hit):
+        return decided
+    c = {name: decided.column(name).to_pylist() for name in CHANGED_COLUMNS}
+    risk = decided.column(score).to_pylist()
+    gone = {}  # changed id -> its own dup_of (an earlier output's image its cluster duplicates)
+    for r in np.flatnonzero(hit):
+        gone[ids[r]] = c["dup_of"][r]
+        for name, value in (("status", "rejected"), ("reject_reason", CHANGED), ("action", "rejected"),
+                            ("action_reason", "its bytes changed after it was scored: what was judged is not what "
+                                              "would be written")):
+            c[name][r] = value
+        for name in ("flagged", "flag_reason", "dup_cluster", "dup_of", "dup_similarity", "augmented_png"):
+            c[name][r] = None
+    orphans: dict[str, list[int]] = {}
+    for r, of in enumerate(c["dup_of"]):
+        if of in gone:
+            orphans.setdefault(of, []).append(r)
+    for old, rows in orphans.items():
+        _new_keeper(c, ids, risk, rows, old, gone[old], settings)
+    members: dict[int, list[int]] = {}
+    for r, k in enumerate(c["dup_cluster"]):
+        if k is not None:
+            members.setdefault(k, []).append(r)
+    for rows in members.values():
+        if len(rows) == 1:  # alone: no cluster (a duplicate of an earlier output stays one)
+            c["dup_cluster"][rows[0]] = None
+            if c["dup_of"][rows[0]] is None:
+                c["dup_similarity"][rows[0]] = None
+    for name in CHANGED_COLUMNS:
+        decided = decided.set_column(decided.schema.get_field_index(name), name,
+                                     pa.array(c[name], decided.schema.field(name).type))
+    return decided
+
+
+def _new_keeper(c: dict[str, list], ids: list[str], risk: list, rows: list[int], old: str, inherited: str | None,
+                settings: RemediationSettings) -> None:
+    """Rows that were copies of `old` (now rejected) take their lowest-risk member as keeper; it
+    inherits `old`'s own duplicate of an earlier output, if any, and its action is planned again."""
+    keeper = min(rows, key=lambda r: (risk[r] if risk[r] is not None else float("inf"), ids[r]))
+    for r in rows:
+        c["dup_of"][r] = ids[keeper] if r != keeper else inherited
+        if r != keeper and c["action"][r] == "dropped":
+            c["action_reason"][r] = f"duplicate of {ids[keeper]}"
+    action, reason, augment = plan(np.ones(1, bool), np.array([bool(c["flagged"][keeper])]), [inherited], settings)
+    if augment[0]:
+        action[0] = "dropped" if settings.on_failure == "drop" else "kept"
+        reason[0] = f"flagged; no augmentation tried: {old} changed during the run and it became its cluster's keeper " \
+                    f"after augmentation had run; on failure: {settings.on_failure}"
+    elif reason[0] is None or action[0] == "kept":
+        reason[0] = "; ".join(filter(None, [reason[0], f"its cluster's keeper {old} changed during the run"]))
+    c["action"][keeper], c["action_reason"][keeper] = action[0], reason[0]
 
 
 def record_json(a: Attempt) -> str:

@@ -1,8 +1,10 @@
 """Image sources, decoding and preparation for scoring.
 
 An input is an `Item` (a stable id, a display path and a way to read its bytes). Decoding turns
-the bytes into the model's channels and size, in [-1, 1]; anything that cannot be decoded
-becomes a rejection with a reason, never a crash and never a silent drop.
+the bytes into the model's channels and size, in the model's data range (ImageSpec.data_range:
+[-1, 1] for VP/DDPM models, [0, 1] for VE); anything that cannot be decoded becomes a rejection
+with a reason, never a crash and never a silent drop. An input read again after scoring goes
+through `read_verified`, whose one rule says what a changed input is.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.fields import setting
+from pipeline.fields import DEVICE_HELP, check_device, setting
 
 log = logging.getLogger(__name__)
 
@@ -453,18 +455,29 @@ def batched(items: Iterable[Item], spec: ImageSpec, size: int) -> Iterator[list[
         yield batch
 
 
-def read_selected(source: Source, ids: set[str], spec: ImageSpec) -> dict[str, tuple[Image.Image, str]]:
-    """The full-size images (model mode) and sha256 of the selected ids, in one pass; an input
-    that can no longer be read (changed since scoring) is left out, with a warning."""
-    found = {}
+def read_verified(source: Iterable[Item], wanted: Mapping[str, str], changed: set[str]) -> Iterator[tuple[Item, bytes]]:
+    """One pass over a source: (item, bytes) of each wanted input (id -> the sha256 it was scored
+    with) whose bytes are still those. The one rule for an input re-read after scoring: if its
+    bytes differ, it can no longer be read, or it is gone from the source, its id is added to
+    `changed` (the run rejects it as changed_during_run) and it is not yielded."""
+    seen = set()
     for item in source:
-        if item.id in ids:
-            try:
-                data = item.read()
-                found[item.id] = (open_image(data, spec), hashlib.sha256(data).hexdigest())
-            except (Rejected, OSError) as e:
-                log.warning("cannot re-read %s: %s", item.path, e)
-    return found
+        sha = wanted.get(item.id)
+        if sha is None:
+            continue
+        seen.add(item.id)
+        try:
+            data = item.read()
+        except (Rejected, OSError) as e:
+            log.warning("%s can no longer be read: %s", item.path, e)
+            changed.add(item.id)
+            continue
+        if hashlib.sha256(data).hexdigest() != sha:
+            log.warning("%s changed since it was scored", item.path)
+            changed.add(item.id)
+            continue
+        yield item, data
+    changed.update(i for i in wanted if i not in seen)  # removed from the source since scoring
 
 
 @dataclass(frozen=True)
@@ -474,9 +487,10 @@ class DecodeSettings:
     image_size: int = setting(64, "side images are decoded at (RGB, centre-cropped to a square) before they "
                               "are embedded; the pixel embedder then makes 32x32 thumbnails of them")
     batch_size: int = setting(64, "images decoded and embedded at a time")
-    device: str = setting("cpu", "where the embedder runs (cpu, cuda, cuda:1)")
+    device: str = setting("cpu", f"the embedder: {DEVICE_HELP}")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.image_size < 8 or self.batch_size < 1:
             raise ValueError(f"--image-size must be at least 8 and --batch-size positive, got "
                              f"{self.image_size}, {self.batch_size}")

@@ -34,13 +34,20 @@ def tally(column: pa.ChunkedArray) -> Counter:
     return Counter({v["values"]: v["counts"] for v in pc.value_counts(column.drop_null()).to_pylist()})
 
 
+ACTIONS = ("kept", "augmented", "dropped", "rejected")  # the one action every input ends in
+
+
 def counts(decided: pa.Table) -> dict[str, int]:
-    """The manifest counts; input = kept + augmented + dropped + rejected always."""
+    """The manifest counts; input = kept + augmented + dropped + rejected always, or ValueError
+    (a row without one of the four actions is a bug the run must not commit)."""
     actions, statuses = tally(decided.column("action")), tally(decided.column("status"))
     flagged = tally(decided.column("flagged"))[True]
     c = {"input": decided.num_rows, "rejected": actions["rejected"], "scored": statuses["ok"],
          "flagged": flagged, **{a: actions[a] for a in ("kept", "augmented", "dropped")}}
-    assert c["input"] == c["kept"] + c["augmented"] + c["dropped"] + c["rejected"], c
+    if c["input"] != sum(c[a] for a in ACTIONS):
+        other = {a: n for a, n in actions.items() if a not in ACTIONS}
+        raise ValueError(f"{c['input'] - sum(c[a] for a in ACTIONS)} inputs have no action of {ACTIONS} "
+                         f"(other actions: {other}, null: {decided.column('action').null_count}): {c}")
     return c
 
 
@@ -66,28 +73,31 @@ def scoring_section(by_source: dict[str, dict[str, Any]], cache_dir: str | None)
             "reused": sum(v["reused"] for v in by_source.values()), "by_source": by_source, "cache_dir": cache_dir}
 
 
-def manifest(decided: pa.Table, *, threshold: dict[str, Any], score: str, dedup: dict[str, Any],
-             reference: pa.Table | None, reference_path: str | None, model: dict[str, Any],
-             data: dict[str, Any], settings: dict[str, Any], timings: dict[str, float],
-             peak_rss_mb: dict[str, float], scoring: dict[str, dict[str, Any]], cache_dir: str | None,
-             out: str, image_bytes: dict[str, int] | None = None,
-             held_mb: dict[str, float] | None = None) -> dict[str, Any]:
-    """The manifest of a finished run (every argument is already plain data)."""
+def manifest(decided: pa.Table, *, kind: str, run: dict[str, dict[str, float]], threshold: dict[str, Any] | None,
+             score: str, dedup: dict[str, Any], reference: pa.Table | None, reference_path: str | None,
+             model: dict[str, Any] | None, data: dict[str, Any], settings: dict[str, Any],
+             scoring: dict[str, dict[str, Any]], cache_dir: str | None, out: str,
+             image_bytes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest of a finished run (every argument is already plain data). kind: clean, or
+    dedup (no scores: its counts say what was decoded, and it has no threshold). run: the
+    staged run's record (timings_s, peak_rss_mb, held_mb), the same keys for every verb."""
     reasons = {r: n for r, n in tally(decided.column("reject_reason")).items() if r}
     c = counts(decided)
+    if kind == "dedup":
+        c = {"input": c["input"], "decoded": c["scored"], "kept": c["kept"], "dropped": c["dropped"],
+             "rejected": c["rejected"]}
     return {
+        "kind": kind,
         "counts": c,
         "reject_reasons": dict(sorted(reasons.items())),
-        "threshold": threshold_section(threshold, score, c),
+        "threshold": threshold_section(threshold, score, c) if threshold is not None else None,
         "dedup": dedup_section(decided, dedup),
         "reference": reference_section(reference, reference_path),
         "model": model,
         "data": data,
         "settings": settings,
         "versions": versions(),
-        "timings_s": timings,
-        "peak_rss_mb": peak_rss_mb,
-        "held_mb": held_mb or {},  # anonymous memory held after each stage, freed memory returned
+        **run,  # timings_s, peak_rss_mb, held_mb: seconds, peak RSS and anonymous memory after each stage
         "scoring": scoring_section(scoring, cache_dir),
         "image_bytes": image_bytes or {},  # bytes of images written into cleaned/ and flagged.parquet
         "out": out,

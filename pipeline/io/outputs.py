@@ -4,19 +4,18 @@ reading of an earlier output's embeddings (--against).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.data import ImageSpec, Rejected, Source, decode_image
+from pipeline.io.data import ImageSpec, Source, decode_image, read_verified
 from pipeline.io.store import (DECISION_SCHEMA, IMAGE, AtomicParquetWriter, OutputSettings, cleaned_schema,
                                ok_mask, with_hf_features)
 
@@ -38,46 +37,125 @@ def replace_column(table: pa.Table, name: str, values: list) -> pa.Table:
     return table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
 
 
-def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str,
-                  settings: OutputSettings) -> tuple[set[str], int]:
-    """Stream the source again and write kept and augmented images to folder/ in the datasets
-    Image layout, sharded. Returns the ids whose bytes changed since scoring (not written) and
-    the image bytes written."""
-    kept = decided.select(["id", "action", "sha256", score, "augmented_png", "augmented_score"]) \
-        .filter(pc.is_in(decided.column("action"), pa.array(KEPT)))
-    cols = {c: kept.column(c).combine_chunks() for c in kept.column_names}  # Arrow, read a row at a time
-    wanted = {id_: i for i, id_ in enumerate(kept.column("id").to_pylist())}
-    folder.mkdir()
-    n_files = max(1, -(-len(wanted) // settings.shard_rows))
-    shard, writer, changed, total = 0, None, set(), 0
-    for item in source:
-        i = wanted.get(item.id)
-        if i is None:
-            continue
-        try:
-            data = item.read()
-        except (Rejected, OSError):
-            data = b""
-        sha256, action = cols["sha256"][i].as_py(), cols["action"][i].as_py()
-        if hashlib.sha256(data).hexdigest() != sha256:
-            changed.add(item.id)
-            continue
-        name, value = os.path.basename(item.path) or item.id, cols[score][i].as_py()
-        if action == "augmented":
-            data = Path(cols["augmented_png"][i].as_py()).read_bytes()
-            name, value = os.path.splitext(name)[0] + ".aug.png", cols["augmented_score"][i].as_py()
-        if writer is None or writer.count >= settings.shard_rows:
-            if writer is not None:
-                writer.commit()
-            writer = AtomicParquetWriter(folder / f"train-{shard:05d}-of-{n_files:05d}.parquet",
-                                         cleaned_schema(), {}, settings.row_group_rows)
-            shard += 1
-        writer.write([{"image": {"bytes": data, "path": name}, "id": item.id, "sha256": sha256,
-                       "action": action, "log_volume_growth": value}])
-        total += len(data)
-    if writer is not None:
-        writer.commit()
-    return changed, total
+class CleanedFiles:
+    """cleaned/, a row at a time: files of settings.shard_rows rows in the datasets Image layout,
+    each written atomically and named train-KKKKK-of-NNNNN.parquet once the count is known."""
+
+    def __init__(self, folder: Path, settings: OutputSettings):
+        self.folder, self.settings = folder, settings
+        folder.mkdir()
+        self.parts: list[Path] = []
+        self.writer: AtomicParquetWriter | None = None
+        self.bytes = 0  # image bytes written
+
+    def write(self, image: dict[str, Any], id_: str, sha256: str, action: str, value: float | None) -> None:
+        if self.writer is None or self.writer.count >= self.settings.shard_rows:
+            self._commit()
+            self.parts.append(self.folder / f".part-{len(self.parts):05d}.parquet")
+            self.writer = AtomicParquetWriter(self.parts[-1], cleaned_schema(), {}, self.settings.row_group_rows)
+        self.writer.write([{"image": image, "id": id_, "sha256": sha256, "action": action, "log_volume_growth": value}])
+        self.bytes += len(image["bytes"])
+
+    def _commit(self) -> None:
+        if self.writer is not None:
+            self.writer.commit()
+            self.writer = None
+
+    def close(self) -> None:
+        self._commit()
+        for k, part in enumerate(self.parts):
+            os.replace(part, self.folder / f"train-{k:05d}-of-{len(self.parts):05d}.parquet")
+
+
+class ImageSpool:
+    """Original bytes of chosen inputs appended to an Arrow IPC file, memory-mapped when read back
+    (`images`), so they never all sit in memory; `rows` maps each id to its row there."""
+
+    SCHEMA = pa.schema([("bytes", pa.binary()), ("path", pa.string())])
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.SCHEMA)
+        self.rows: dict[str, int] = {}
+        self.bytes = 0
+
+    def add(self, id_: str, data: bytes, name: str) -> None:
+        self._writer.write_table(pa.table({"bytes": [data], "path": [name]}, self.SCHEMA))
+        self.rows[id_] = len(self.rows)
+        self.bytes += len(data)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = None
+
+    def images(self) -> pa.Table:
+        """The spooled rows (bytes, path), memory-mapped."""
+        self.close()
+        return pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()
+
+
+class _ByRow(Mapping):
+    """id -> one Arrow column's value at that id's row: a mapping without a Python object per row."""
+
+    def __init__(self, rows: dict[str, int], column: pa.Array):
+        self._rows, self._column = rows, column
+
+    def __getitem__(self, id_: str) -> Any:
+        return self._column[self._rows[id_]].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str, settings: OutputSettings,
+                 reconcile: Callable[[pa.Table, set[str]], pa.Table],
+                 spool: ImageSpool | None = None) -> tuple[pa.Table, int]:
+    """cleaned/ (the kept and augmented rows' images, in the datasets Image layout) and, with a
+    `spool`, the flagged rows' original bytes, from one pass over the source that re-reads each
+    input once (data.read_verified). Inputs whose bytes changed since scoring go to `reconcile`,
+    which returns the decisions made consistent (remediate.reject_changed: those rows rejected,
+    their clusters given new keepers); the rows it turns kept are read in another pass, until
+    no input changes. Returns the decided table and the image bytes written to cleaned/."""
+    cleaned, written, first = CleanedFiles(folder, settings), set(), True
+    while True:
+        todo = decided.select(["id", "sha256", "action", "flagged", score, "augmented_png", "augmented_score"])
+        todo = todo.filter(pc.and_(pc.invert(pc.is_in(todo.column("id"), pa.array(sorted(written), pa.string()))),
+                                   _to_read(todo, spool is not None and first)))
+        cols = {c: todo.column(c).combine_chunks() for c in todo.column_names}  # Arrow, read a row at a time
+        rows = {id_: i for i, id_ in enumerate(cols["id"].to_pylist())}
+        changed: set[str] = set()
+        for item, data in read_verified(source, _ByRow(rows, cols["sha256"]), changed):
+            i = rows[item.id]
+            name, action = os.path.basename(item.path) or item.id, cols["action"][i].as_py()
+            if first and spool is not None and cols["flagged"][i].as_py():
+                spool.add(item.id, data, name)
+            if action == "augmented":
+                png = Path(cols["augmented_png"][i].as_py())
+                cleaned.write({"bytes": png.read_bytes(), "path": os.path.splitext(name)[0] + ".aug.png"}, item.id,
+                              cols["sha256"][i].as_py(), action, cols["augmented_score"][i].as_py())
+            elif action in KEPT:
+                cleaned.write({"bytes": data, "path": name}, item.id, cols["sha256"][i].as_py(), action,
+                              cols[score][i].as_py())
+            if action in KEPT:
+                written.add(item.id)
+        first = False
+        if not changed:
+            break
+        decided = reconcile(decided, changed)
+    cleaned.close()
+    return decided, cleaned.bytes
+
+
+def _to_read(table: pa.Table, flagged: bool) -> pa.ChunkedArray:
+    """Rows whose images a pass reads: kept and augmented ones, and flagged ones when spooling."""
+    keep = pc.fill_null(pc.is_in(table.column("action"), pa.array(KEPT)), False)
+    return pc.or_(keep, pc.fill_null(table.column("flagged"), False)) if flagged else keep
 
 
 def write_tables(folder: Path, decided: pa.Table, metadata: dict[str, Any]) -> None:
@@ -96,61 +174,35 @@ def flagged_order(decided: pa.Table, score: str) -> pa.Table:
     return flagged.sort_by([(score, "descending"), ("id", "ascending")])
 
 
-def spool_images(source: Source, wanted: dict[str, str], path: Path) -> tuple[dict[str, int], int]:
-    """The bytes of the wanted inputs (id -> sha256 at scoring), in one pass over the source,
-    into an Arrow IPC file at `path` (memory-mapped when read back, so they never all sit in
-    memory). Returns each id's row there and the bytes spooled; an input whose bytes changed
-    since scoring is left out."""
-    schema = pa.schema([("bytes", pa.binary()), ("path", pa.string())])
-    rows: dict[str, int] = {}
-    total = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for item in source:
-            if item.id not in wanted:
-                continue
-            try:
-                data = item.read()
-            except (Rejected, OSError):
-                continue
-            if hashlib.sha256(data).hexdigest() != wanted[item.id]:
-                log.warning("%s changed since it was scored: flagged.parquet shows no image for it", item.path)
-                continue
-            writer.write_table(pa.table({"bytes": [data], "path": [os.path.basename(item.path) or item.id]}, schema))
-            rows[item.id] = len(rows)
-            total += len(data)
-    return rows, total
-
-
-def write_flagged(folder: Path, source: Source, decided: pa.Table, score: str, metadata: dict[str, Any],
+def write_flagged(folder: Path, spool: ImageSpool, decided: pa.Table, score: str, metadata: dict[str, Any],
                   row_group_rows: int = 256) -> int:
-    """flagged.parquet: the flagged rows, highest score first, with `image` (the original file)
-    and `augmented_image` (the accepted variant) in the datasets Image layout and the
-    'huggingface' metadata, so datasets.load_dataset('parquet') decodes both. Written in row
-    groups of at most row_group_rows rows and about ROW_GROUP_BYTES of images, the original
-    bytes read back from a memory-mapped spool. Returns the image bytes written."""
+    """flagged.parquet: the flagged rows, highest score first, with `image` (the original file,
+    from the spool that write_cleaned filled) and `augmented_image` (the accepted variant) in the
+    datasets Image layout and the 'huggingface' metadata, so datasets.load_dataset('parquet')
+    decodes both. Written in row groups of at most row_group_rows rows and about ROW_GROUP_BYTES
+    of images. Returns the image bytes written; the spool's file is removed."""
     flagged = flagged_order(decided, score)
     ids = flagged.column("id").to_pylist()
-    spool = folder / ".flagged-images.arrow"
-    rows, total = spool_images(source, dict(zip(ids, flagged.column("sha256").to_pylist())), spool)
+    rows, total = spool.rows, spool.bytes
     pngs = flagged.column("augmented_png").to_pylist()
     schema = with_hf_features(pa.schema([("image", IMAGE), ("augmented_image", IMAGE)]
                                         + [f for f in flagged.schema if f.name != "augmented_png"]))
     per_group = max(1, min(row_group_rows, ROW_GROUP_BYTES * max(len(rows), 1) // max(total, 1)))
-    with pa.memory_map(str(spool)) as mm:
-        images = pa.ipc.open_file(mm).read_all()
-        with AtomicParquetWriter(folder / "flagged.parquet", schema, metadata, per_group) as w:
-            for start in range(0, len(ids), per_group):
-                chunk = flagged.slice(start, per_group)
-                take = [rows.get(i) for i in ids[start:start + per_group]]
-                original = images.take(pa.array(take, pa.int64())).to_pylist() if take else []
-                augmented = [None if p is None else {"bytes": Path(p).read_bytes(), "path": Path(p).name}
-                             for p in pngs[start:start + per_group]]
-                total += sum(len(a["bytes"]) for a in augmented if a)
-                w.write_table(chunk.drop_columns(["augmented_png"])
-                              .add_column(0, "augmented_image", pa.array(augmented, IMAGE))
-                              .add_column(0, "image", pa.array([o if o and o["bytes"] is not None else None
-                                                                for o in original], IMAGE)))
-    spool.unlink()
+    images = spool.images()
+    with AtomicParquetWriter(folder / "flagged.parquet", schema, metadata, per_group) as w:
+        for start in range(0, len(ids), per_group):
+            chunk = flagged.slice(start, per_group)
+            take = [rows.get(i) for i in ids[start:start + per_group]]
+            original = images.take(pa.array(take, pa.int64())).to_pylist() if take else []
+            augmented = [None if p is None else {"bytes": Path(p).read_bytes(), "path": Path(p).name}
+                         for p in pngs[start:start + per_group]]
+            total += sum(len(a["bytes"]) for a in augmented if a)
+            w.write_table(chunk.drop_columns(["augmented_png"])
+                          .add_column(0, "augmented_image", pa.array(augmented, IMAGE))
+                          .add_column(0, "image", pa.array([o if o and o["bytes"] is not None else None
+                                                            for o in original], IMAGE)))
+    del images
+    spool.path.unlink()
     return total
 
 

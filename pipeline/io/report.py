@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.io.store import ok_mask, score_values
+from pipeline.io.store import ok_mask, score_values, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +157,23 @@ def write_thumbnails(out: Path, images: dict[str, Image.Image], augmented_png: d
 
 
 def write_report_assets(out: Path, source, spec, decided, score: str) -> None:
-    """Thumbnails of the images the report shows (originals re-read from `source` in one pass;
-    augmented variants from their PNGs)."""
-    from pipeline.io.data import read_selected
+    """Thumbnails of the images the report shows (originals re-read from `source` in one pass,
+    as data.read_verified reads them; augmented variants from their PNGs). The decisions are
+    written by then: an input that changed since is only left without a thumbnail."""
+    from pipeline.io.data import Rejected, open_image, read_verified
 
-    cols = ["id", "status", "flagged", "dup_cluster", "dup_of", "action", "augmented_png", score]
+    cols = ["id", "sha256", "status", "flagged", "dup_cluster", "dup_of", "action", "augmented_png", score]
     rows = report_rows(decided.select(cols))
     wanted = ids_to_show(rows, score)
-    images = {i: img for i, (img, _) in read_selected(source, wanted, spec).items()}
+    changed: set[str] = set()
+    images = {}
+    for item, data in read_verified(source, {r["id"]: r["sha256"] for r in rows if r["id"] in wanted}, changed):
+        try:
+            images[item.id] = open_image(data, spec)
+        except Rejected as e:
+            log.warning("no thumbnail for %s: %s", item.id, e)
+    if changed:
+        log.warning("%d shown images changed after the decisions were written: no thumbnail for them", len(changed))
     augmented = {r["id"]: Path(r["augmented_png"]).read_bytes() for r in rows
                  if r["id"] in wanted and r["action"] == "augmented" and r["augmented_png"]}
     write_thumbnails(out, images, augmented)
@@ -324,11 +333,7 @@ def write_report(out: str | os.PathLike) -> Path:
     parts.append("<h2>Model and settings</h2>")
     parts.append(f"<pre>{esc(json.dumps({'model': m['model'], 'settings': m['settings'], 'dedup': m['dedup'], 'versions': m['versions']}, indent=2))}</pre>")
     parts.append(f"<script>{SORT_JS}</script></body></html>")
-    path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(out / "report.html", "\n".join(parts))
 
 
 def score_sections(scores: list[dict[str, Any]], ok: np.ndarray, reference: np.ndarray | None,

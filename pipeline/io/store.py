@@ -23,6 +23,7 @@ from pipeline.fields import setting
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"memclean"  # Parquet schema metadata: JSON of settings, model, versions
+RUN_KEY = b"memclean_run"  # Parquet footer metadata, added at commit: JSON of what is known only then
 
 SCORE_SCHEMA = pa.schema([
     ("id", pa.string()),  # stable id within the source (relative path for folders)
@@ -90,7 +91,8 @@ COMPLETE_MARKER = "_COMPLETE"  # written last into a finished output folder
 class OutputSettings:
     """Where the outputs go and how the cleaned dataset is split."""
 
-    out: str = setting(help="where the outputs go: a .parquet file (memclean score) or a folder (memclean clean)")
+    out: str = setting(help="where the outputs go: a .parquet file (memclean score), a folder (memclean clean and "
+                       "dedup) or a checkpoint folder (memclean train)")
     overwrite: bool = setting(False, "replace an existing output")
     shard_rows: int = setting(10_000, "rows per cleaned/ Parquet file", cli=False)
     row_group_rows: int = setting(256, "rows per row group in cleaned/", cli=False)
@@ -122,9 +124,12 @@ def with_metadata(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The memclean metadata of a Parquet file written here."""
+    """The memclean metadata of a Parquet file written here: its schema's, with the footer's
+    RUN_KEY record (a staged run's timings and memory, added at commit) merged in."""
     raw = pq.read_schema(path).metadata or {}
-    return json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+    meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+    footer = pq.ParquetFile(path).metadata.metadata or {}
+    return {**meta, **json.loads(footer[RUN_KEY])} if RUN_KEY in footer else meta
 
 
 def with_hf_features(schema: pa.Schema) -> pa.Schema:
@@ -142,12 +147,17 @@ def cleaned_schema() -> pa.Schema:
     return with_hf_features(CLEANED_SCHEMA)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file whole: to a hidden temporary file beside it, then renamed into place."""
     path = Path(path)
     tmp = _temporary(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def is_complete(out: str | os.PathLike) -> bool:
@@ -303,8 +313,11 @@ class AtomicParquetWriter:
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
             self._rows = []
 
-    def commit(self) -> Path:
+    def commit(self, footer: dict[str, Any] | None = None) -> Path:
+        """Close and move the file into place; `footer`: metadata known only now (RUN_KEY)."""
         self._flush()
+        if footer:
+            self._writer.add_key_value_metadata({RUN_KEY: json.dumps(footer, sort_keys=True, default=str)})
         self._writer.close()
         os.replace(self._tmp, self.path)
         log.info("wrote %d rows to %s", self.count, self.path)

@@ -1,36 +1,44 @@
-"""The settings of a run: one typed model, the only place a setting is defined.
+"""The settings of every verb: one typed model per verb, all defined here, from sections.
 
-A run's settings are sections, each a frozen dataclass that lives beside its concept and checks
-itself when it is built (pipeline/fields.py):
+A section is a frozen dataclass that lives beside its concept and checks itself when it is
+built (pipeline/fields.py); this module assembles them into each verb's model:
 
     input        InputSettings        io/data.py           --data, --image-column, --max-pixels, --min-size
-    model        ModelSettings        score/models.py      --model, --allow-pickle, --variant, --data-range, ...
+    model        ModelSettings        score/models.py      --model, --allow-pickle, --variant, --device, ...
     output       OutputSettings       io/store.py          --out, --overwrite
     scorer       ScorerSettings       score/volume.py      --solver, --steps, --probes, ...
     cache        CacheSettings        score/cache.py       --cache-dir, --no-cache, --shard-size
     flag         FlagSettings         decide/flagging.py   --reference, --flag-fpr, --flag-quantile, ...
-    dedup        DedupSettings        decide/dedup.py      --embedder, --dup-threshold, --against, ...
+    dedup        DedupSettings        decide/clusters.py   --embedder, --dup-threshold, --against, ...
     remediation  RemediationSettings  decide/remediate.py  --action, --augment-tries, --accept-band, ...
+    decode       DecodeSettings       io/data.py           --image-size, --batch-size, --device (no model)
+    train        TrainSettings        tools/train.py       --sample-size, --channels, --steps, ...
 
-`memclean clean`'s options and the Prefect flow `clean`'s parameters are derived from
-RunSettings (fields.options); `memclean score`'s from ScoreSettings. What involves two sections
-is checked here, so a run's settings are whole and valid before its first image is decoded, and
-`flat()` is what every output records.
+    ScoreSettings     memclean score           input, model, output, scorer
+    RunSettings       memclean clean, flow     ScoreSettings + cache, flag, dedup, remediation
+    DedupRunSettings  memclean dedup           input, output, decode, dedup
+    TrainRunSettings  memclean train           input, output, train
+    FlowSettings      the flow's own           task_runner, dask_address, dask_workers
+
+Every verb's options (and the flow `clean`'s parameters) are derived from its model
+(fields.options). What involves two sections is checked here, so a run's settings are whole and
+valid before its first image is decoded, and `flat()` is what every output records.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.decide.dedup import DedupSettings
+from pipeline.decide.clusters import DedupSettings
 from pipeline.decide.flagging import FlagSettings
 from pipeline.decide.remediate import RemediationSettings
 from pipeline.fields import build, check_choices, flatten, section, setting, unknown
-from pipeline.io.data import InputSettings
+from pipeline.io.data import DecodeSettings, InputSettings
 from pipeline.io.store import OutputSettings
 from pipeline.score.cache import CacheSettings
 from pipeline.score.models import ModelSettings
 from pipeline.score.volume import ScorerSettings
+from pipeline.tools.train import TrainSettings
 
 
 class SettingsMixin:
@@ -72,6 +80,30 @@ class RunSettings(ScoreSettings):
         if self.dedup.against is not None and not self.remediation.dedups:
             raise ValueError(f"--against compares new images with an earlier output's duplicates, which only "
                              f"--action auto or dedup does; this run has --action {self.remediation.action}")
+
+
+@dataclass(frozen=True)
+class DedupRunSettings(SettingsMixin):
+    """`memclean dedup`: images in, duplicate clusters and a deduplicated dataset out (no model)."""
+
+    input: InputSettings = section()
+    output: OutputSettings = section()
+    decode: DecodeSettings = section(DecodeSettings)
+    dedup: DedupSettings = section(DedupSettings)
+
+    def __post_init__(self) -> None:
+        if self.dedup.embedder == "unet":
+            raise ValueError("--embedder unet uses a diffusion model's features: memclean dedup has no model "
+                             "(use pixel or torchscript:PATH, or memclean clean --model)")
+
+
+@dataclass(frozen=True)
+class TrainRunSettings(SettingsMixin):
+    """`memclean train`: images in, a small DDPM checkpoint (save_pretrained layout) out."""
+
+    input: InputSettings = section()
+    output: OutputSettings = section()
+    train: TrainSettings = section(TrainSettings)
 
 
 @dataclass(frozen=True)

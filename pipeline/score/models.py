@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.fields import check_choices, setting
+from pipeline.fields import DEVICE_HELP, check_choices, check_device, setting
 from pipeline.score.schedules import VESchedule, VPSchedule, schedule_from_scheduler
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,12 @@ class ModelSettings:
     data_range: str = setting("auto", "the range the model was trained on: auto (VP/DDPM models [-1, 1], VE/NCSN++ "
                               "[0, 1]), signed [-1, 1] or unit [0, 1]; V, log p and bits/dim are for the image in it",
                               choices=("auto", "signed", "unit"))
-    device: str = setting("cpu", "where the model runs", choices=("cpu", "cuda"))
+    device: str = setting("cpu", f"the model: {DEVICE_HELP}")
     batch_size: int = setting(16, "images decoded and solved together (throughput grows with it)")
 
     def __post_init__(self) -> None:
-        check_choices(self)  # data_range, device
+        check_choices(self)  # data_range
+        check_device(self.device)
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 

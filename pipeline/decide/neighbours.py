@@ -1,0 +1,90 @@
+"""Neighbour search: every pair of vectors at or above a similarity, from a FAISS index.
+
+The search runs in query batches against one index, so no N x N matrix is ever built: FAISS's
+range search on the CPU; GPU indexes have no range search, so there each batch runs a
+k-nearest search whose k doubles for the queries whose k-th neighbour is still above the
+threshold (up to GPU_MAX_K).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.decide.index import QUERY_BATCH, build_index, chunks, on_gpu, search_views
+
+log = logging.getLogger(__name__)
+
+KNN_START = 32  # first k of the k-nearest emulation of a range search
+GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
+
+
+def range_pairs(index, queries: np.ndarray, threshold: float, batch: int = QUERY_BATCH,
+                search: str = "auto", view: Callable[[np.ndarray], np.ndarray] | None = None,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(query rows, index rows, similarities) of every pair with similarity >= threshold, the
+    queries taken `batch` at a time (through `view` when given; they may be memory-mapped).
+    search: 'range' (FAISS range search), 'knn' (k-nearest with growing k: the GPU path) or
+    'auto' (knn for GPU indexes, range otherwise)."""
+    if search not in ("auto", "range", "knn"):
+        raise ValueError(f"search must be auto, range or knn, got {search!r}")
+    use_knn = search == "knn" or (search == "auto" and on_gpu(index))
+    for start, chunk in chunks(queries, view, batch):
+        if use_knn:
+            rows, ids, sims = _knn_range(index, chunk, float(threshold))
+            yield rows + start, ids, sims
+            continue
+        lims, sims, ids = index.range_search(chunk, float(threshold))
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+        yield rows, ids, sims
+
+
+def _knn_range(index, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A range search from k-nearest searches: a query whose k-th neighbour is still at or
+    above the threshold is searched again with twice the k, until k covers the index or
+    reaches GPU_MAX_K (then the pairs beyond it are missed, and a warning says how many queries)."""
+    out_rows, out_ids, out_sims = [], [], []
+    todo = np.arange(len(queries))
+    k = min(KNN_START, index.ntotal)
+    while len(todo) and k > 0:
+        sims, ids = index.search(queries[todo], k)
+        saturated = (sims[:, -1] >= threshold) & (ids[:, -1] >= 0)
+        done = ~saturated | (k >= index.ntotal) | (k >= GPU_MAX_K)
+        hit = (sims >= threshold) & (ids >= 0) & done[:, None]
+        r, c = np.nonzero(hit)
+        out_rows.append(todo[r])
+        out_ids.append(ids[r, c].astype(np.int64))
+        out_sims.append(sims[r, c])
+        if k >= GPU_MAX_K and (saturated & done).any() and k < index.ntotal:
+            log.warning("%d queries have more than %d neighbours above %.3f; pairs beyond the first %d "
+                        "are not searched (union-find still joins them through the others)",
+                        int(saturated.sum()), k, threshold, k)
+        todo = todo[~done]
+        k = min(2 * k, index.ntotal, GPU_MAX_K)
+    if not out_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(out_rows), np.concatenate(out_ids), np.concatenate(out_sims)
+
+
+def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, embedder,
+                 device: str = "cpu", query_views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, its most similar reference row at or above threshold (else -1)
+    and that similarity: used to check a new drop against an earlier cleaned output.
+    query_views: the queries' search views, when they were computed already."""
+    match = np.full(len(queries), -1, dtype=np.int64)
+    sim = np.zeros(len(queries), dtype=np.float32)
+    if not len(reference) or not len(queries):
+        return match, sim
+    index = build_index(reference, device=device, view=embedder.search_view)
+    if query_views is None:
+        query_views = search_views(queries, embedder.search_view)
+    for rows, cols, _ in range_pairs(index, query_views, embedder.candidate_threshold(threshold)):
+        if not len(rows):
+            continue
+        s = embedder.similarity(queries[rows], reference[cols], floor=threshold)
+        for r, c, v in zip(rows, cols, s):
+            if v >= threshold and v > sim[r]:
+                match[r], sim[r] = c, v
+    return match, sim
+
