@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -39,6 +40,35 @@ def near_copy(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return upscale(np.clip(digit * rng.uniform(0.9, 1.1), 0, 16))
 
 
+def write_set(out: Path, unique: list[Image.Image], heldout: list[Image.Image],
+              planted: list[tuple[Image.Image, Callable[[], Image.Image]]]) -> int:
+    """An evidence set's folders: train/u####.png (unique), heldout/h####.png, and group g of
+    `planted` (base image, a maker of near copies) as train/e##_c## (exact copies, the first
+    EXACT_GROUPS groups) or n##_c## (near copies; c00 is the base), COPIES[g % 4] files each,
+    listed in planted.csv. Earlier PNGs are removed first. Returns the planted files written."""
+    for old in (out / "train", out / "heldout"):
+        for f in old.glob("*.png") if old.is_dir() else ():
+            f.unlink()
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "heldout").mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(unique):
+        img.save(out / "train" / f"u{i:04d}.png")
+    for i, img in enumerate(heldout):
+        img.save(out / "heldout" / f"h{i:04d}.png")
+    rows = []
+    for g, (base, near) in enumerate(planted):
+        kind = "exact" if g < EXACT_GROUPS else "near"
+        for c in range(COPIES[g % len(COPIES)]):
+            name = f"{kind[0]}{g:02d}_c{c:02d}.png"
+            (base if kind == "exact" or c == 0 else near()).save(out / "train" / name)
+            rows.append({"file": f"train/{name}", "group": g, "kind": kind, "copies": COPIES[g % len(COPIES)]})
+    with open(out / "planted.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "group", "kind", "copies"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
 def main(out: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -47,27 +77,8 @@ def main(out: Path) -> None:
     order = rng.permutation(len(digits))
     groups = EXACT_GROUPS + NEAR_GROUPS
     unique, planted, heldout = np.split(order[:UNIQUE + groups + HELDOUT], [UNIQUE, UNIQUE + groups])
-    for old in (out / "train", out / "heldout"):
-        for f in old.glob("*.png") if old.is_dir() else ():
-            f.unlink()
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "heldout").mkdir(parents=True, exist_ok=True)
-    for i, k in enumerate(unique):
-        upscale(digits[k]).save(out / "train" / f"u{i:04d}.png")
-    for i, k in enumerate(heldout):
-        upscale(digits[k]).save(out / "heldout" / f"h{i:04d}.png")
-    rows = []
-    for g, k in enumerate(planted):
-        kind = "exact" if g < EXACT_GROUPS else "near"
-        base = upscale(digits[k])
-        for c in range(COPIES[g % len(COPIES)]):
-            name = f"{kind[0]}{g:02d}_c{c:02d}.png"
-            (base if kind == "exact" or c == 0 else near_copy(digits[k], rng)).save(out / "train" / name)
-            rows.append({"file": f"train/{name}", "group": g, "kind": kind, "copies": COPIES[g % len(COPIES)]})
-    with open(out / "planted.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "group", "kind", "copies"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_set(out, [upscale(digits[k]) for k in unique], [upscale(digits[k]) for k in heldout],
+              [(upscale(digits[k]), lambda k=k: near_copy(digits[k], rng)) for k in planted])
 
 
 if __name__ == "__main__":

@@ -89,9 +89,10 @@ class FullGaussianScore(PixelData):
         return -torch.linalg.solve(self.cov(t), flat.T).T.reshape(x.shape).to(x.dtype)
 
     def rate_jacobian(self, t) -> torch.Tensor:
-        """d/dxbar of g(xbar) = -sigma score(alpha xbar, t): sigma alpha^2 S_t^-1, [D, D]."""
+        """d/dxbar of g(xbar) = -sigma score(alpha xbar, t) = sigma S_t^-1 (alpha xbar - alpha mu):
+        sigma alpha S_t^-1, [D, D] (the chain rule gives one alpha)."""
         alpha, sigma = self._alpha_sigma(t)
-        return sigma * alpha**2 * torch.linalg.inv(self.cov(t))
+        return sigma * alpha * torch.linalg.inv(self.cov(t))
 
 
 class ZeroScore(PixelData):

@@ -384,3 +384,37 @@ def test_two_runs_on_one_output_one_finishes_the_other_fails_clearly(tmp_path, m
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     c = m["counts"]
     assert (tmp_path / "out" / COMPLETE_MARKER).is_file() and c["input"] == c["kept"] + c["dropped"] + c["augmented"] + c["rejected"]
+
+
+@pytest.mark.parametrize("score", ["calibrated_volume_growth", "combined_score"])
+def test_a_calibrated_score_is_fitted_on_the_reference_and_judged_everywhere(tmp_path, model, corpus, score):
+    """With --reference the complexity trend is fitted on the held-out images by least squares;
+    the threshold is the reference's 0.95 quantile of the judged score, which both score tables
+    carry with every other derived score and its standard error; flag_uncertain marks the rows
+    within 2 standard errors of the threshold, and the manifest holds the fit."""
+    data, _ = corpus
+    held = tmp_path / "held"
+    held.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(held / f"h{i:02d}.png")
+    Image.new("RGB", (10, 12), (90, 90, 90)).save(held / "plain.png")  # complexity must vary
+    assert run(tmp_path, model, data, "--reference", str(held), "--flag-fpr", "0.05", "--score", score,
+               "--action", "none") == 0
+    out = tmp_path / "out"
+    m = json.loads((out / "manifest.json").read_text())
+    t = m["threshold"]
+    cal = t["details"]["calibration"]
+    assert t["score"] == score and cal["fitted_on"] == "reference" and cal["method"] == "least_squares"
+    assert cal["fits"]["log_volume_growth"]["n"] == 13
+    ref = pq.read_table(out / "reference_scores.parquet").to_pylist()
+    ref_scores = [r[score] for r in ref if r["status"] == "ok"]
+    assert t["value"] == pytest.approx(np.quantile(ref_scores, 0.95))
+    rows = [r for r in pq.read_table(out / "scores.parquet").to_pylist() if r["status"] == "ok"]
+    fit = cal["fits"]["log_volume_growth"]
+    for r in rows:
+        assert r["calibrated_volume_growth"] == pytest.approx(
+            r["log_volume_growth"] - fit["intercept"] - fit["slope"] * r["complexity"], rel=1e-9, abs=1e-9)
+        assert r["flagged"] == (r[score] > t["value"])
+        assert r["flag_uncertain"] == (abs(r[score] - t["value"]) <= 2 * r[f"{score}_se"])
+        assert r["complexity"] > 0 and r["denoising_loss"] > 0 and r["log_volume_growth_se"] >= 0

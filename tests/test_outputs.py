@@ -20,7 +20,8 @@ def table_for(data, actions, flagged=None):
     return pa.table({"id": ids, "status": ["ok"] * n, "sha256": [hashlib.sha256((data / i).read_bytes()).hexdigest() for i in ids],
                      "action": actions, "log_volume_growth": [float(k) for k in range(n)],
                      "augmented_png": pa.array([None] * n, pa.string()),
-                     "augmented_score": pa.array([None] * n, pa.float64()), "flagged": flagged or [False] * n})
+                     "augmented_score": pa.array([None] * n, pa.float64()),
+                     "augmented_volume_growth": pa.array([None] * n, pa.float64()), "flagged": flagged or [False] * n})
 
 
 def test_cleaned_holds_the_kept_images_and_hands_changed_ones_to_reconcile(tmp_path, write_images):

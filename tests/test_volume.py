@@ -164,6 +164,39 @@ def test_time_grid_is_uniform_in_log_snr():
     assert torch.allclose(u, torch.linspace(1e-5, 1, 21, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["linear", "ve"])
+def test_the_window_and_the_standard_error_match_closed_forms(name):
+    """Isotropic Gaussian data (one s for every pixel): the Jacobian of g is a(t) I, so V over
+    [t_j, 1] is 1/2 sum_d log(var_d(1) / var_d(t_j)) (t_j the first grid time at or after
+    --window-start), and a Rademacher probe gives tr A exactly: V's standard error is 0 but for
+    float32 rounding. Tolerances: RK4's error at 64 steps is 16/15 of its change from 64 to 128
+    steps (4th order), taken twice; each of the D elements of r = v^T A carries a few float32
+    roundings (delta <= 8 2^-24), so 2 (|r|^2 - d^2 / D) <= 2 a^2 D delta^2 per evaluation and
+    the standard error is at most delta sqrt(2 / D) |V - its linear part|."""
+    from pipeline.score.volume import window_index
+
+    schedule = SCHEDULES[name]()
+    score = GaussianScore(torch.zeros(1, 3, 3), torch.full((1, 3, 3), 0.4), schedule)
+    x = torch.randn(2, 1, 3, 3)
+    t = time_grid(schedule, ScorerSettings(solver="rk4", steps=64))
+    j = window_index(t, 0.05)
+    assert float(t[j - 1]) < 0.05 <= float(t[j])
+    t0 = float(t[j])  # a time of both grids (128 log-SNR steps halve each of 64's)
+    fine, coarse = (log_volume_growth(score, x, ScorerSettings(solver="rk4", steps=n, window_start=t0))
+                    for n in (128, 64))
+    window = 0.5 * float(torch.log(score.mean_var(1.0)[1] / score.mean_var(t0)[1]).sum())
+    V = score.log_volume_growth(EPS)
+    for name, want in (("log_volume_growth", V), ("window_volume_growth", window)):
+        got = getattr(coarse, name)
+        bound = 2 * 16 / 15 * float((got - getattr(fine, name)).abs().max()) + 64 * F64 * abs(want)
+        assert torch.all((got - want).abs() <= bound), (name, got, want, bound)
+    assert 0 < window < V
+    la = schedule.log_alpha(torch.tensor([EPS, 1.0], dtype=torch.float64))
+    integral = abs(V - 9 * float(la[1] - la[0]))
+    assert torch.all(coarse.log_volume_growth_se <= 8 * 2.0**-24 * math.sqrt(2 / 9) * integral)
+    assert torch.all(coarse.window_volume_growth_se <= coarse.log_volume_growth_se + 1e-30)
+
+
 def test_bits_per_dim_formula():
     """8-bit data k/255 in [lo, hi] has bins (hi - lo)/255 wide: P(bin) = p(x) bin^D, so
     bits/dim = -logp / (D ln 2) + log2(255 / (hi - lo)): 6.994 for [-1, 1], 7.994 for [0, 1]."""
@@ -230,13 +263,30 @@ def test_hutchinson_volume_is_unbiased_over_seeds(unet_score, probe_mode):
     assert torch.all(Vs.std(0) > 0)
 
 
+def test_the_closed_form_jacobian_is_the_rates_own():
+    """FullGaussianScore.rate_jacobian (what the variance tests below build on) is autograd's
+    Jacobian of scaled_rate, to float64 rounding of a 9x9 solve (D^2 2^-52 of its largest entry)."""
+    from pipeline.score.volume import scaled_rate
+
+    score = FullGaussianScore.random(dim=9, schedule=SCHEDULES["linear"](), seed=3)
+    y = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    for t in (0.01, 0.5, 1.0):
+        tt = torch.tensor(t, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(lambda z: scaled_rate(score, tt)(z).flatten(), y).reshape(9, 9)
+        assert torch.allclose(J, score.rate_jacobian(tt), rtol=0, atol=81 * F64 * float(J.abs().max()))
+
+
 def test_fresh_probes_average_the_noise_as_predicted():
-    """Correlated Gaussian data N(mu, S): the Jacobian of g is J_k = sigma alpha^2 S_t^-1 at
+    """Correlated Gaussian data N(mu, S): the Jacobian of g is J_k = sigma alpha S_t^-1 at
     evaluation k, whatever x. With quadrature weights c_k, V_hat = sum_k c_k v_k^T J_k v_k, whose
     variance over Rademacher probes is known exactly (Var v^T A v = 2 sum_{i != j} A_ij^2):
         fixed (v_k = v):  2 |offdiag(sum_k c_k J_k)|^2       fresh: sum_k c_k^2 2 |offdiag J_k|^2
     The sample variances over R seeds match these within 4 of their own standard errors, and fresh
-    is the lower at equal cost."""
+    is the lower at equal cost. Each solve's own variance estimate (log_volume_growth_se^2, from
+    its probes: probe_variance) has a known expectation too, for each evaluation's (fresh) or the
+    whole solve's (fixed) matrix A: 2 (|A|_F^2 - ((tr A)^2 + Var)/D), Var = 2 |offdiag A|^2; its
+    mean over the seeds matches that within 4 standard errors, and it is never below the truth
+    by more than the (tr A)^2 + Var over D it subtracts."""
     schedule = SCHEDULES["linear"]()
     score = FullGaussianScore.random(dim=9, schedule=schedule, seed=3)
     x = score.sample(1, seed=4).view(1, 1, 3, 3)
@@ -248,15 +298,24 @@ def test_fresh_probes_average_the_noise_as_predicted():
     J = torch.stack([score.rate_jacobian(tk) for tk in stage_t])  # [K, D, D]
     off = lambda A: (A - torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1))).square().sum((-2, -1))  # noqa: E731
     predicted = {"fixed": float(2 * off((c[:, None, None] * J).sum(0))), "fresh": float(2 * (c**2 * off(J)).sum())}
+    D = J.shape[-1]
+
+    def estimate(A):  # E[2 (|r|^2 - d^2 / D)] for one Rademacher probe of a symmetric A: [..., D, D] -> [...]
+        tr = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
+        return 2 * (A.square().sum((-2, -1)) - (tr**2 + 2 * off(A)) / D)
+    expected_se2 = {"fixed": float(estimate((c[:, None, None] * J).sum(0))), "fresh": float((c**2 * estimate(J)).sum())}
     R = 400
     for mode, var in predicted.items():
-        V = np.array([float(log_volume_growth(score, x, ScorerSettings(solver="heun", steps=6, seed=s,
-                                                                        probe_mode=mode)).log_volume_growth)
-                      for s in range(R)])
+        runs = [log_volume_growth(score, x, ScorerSettings(solver="heun", steps=6, seed=s, probe_mode=mode))
+                for s in range(R)]
+        V = np.array([float(r.log_volume_growth) for r in runs])
         # the sample variance's standard error: sqrt((m4 - var^2) / R), m4 the 4th central moment
         m4 = float(np.mean((V - V.mean()) ** 4))
         se = math.sqrt(max(m4 - V.var() ** 2, 0) / R)
         assert abs(V.var(ddof=1) - var) < 4 * se + 1e-9, (mode, V.var(ddof=1), var, se)
+        se2 = np.array([float(r.log_volume_growth_se) ** 2 for r in runs])
+        assert abs(se2.mean() - expected_se2[mode]) < 4 * se2.std(ddof=1) / math.sqrt(R) + 1e-9, (mode, se2.mean())
+        assert expected_se2[mode] <= var + 1e-9  # the estimate's slack: the diagonal it cannot see
     assert predicted["fresh"] < predicted["fixed"] / 2
 
 
@@ -309,6 +368,8 @@ def test_probe_mode_defaults_by_solver():
 
 @pytest.mark.parametrize("bad", [dict(divergence="hutch"), dict(solver="rk45"), dict(probes=0),
                                  dict(steps=0), dict(rtol=0.0), dict(eps=0.0), dict(eps=1.0),
+                                 dict(window_start=1.0), dict(window_start=1e-9), dict(loss_t=0.0),
+                                 dict(loss_noises=-1),
                                  dict(grid="cosine"), dict(probe_mode="sometimes"), dict(precision="fp8")])
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError):

@@ -15,12 +15,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.decide.scores import JUDGED
 from pipeline.fields import check_choices, setting
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 0.95  # the quantile policy's q when no policy is named
 DEFAULT_FPR = 0.05  # the reference policy's A when --flag-fpr is not given
+DEFAULT_SCORE = "log_volume_growth"  # what --score judges by default (benchmarks/evidence.py measures the choice)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ POLICIES: dict[str, Policy] = {
 DEFAULT_POLICY = "quantile"  # when none is named
 
 
-SCORE_CHOICES = ("log_volume_growth", "logp")  # the score columns a threshold can judge
+SCORE_CHOICES = JUDGED  # the scores a threshold can judge (decide/scores.py)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,9 @@ class FlagSettings:
                                    name="flag_zscore")
     threshold: float | None = setting(None, "flag above this absolute score (e.g. an earlier run's manifest "
                                       "threshold)", name="flag_threshold")
-    score: str = setting("log_volume_growth", "the score that flagging judges", choices=SCORE_CHOICES)
+    score: str = setting(DEFAULT_SCORE, "the score that flagging judges, higher = riskier (decide/scores.py): V, "
+                         "log p, V's window, V calibrated for complexity, the denoising score (-log loss), it "
+                         "calibrated, or their combination", choices=SCORE_CHOICES)
 
     def __post_init__(self) -> None:
         for p in POLICIES.values():

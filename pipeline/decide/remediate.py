@@ -25,6 +25,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +37,8 @@ import transforms
 from pipeline.fields import check_choices, setting
 from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
 from pipeline.decide.flagging import Threshold, accept, flag
-from pipeline.score.scoring import score_images
+from pipeline.score.complexity import complexity
+from pipeline.score.scoring import fresh_scores
 from pipeline.score.volume import ScorerSettings
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ class Attempt:
     png: Path  # the last attempt, losslessly encoded, on disk until cleaned/ is written
     level: int = 0  # preset index of the last attempt
     verdict: str = ""  # accepted | above the threshold | below the accept band | not finite
+    volume: float | None = None  # the last attempt's V (log_volume_growth), whatever score is judged
 
 
 def verdict(score: float, threshold: Threshold, low: float | None) -> str:
@@ -143,12 +146,24 @@ def next_level(a: Attempt) -> int:
     return min(max(a.level + step, 0), len(transforms.PRESETS) - 1)
 
 
+def rescore(model, x: torch.Tensor, scorer: ScorerSettings, judge: Callable[[dict[str, np.ndarray]], np.ndarray],
+            data_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The judged score and V of images [B, C, H, W] (the model's data range), scored as the run
+    scores its inputs (every column, and their complexity) and judged by `judge` (the run's
+    score, with its calibration unchanged): -> ([B], [B])."""
+    rows = fresh_scores(model, x, scorer)
+    cols = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in rows[0]}
+    cols["complexity"] = np.array([complexity(image, data_range) for image in x])
+    return judge(cols), cols["log_volume_growth"]
+
+
 def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], model, spec: ImageSpec,
-                        scorer: ScorerSettings, threshold: Threshold, low: float | None, score_name: str,
-                        settings: RemediationSettings, folder: Path, batch_size: int = 16,
-                        device: str | torch.device = "cpu") -> dict[str, Attempt]:
-    """Augment each image (id -> (full-size image in the model's mode, sha256)) and re-score,
-    in rounds: every image whose variant is not yet accepted gets another try."""
+                        scorer: ScorerSettings, threshold: Threshold, low: float | None,
+                        judge: Callable[[dict[str, np.ndarray]], np.ndarray], settings: RemediationSettings,
+                        folder: Path, batch_size: int = 16, device: str | torch.device = "cpu") -> dict[str, Attempt]:
+    """Augment each image (id -> (full-size image in the model's mode, sha256)) and re-score it
+    (`rescore` with `judge`), in rounds: every image whose variant is not yet accepted gets
+    another try."""
     results: dict[str, Attempt] = {}
     pending = sorted(images)
     for attempt in range(settings.tries):
@@ -163,13 +178,13 @@ def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], model, spec:
                 made.append((i, arr, record, level))
             x = torch.stack([to_tensor(center_crop_resize(to_image(a), spec.size), spec.data_range)
                              for _, a, _, _ in made]).to(device)
-            values = getattr(score_images(model, x, scorer), score_name).tolist()
-            for (i, arr, record, level), v in zip(made, values):
+            values, volumes = rescore(model, x, scorer, judge, spec.data_range)
+            for (i, arr, record, level), v, vol in zip(made, values.tolist(), volumes.tolist()):
                 buf = io.BytesIO()
                 to_image(arr).save(buf, "PNG")
                 why = verdict(v, threshold, low)
                 results[i] = Attempt(why == "accepted", attempt + 1, transforms.PRESETS[level], v, record,
-                                     save_png(folder, i, buf.getvalue()), level, why)
+                                     save_png(folder, i, buf.getvalue()), level, why, vol)
         pending = [i for i in pending if not results[i].accepted]
         if not pending:
             break

@@ -48,12 +48,14 @@ class CleanedFiles:
         self.writer: AtomicParquetWriter | None = None
         self.bytes = 0  # image bytes written
 
-    def write(self, image: dict[str, Any], id_: str, sha256: str, action: str, value: float | None) -> None:
+    def write(self, image: dict[str, Any], id_: str, sha256: str, action: str, volume: float | None,
+              value: float | None, score: str) -> None:
         if self.writer is None or self.writer.count >= self.settings.shard_rows:
             self._commit()
             self.parts.append(self.folder / f".part-{len(self.parts):05d}.parquet")
             self.writer = AtomicParquetWriter(self.parts[-1], cleaned_schema(), {}, self.settings.row_group_rows)
-        self.writer.write([{"image": image, "id": id_, "sha256": sha256, "action": action, "log_volume_growth": value}])
+        self.writer.write([{"image": image, "id": id_, "sha256": sha256, "action": action, "log_volume_growth": volume,
+                            "judged_score": value, "judged_by": score}])
         self.bytes += len(image["bytes"])
 
     def _commit(self) -> None:
@@ -124,7 +126,8 @@ def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str, s
     no input changes. Returns the decided table and the image bytes written to cleaned/."""
     cleaned, written, first = CleanedFiles(folder, settings), set(), True
     while True:
-        todo = decided.select(["id", "sha256", "action", "flagged", score, "augmented_png", "augmented_score"])
+        todo = decided.select(list(dict.fromkeys(["id", "sha256", "action", "flagged", score, "log_volume_growth",
+                                                  "augmented_png", "augmented_score", "augmented_volume_growth"])))
         todo = todo.filter(pc.and_(pc.invert(pc.is_in(todo.column("id"), pa.array(sorted(written), pa.string()))),
                                    _to_read(todo, spool is not None and first)))
         cols = {c: todo.column(c).combine_chunks() for c in todo.column_names}  # Arrow, read a row at a time
@@ -138,10 +141,11 @@ def write_cleaned(folder: Path, source: Source, decided: pa.Table, score: str, s
             if action == "augmented":
                 png = Path(cols["augmented_png"][i].as_py())
                 cleaned.write({"bytes": png.read_bytes(), "path": os.path.splitext(name)[0] + ".aug.png"}, item.id,
-                              cols["sha256"][i].as_py(), action, cols["augmented_score"][i].as_py())
+                              cols["sha256"][i].as_py(), action, cols["augmented_volume_growth"][i].as_py(),
+                              cols["augmented_score"][i].as_py(), score)
             elif action in KEPT:
                 cleaned.write({"bytes": data, "path": name}, item.id, cols["sha256"][i].as_py(), action,
-                              cols[score][i].as_py())
+                              cols["log_volume_growth"][i].as_py(), cols[score][i].as_py(), score)
             if action in KEPT:
                 written.add(item.id)
         first = False

@@ -71,6 +71,15 @@ def scan_scores(path: str | os.PathLike, columns: list[str],
     return rows, np.concatenate(ok) if ok else np.zeros(0)
 
 
+def read_ok_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.ndarray]:
+    """Some numeric columns of a scores table's ok rows (only they are read): name -> [ok rows],
+    NaN where null (flagged: 1.0 or 0.0). Columns the table lacks (an older output) are left out."""
+    names = [c for c in columns if c in pq.read_schema(path).names]
+    t = pq.read_table(path, columns=sorted(set(names) | {"status"}))
+    ok = ok_mask(t)
+    return {c: t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)[ok] for c in names}
+
+
 def read_ok_scores(path: str | os.PathLike, score: str) -> np.ndarray:
     """The score of every ok row of a scores table (two columns read, not the table)."""
     t = pq.read_table(path, columns=["status", score])
@@ -284,6 +293,56 @@ def histogram_svg(scores: np.ndarray, reference: np.ndarray | None, threshold: f
     return "".join(parts)
 
 
+SCATTER_POINTS = 5000  # unflagged points drawn at most (a deterministic sample); flagged ones all
+
+
+def scatter_svg(complexity: np.ndarray, score: np.ndarray, flagged: np.ndarray, threshold: float, label: str,
+                width: int = 760, height: int = 300) -> str:
+    """The judged score against complexity, flagged points red, the threshold a dashed line: a
+    glance tells whether the flags are only the plainest images. complexity, score [n]; flagged [n] bool."""
+    keep = np.isfinite(complexity) & np.isfinite(score)
+    c, v, f = complexity[keep], score[keep], flagged[keep].astype(bool)
+    if not len(c):
+        return "<p class='muted'>No complexity recorded for these scores.</p>"
+    plain = np.flatnonzero(~f)
+    if len(plain) > SCATTER_POINTS:
+        plain = np.sort(np.random.default_rng(0).choice(plain, SCATTER_POINTS, replace=False))
+    x0, x1 = float(c.min()), float(c.max()) or 1.0
+    y0, y1 = float(min(v.min(), threshold)), float(max(v.max(), threshold))
+    x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
+    L, R, T, B = 60, 20, 10, 40
+    x = lambda u: L + (u - x0) / (x1 - x0) * (width - L - R)
+    y = lambda u: height - B - (u - y0) / (y1 - y0) * (height - T - B)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{esc(label)} against complexity" id="scatter">',
+             f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>']
+    for rows, color, r in ((plain, "#3465a4", 1.6), (np.flatnonzero(f), "#c00", 2.2)):
+        parts += [f'<circle cx="{x(c[i]):.1f}" cy="{y(v[i]):.1f}" r="{r}" fill="{color}" fill-opacity="0.5"/>'
+                  for i in rows]
+    ty = y(threshold)
+    parts.append(f'<line x1="{L}" x2="{width - R}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#c00" stroke-dasharray="5,3"/>'
+                 f'<text x="{width - R - 4}" y="{ty - 4:.1f}" fill="#c00" font-size="12" text-anchor="end">'
+                 f'threshold {fmt(threshold)}</text>')
+    for u in np.linspace(x0, x1, 6):
+        parts.append(f'<text x="{x(u):.1f}" y="{height - B + 15}" font-size="11" text-anchor="middle">{fmt(u)}</text>')
+    for u in np.linspace(y0, y1, 5):
+        parts.append(f'<text x="{L - 4}" y="{y(u) + 4:.1f}" font-size="11" text-anchor="end">{fmt(u)}</text>')
+    parts.append(f'<text x="{(L + width - R) / 2}" y="{height - 5}" font-size="12" text-anchor="middle">'
+                 f'complexity (lossless code length, nats)</text>'
+                 f'<text transform="translate(12,{(T + height - B) / 2}) rotate(-90)" font-size="12" '
+                 f'text-anchor="middle">{esc(label)}</text></svg>')
+    return "".join(parts)
+
+
+def plainest_share(complexity: np.ndarray, flagged: np.ndarray) -> float | None:
+    """The share of flagged images in the plainest quartile of complexity (None: none flagged)."""
+    keep = np.isfinite(complexity)
+    f = flagged[keep].astype(bool)
+    if not f.any():
+        return None
+    return float(np.mean(complexity[keep][f] <= np.quantile(complexity[keep], 0.25)))
+
+
 def card(r: dict[str, Any], score: str | None, key: str, extra: str = "", cls: str = "") -> str:
     value = f"<div>{esc(score)}: {r[score]:.4g}</div>" if score and r.get(score) is not None else ""
     return (f'<div class="card {cls}"><img src="{THUMBS}/{thumb_name(key)}" alt="{esc(r["id"])}">'
@@ -328,7 +387,9 @@ def write_report(out: str | os.PathLike) -> Path:
     if m.get("kind") == "dedup":  # memclean dedup: no scores, flags or augmentations
         parts += duplicate_sections(scores, clusters, m, None)
     else:
-        parts += score_sections(scores, ok, reference, flagged, augmented, m)
+        plot = complexity_section(read_ok_columns(out / "scores.parquet", [score, "complexity", "flagged"]),
+                                  score, m["threshold"]["value"])
+        parts += score_sections(scores, ok, reference, flagged, augmented, m, plot)
         parts += duplicate_sections(scores, clusters, m, score)
     parts.append("<h2>Model and settings</h2>")
     parts.append(f"<pre>{esc(json.dumps({'model': m['model'], 'settings': m['settings'], 'dedup': m['dedup'], 'versions': m['versions']}, indent=2))}</pre>")
@@ -337,8 +398,9 @@ def write_report(out: str | os.PathLike) -> Path:
 
 
 def score_sections(scores: list[dict[str, Any]], ok: np.ndarray, reference: np.ndarray | None,
-                   flagged: list[dict], augmented: list[dict], m: dict[str, Any]) -> list[str]:
-    """The histogram, threshold, top flagged gallery and augmented replacements."""
+                   flagged: list[dict], augmented: list[dict], m: dict[str, Any], plot: list[str] = ()) -> list[str]:
+    """The histogram, threshold, `plot` (the score against complexity), top flagged gallery and
+    augmented replacements."""
     c, t = m["counts"], m["threshold"]
     score = t["score"]
     parts = ["<h2>Scores</h2>", histogram_svg(ok, reference, t["value"], score,
@@ -350,7 +412,7 @@ def score_sections(scores: list[dict[str, Any]], ok: np.ndarray, reference: np.n
              + (f" Augmented replacements are accepted between {_bound(t['details']['accept_band'][0], '-inf')} "
                 f"and the threshold (the {t['details']['accept_band_quantile']:g} quantile of the "
                 f"{esc(t['details']['accept_band_of'])}'s scores)." if "accept_band" in t.get("details", {}) else "")
-             + "</p>",
+             + "</p>", *plot,
              f"<h2>Top flagged images ({len(flagged)} cards for {c['flagged']} flagged images, highest "
              f"{esc(score)} first; a duplicate cluster shows once)</h2>",
              "<div class='gallery' id='flagged'>"]
@@ -369,6 +431,19 @@ def score_sections(scores: list[dict[str, Any]], ok: np.ndarray, reference: np.n
                      f"<div><b>{esc(r['augment_preset'])} augmentation</b></div><div>{esc(score)}: {r['augmented_score']:.4g}</div>"
                      f"<div class='muted'>{esc(r['action_reason'])}</div></div></div>")
     return parts
+
+
+def complexity_section(cols: dict[str, np.ndarray], score: str, threshold: float) -> list[str]:
+    """The judged score against complexity, and the flagged images' share of the plainest quartile."""
+    if "complexity" not in cols or score not in cols:
+        return []
+    share = plainest_share(cols["complexity"], cols["flagged"] == 1)
+    words = ("no image is flagged" if share is None else
+             f"<b>{share:.0%}</b> of the flagged images are in the plainest quartile of complexity "
+             "(25% if flagging ignored simplicity)")
+    return ["<h2>Score against complexity</h2>",
+            scatter_svg(cols["complexity"], cols[score], cols["flagged"] == 1, threshold, score),
+            f"<p>{esc(score)} against each image's lossless code length: flagged images red; {words}.</p>"]
 
 
 def duplicate_sections(scores: list[dict[str, Any]], clusters: dict[int, list[dict]], m: dict[str, Any],

@@ -40,6 +40,12 @@ SCORE_SCHEMA = pa.schema([
     ("logp", pa.float64()),  # prior_logp + log_volume_growth (nats)
     ("bits_per_dim", pa.float64()),  # -logp / (D ln 2) + log2(255 / (hi - lo)), the data range's bins
     ("nfe", pa.int64()),  # drift evaluations spent on this image
+    ("log_volume_growth_se", pa.float64()),  # standard error of V from its probes (null: not estimable)
+    ("window_volume_growth", pa.float64()),  # V over [window_start, 1], from the same solve (nats)
+    ("window_volume_growth_se", pa.float64()),  # its standard error
+    ("denoising_loss", pa.float64()),  # mean ||eps_hat - eps||^2 / D at loss_t over loss_noises noises
+    ("denoising_loss_se", pa.float64()),  # its standard error (sd of the per-noise losses / sqrt(n))
+    ("complexity", pa.float64()),  # lossless WebP code length of the image as the model sees it (nats)
     ("reused", pa.bool_()),  # the score came from the cache of an earlier run (not solved again)
     ("divergence", pa.string()),  # the settings that produced the score ...
     ("probes", pa.int64()),
@@ -52,14 +58,30 @@ SCORE_SCHEMA = pa.schema([
     ("seed", pa.int64()),
     ("grid", pa.string()),  # fixed-grid times: log_snr or uniform (dopri5 ignores it)
     ("precision", pa.string()),  # the network's arithmetic: fp32 | tf32 | bf16
+    ("window_start", pa.float64()),  # the window's requested start (the first grid time at or after it)
+    ("loss_t", pa.float64()),  # the denoising loss's time
+    ("loss_noises", pa.int64()),  # its noises
+    ("complexity_codec", pa.string()),  # the coder and versions behind complexity
     ("data_range", pa.string()),  # the range the image was scored in: [-1, 1] (VP) or [0, 1] (VE)
     ("score_space", pa.string()),  # pixel, or latent: the score is of the latent a latent pipeline's UNet diffuses
     ("latent_shape", pa.string()),  # C x H x W of that latent (latent pipelines only)
     ("model_fingerprint", pa.string()),
 ])
 
-DECISION_SCHEMA = pa.schema([
+JUDGED_SCHEMA = pa.schema([  # the scores computed at decision time (decide/scores.py), higher = riskier
+    ("calibrated_volume_growth", pa.float64()),  # V less its fitted trend on complexity
+    ("calibrated_volume_growth_se", pa.float64()),
+    ("denoising_score", pa.float64()),  # -log denoising_loss
+    ("denoising_score_se", pa.float64()),
+    ("calibrated_denoising_score", pa.float64()),  # -log denoising_loss less its fitted trend on complexity
+    ("calibrated_denoising_score_se", pa.float64()),
+    ("combined_score", pa.float64()),  # (z(calibrated V) + z(calibrated denoising score)) / sqrt 2
+    ("combined_score_se", pa.float64()),
+])
+
+DECISION_SCHEMA = pa.schema(list(JUDGED_SCHEMA) + [
     ("flagged", pa.bool_()),  # score above the threshold (null when rejected)
+    ("flag_uncertain", pa.bool_()),  # the judged score lies within 2 standard errors of the threshold
     ("flag_reason", pa.string()),  # policy, threshold and score, for people
     ("dup_cluster", pa.int64()),  # duplicate cluster number; null for images with no duplicate
     ("dup_of", pa.string()),  # the id this row duplicates (its cluster's keeper, or an earlier output's)
@@ -68,7 +90,8 @@ DECISION_SCHEMA = pa.schema([
     ("action_reason", pa.string()),  # why, for people
     ("augment_preset", pa.string()),  # light | medium | strong: the last augmentation tried
     ("augment_tries", pa.int64()),  # augmentations tried
-    ("augmented_score", pa.float64()),  # the re-score of the last augmentation
+    ("augmented_score", pa.float64()),  # the judged re-score of the last augmentation
+    ("augmented_volume_growth", pa.float64()),  # its V (log_volume_growth), whatever is judged
     ("augmentation", pa.string()),  # JSON: preset, seed, serialised transform, drawn parameters
     ("augmented_png", pa.string()),  # internal: staging path of the accepted augmentation
 ])
@@ -80,7 +103,9 @@ CLEANED_SCHEMA = pa.schema([
     ("id", pa.string()),  # the input's id in scores.parquet
     ("sha256", pa.string()),  # of the source file
     ("action", pa.string()),  # kept | augmented
-    ("log_volume_growth", pa.float64()),  # the score that was judged
+    ("log_volume_growth", pa.float64()),  # V of the image written (an augmented row's: its variant's)
+    ("judged_score", pa.float64()),  # the score flagging judged, of the image written
+    ("judged_by", pa.string()),  # which score that is (--score)
 ])
 HF_DTYPES = {pa.string(): "string", pa.float64(): "float64", pa.float32(): "float32", pa.int64(): "int64",
              pa.bool_(): "bool", pa.binary(): "binary", pa.null(): "null"}

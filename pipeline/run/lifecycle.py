@@ -28,12 +28,14 @@ from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.index import build_index, check_faiss, on_gpu, search_views
 from pipeline.decide.remediate import RemediationSettings, augment_and_rescore, plan, record_json, reject_changed, \
     settle
+from pipeline.decide.scores import DERIVED, Calibration, check_judgeable, fit_calibration, judged, judged_columns, \
+    table_columns
 from pipeline.io.data import ImageSpec, Shard, Source, discover, open_image, read_verified
 from pipeline.io.manifest import manifest
 from pipeline.io.outputs import (INDEX, ImageSpool, check_against, decided_table, earlier_survivors, embed_png,
                                  write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
-from pipeline.io.store import AtomicParquetWriter, OutputSettings, ok_mask, score_values, write_json_atomic
+from pipeline.io.store import JUDGED_SCHEMA, AtomicParquetWriter, OutputSettings, ok_mask, write_json_atomic
 from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
 from pipeline.run.shards import ScoreJob, Scored, gather, score_shard, shard_name
@@ -150,15 +152,55 @@ def scoring_summary(ctx: RunContext, prefix: str, results: list[dict[str, Any]])
     return ctx.scoring[prefix]
 
 
-def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference: pa.Table | None) -> Threshold:
-    """The flagging threshold, with the accept band of replacements in its details."""
+def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference: np.ndarray | None) -> Threshold:
+    """The flagging threshold from the judged scores (the dataset's, and the reference's ok
+    rows'), with the accept band of replacements in its details."""
     s = ctx.settings
-    ref = score_values(reference, s.flag.score)[ok_mask(reference)] if reference is not None else None
-    threshold = s.flag.threshold_for(values[ok], ref)
-    low = band_low(ref if ref is not None else values[ok], s.remediation.accept_band)
+    threshold = s.flag.threshold_for(values[ok], reference)
+    low = band_low(reference if reference is not None else values[ok], s.remediation.accept_band)
     return replace(threshold, details={**threshold.details, "accept_band": [low, threshold.value],
                                        "accept_band_quantile": s.remediation.accept_band,
-                                       "accept_band_of": "reference" if ref is not None else "dataset"})
+                                       "accept_band_of": "reference" if reference is not None else "dataset"})
+
+
+@dataclass
+class Judged:
+    """The scores a run judges by: the fitted calibration, the judged score and its standard
+    error per row (dataset and reference), and every derived score's column (JUDGED_SCHEMA)."""
+
+    calibration: Calibration
+    values: np.ndarray  # [rows] the judged score (NaN where not ok)
+    se: np.ndarray  # [rows] its standard error
+    columns: dict[str, list]  # JUDGED_SCHEMA columns of the dataset's rows
+    reference: pa.Table | None  # the reference's table with its JUDGED_SCHEMA columns
+    reference_values: np.ndarray | None  # the reference's ok rows' judged scores
+
+    def judge(self, cols: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """The judged score of other images (remediation's variants), with this calibration."""
+        return judged(cols, name, self.calibration)[0]
+
+
+def judge_scores(table: pa.Table, ok: np.ndarray, reference: pa.Table | None, name: str) -> Judged:
+    """Fit the calibration (on the reference, else robustly on the dataset) and compute every
+    derived score of the dataset and the reference."""
+    ref_ok = ok_mask(reference) if reference is not None else None
+    calibration = fit_calibration(table, ok, reference, ref_ok)
+    if name in DERIVED:
+        check_judgeable(name, calibration)
+    cols = table_columns(table)
+    values, se = judged(cols, name, calibration)
+    derived = judged_columns(cols, calibration)
+    columns = {f.name: [float(v) if o and np.isfinite(v) else None for v, o in zip(derived[f.name], ok)]
+               for f in JUDGED_SCHEMA}
+    ref_values = None
+    if reference is not None:
+        ref_cols = table_columns(reference)
+        ref_values = judged(ref_cols, name, calibration)[0][ref_ok]
+        ref_derived = judged_columns(ref_cols, calibration)
+        for f in JUDGED_SCHEMA:
+            reference = reference.append_column(f, pa.array([float(v) if o and np.isfinite(v) else None
+                                                             for v, o in zip(ref_derived[f.name], ref_ok)], f.type))
+    return Judged(calibration, np.where(ok, values, np.nan), se, columns, reference, ref_values)
 
 
 def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
@@ -190,36 +232,45 @@ def dedup_record(embedder: Embedder, threshold: float, dedup: DedupSettings, ind
 
 
 def decision_columns(table: pa.Table, dup: dict[str, list], flagged: np.ndarray, flag_reason: list[str | None],
-                     remediation: RemediationSettings) -> tuple[dict[str, list], np.ndarray]:
-    """Every decision column (DECISION_SCHEMA) from the duplicates and flags, with the first
-    actions (remediate.plan); returns them and which rows to augment."""
+                     remediation: RemediationSettings, judged_cols: dict[str, list] | None = None,
+                     uncertain: list[bool | None] | None = None) -> tuple[dict[str, list], np.ndarray]:
+    """Every decision column (DECISION_SCHEMA) from the duplicates, flags and judged scores
+    (nulls without them: memclean dedup), with the first actions (remediate.plan); returns
+    them and which rows to augment."""
     n, ok = table.num_rows, ok_mask(table)
     action, reason, augment = plan(ok, flagged, dup["dup_of"], remediation)
-    cols = {**dup, "flagged": [bool(f) if o else None for f, o in zip(flagged, ok)], "flag_reason": flag_reason,
+    cols = {**{f.name: [None] * n for f in JUDGED_SCHEMA}, **(judged_cols or {}), **dup,
+            "flagged": [bool(f) if o else None for f, o in zip(flagged, ok)],
+            "flag_uncertain": uncertain or [None] * n, "flag_reason": flag_reason,
             "action": action, "action_reason": reason,
-            **{k: [None] * n for k in ("augment_preset", "augment_tries", "augmented_score", "augmentation",
-                                       "augmented_png")}}
+            **{k: [None] * n for k in ("augment_preset", "augment_tries", "augmented_score", "augmented_volume_growth",
+                                       "augmentation", "augmented_png")}}
     return cols, augment
 
 
-def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple[dict[str, list], Threshold, np.ndarray, Any]:
-    """Threshold, flags, duplicates and first actions: the decision columns, which rows to
-    augment, and the FAISS index of the duplicate search (None when none ran)."""
+def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple[dict[str, list], Threshold, np.ndarray,
+                                                                                Any, Judged]:
+    """Judged scores, threshold, flags, duplicates and first actions: the decision columns, the
+    threshold, which rows to augment, the FAISS index of the duplicate search (None when none
+    ran) and the judged scores."""
     table, s = scored.table, ctx.settings
     ok = ok_mask(table)
-    values = score_values(table, s.flag.score)
-    threshold = threshold_of(ctx, values, ok, reference)
-    flagged = flag(values, threshold) & ok
+    j = judge_scores(table, ok, reference, s.flag.score)
+    threshold = threshold_of(ctx, j.values, ok, j.reference_values)
+    threshold = replace(threshold, details={**threshold.details, "calibration": j.calibration.to_dict()})
+    flagged = flag(j.values, threshold) & ok
+    near = np.abs(j.values - threshold.value) <= 2 * j.se
+    uncertain = [bool(u) if o and np.isfinite(e) else None for u, o, e in zip(near, ok, j.se)]
     vectors = scored.vectors if s.remediation.dedups else None
-    dup, index = search_duplicates(vectors, scored.flipped, table, ok, values, ctx.dup_threshold, ctx.embedder,
+    dup, index = search_duplicates(vectors, scored.flipped, table, ok, j.values, ctx.dup_threshold, ctx.embedder,
                                    s.dedup, s.model.device, ctx.staging / INDEX)
-    reasons = [threshold.reason(v, s.flag.score) if f else None for v, f in zip(values, flagged)]
-    cols, augment = decision_columns(table, dup, flagged, reasons, s.remediation)
-    return cols, threshold, augment, index
+    reasons = [threshold.reason(v, s.flag.score) if f else None for v, f in zip(j.values, flagged)]
+    cols, augment = decision_columns(table, dup, flagged, reasons, s.remediation, j.columns, uncertain)
+    return cols, threshold, augment, index, j
 
 
 def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: np.ndarray,
-              threshold: Threshold) -> None:
+              threshold: Threshold, j: Judged) -> None:
     """Augment and re-score the rows marked for augmentation, and settle their actions; an
     input that changed since scoring goes to ctx.changed (reject_changed rejects it)."""
     rows = {table.column("id")[int(r)].as_py(): int(r) for r in np.where(augment)[0]}
@@ -232,13 +283,15 @@ def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: 
     images = {item.id: (open_image(data, ctx.spec), sha[item.id])
               for item, data in read_verified(ctx.source, sha, ctx.changed)}
     low = threshold.details["accept_band"][0]
-    results = augment_and_rescore(images, ctx.model, ctx.spec, s.scorer, threshold, low, s.flag.score,
-                                  s.remediation, folder, s.model.batch_size, s.model.device)
+    results = augment_and_rescore(images, ctx.model, ctx.spec, s.scorer, threshold, low,
+                                  partial(j.judge, name=s.flag.score), s.remediation, folder, s.model.batch_size,
+                                  s.model.device)
     for id_, row in rows.items():
         a = results.get(id_)
         if a is not None:
             cols["augment_preset"][row], cols["augment_tries"][row] = a.preset, a.tries
             cols["augmented_score"][row], cols["augmentation"][row] = a.score, record_json(a)
+            cols["augmented_volume_growth"][row] = a.volume
             cols["augmented_png"][row] = str(a.png) if a.accepted else None
     settle(cols["action"], cols["action_reason"], rows, results, threshold, low, s.remediation.on_failure)
 
@@ -312,9 +365,10 @@ def finish_run(ctx: RunContext, scored: dict[str, Scored]) -> dict[str, Any]:
     manifest."""
     ref_table = scored["reference"].table if "reference" in scored else None
     with ctx.run.stage("flag_and_dedup"):
-        cols, threshold, augment, index = decide(ctx, scored["input"], ref_table)
+        cols, threshold, augment, index, j = decide(ctx, scored["input"], ref_table)
+        ref_table = j.reference
     with ctx.run.stage("remediate"):
-        remediate(ctx, scored["input"].table, cols, augment, threshold)
+        remediate(ctx, scored["input"].table, cols, augment, threshold, j)
     decided = write_outputs(ctx, scored["input"], decided_table(scored["input"].table, cols), threshold, ref_table,
                             index)
     return commit_with_report(ctx.run, ctx.source, ctx.spec, decided, ctx.settings.flag.score,

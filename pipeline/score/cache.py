@@ -24,7 +24,10 @@ from pipeline.fields import setting
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe")  # what a score is
+# what a score is (the columns a cache entry keeps); complexity is not among them: it is the
+# image's own code length, computed again from its pixels every time (pipeline/score/complexity.py)
+SCORE_COLUMNS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "nfe", "log_volume_growth_se",
+                 "window_volume_growth", "window_volume_growth_se", "denoising_loss", "denoising_loss_se")
 CACHE_SCHEMA = pa.schema([("sha256", pa.string())] + [(c, pa.int64() if c == "nfe" else pa.float64())
                                                        for c in SCORE_COLUMNS])
 
@@ -84,8 +87,8 @@ class ScoreCache:
     """Score columns by file sha256, for one (model, settings, spec) namespace. A process shares
     one instance per namespace (run.resources), and each refresh reads only new files.
 
-    Entries live in two arrays sorted by key (32 raw bytes of digest, `KEY`, then the five scores as
-    float64: 72 bytes an entry, against about 500 as Python dicts), looked up by binary search;
+    Entries live in two arrays sorted by key (32 raw bytes of digest, `KEY`, then the SCORE_COLUMNS as
+    float64: 112 bytes an entry, against about 900 as Python dicts), looked up by binary search;
     entries added since the last fold wait in a small dict, folded in once they outnumber
     FOLD_AT or a quarter of the arrays (so folding costs O(log n) per entry).
     """

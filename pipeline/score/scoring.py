@@ -9,12 +9,17 @@ import torch
 
 from pipeline.io.data import Decoded, ImageSpec, Item, batched
 from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
+from pipeline.score.complexity import codec, complexity
+from pipeline.score.loss import LossResult, denoising_loss
 from pipeline.score.models import LoadedModel
 from pipeline.score.probes import image_key
 from pipeline.score.volume import ScorerSettings, VolumeResult, log_volume_growth
 
 log = logging.getLogger(__name__)
 
+# the columns a fresh score must have finite (a standard error may be NaN: an adaptive solver's)
+FINITE = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "window_volume_growth")
+OPTIONAL = ("log_volume_growth_se", "window_volume_growth_se", "denoising_loss", "denoising_loss_se")  # may be null
 
 
 def image_spec(model: LoadedModel, max_pixels: int = ImageSpec.max_pixels,
@@ -37,11 +42,34 @@ def base_row(d: Decoded) -> dict:
 
 def score_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
                  progress: Callable[[int], None] | None = None) -> VolumeResult:
-    """Images in the model's data range [B, C, H, W] -> their scores. A latent pipeline's images
-    go through its encoder first, with probes keyed by the images themselves (the latent's float
-    rounding may depend on the batch; the image's bytes do not)."""
+    """Images in the model's data range [B, C, H, W] -> their V (and log p) with its window and
+    standard errors. A latent pipeline's images go through its encoder first, with probes keyed
+    by the images themselves (the latent's float rounding may depend on the batch; the image's
+    bytes do not)."""
     keys = None if model.encoder is None else [image_key(settings.seed, image) for image in x]
     return log_volume_growth(model.score_fn, model.prepare(x), settings, progress, keys)
+
+
+def loss_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings) -> LossResult | None:
+    """Images [B, C, H, W] -> their denoising loss at settings.loss_t (None with no noises), in the
+    space the model diffuses (a latent pipeline's latent), noises keyed by the images."""
+    if not settings.loss_noises:
+        return None
+    keys = [image_key(settings.seed, image) for image in x]
+    with torch.no_grad():
+        z = model.prepare(x)
+    return denoising_loss(model.score_fn, z, settings.loss_t, settings.loss_noises, settings.seed, keys)
+
+
+def fresh_scores(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
+                 progress: Callable[[int], None] | None = None) -> list[dict]:
+    """The SCORE_COLUMNS of each image of a batch, solved now: [B, C, H, W] -> B dicts."""
+    v, loss = score_images(model, x, settings, progress), loss_images(model, x, settings)
+    columns = {c: getattr(v, c) for c in SCORE_COLUMNS if not c.startswith("denoising")}
+    nan = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
+    columns["denoising_loss"] = nan if loss is None else loss.denoising_loss
+    columns["denoising_loss_se"] = nan if loss is None else loss.denoising_loss_se
+    return [{c: columns[c][i].item() for c in SCORE_COLUMNS} for i in range(x.shape[0])]
 
 
 def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettings,
@@ -53,7 +81,8 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
     shape = model.latent_shape
     settings_cols = {**settings.to_dict(), "model_fingerprint": model.fingerprint,
                      "data_range": format_range(model.data_range), "score_space": model.score_space,
-                     "latent_shape": None if shape is None else "x".join(map(str, shape))}
+                     "latent_shape": None if shape is None else "x".join(map(str, shape)),
+                     "complexity_codec": codec()}
     ok = [d for d in batch if d.pixels is not None]
     scores: dict[int, dict] = {}
     if cache is not None:
@@ -64,14 +93,14 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
     todo = [d for d in ok if id(d) not in scores]
     if todo:
         x = torch.stack([d.pixels for d in todo]).to(device)
-        result = score_images(model, x, settings, progress)
-        fresh = [{c: getattr(result, c)[i].item() for c in SCORE_COLUMNS} for i in range(len(todo))]
-        finite = [all(math.isfinite(row[c]) for c in SCORE_COLUMNS) for row in fresh]
+        fresh = fresh_scores(model, x, settings, progress)
+        must = FINITE + (("denoising_loss",) if settings.loss_noises else ())
+        finite = [all(math.isfinite(row[c]) for c in must) for row in fresh]
         for d, row, good in zip(todo, fresh, finite):
             scores[id(d)] = {**row, "reused": False} if good else NON_FINITE
             if not good:
                 log.warning("%s: the model gave a non-finite score (%s); the image is rejected", d.item.path,
-                            ", ".join(f"{c}={row[c]}" for c in SCORE_COLUMNS))
+                            ", ".join(f"{c}={row[c]}" for c in must))
         if cache is not None:  # never cache a score that is not a number
             cache.put([{**row, "sha256": d.sha256} for d, row, good in zip(todo, fresh, finite) if good])
     if progress and len(ok) > len(todo):
@@ -83,7 +112,12 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
             if progress:
                 progress(1)
         empty = {**dict.fromkeys(SCORE_COLUMNS), "reused": None}
-        rows.append({**base_row(d), **scores.get(id(d), empty), **settings_cols})
+        row = {**base_row(d), **scores.get(id(d), empty), **settings_cols}
+        row["complexity"] = complexity(d.pixels, model.data_range) if row["status"] == "ok" else None
+        for c in OPTIONAL:  # not estimated (an adaptive solver's standard error; no loss): null, not NaN
+            if row[c] is not None and math.isnan(row[c]):
+                row[c] = None
+        rows.append(row)
     return rows
 
 

@@ -39,7 +39,11 @@ SOLVERS = tuple(FIXED_GRID_SOLVERS) + tuple(ADAPTIVE_SOLVERS)
 GRIDS = ("log_snr", "uniform")
 PROBE_MODES = ("fresh", "fixed")
 PRECISIONS = ("fp32", "tf32", "bf16")
-SCORER_VERSION = 2  # bumped when the same settings would give a different number (cache keys)
+SCORER_VERSION = 3  # bumped when the same settings would give a different number (cache keys)
+# measured by benchmarks/evidence.py on the digits and the photo tiles (RESULTS.md)
+DEFAULT_WINDOW_START = 0.02
+DEFAULT_LOSS_T = 0.1
+DEFAULT_LOSS_NOISES = 16
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class ScorerSettings:
                         "or in t", choices=GRIDS)
     precision: str = setting("fp32", "the network's arithmetic: fp32, tf32 (CUDA matmuls and convolutions) or bf16 "
                              "(autocast); V is float64 whatever it is", choices=PRECISIONS)
+    window_start: float = setting(DEFAULT_WINDOW_START, "window_volume_growth is V over [t0, 1] from the same solve, "
+                                  "t0 the first grid time at or after this (dropping the stretch nearest the data)")
+    loss_t: float = setting(DEFAULT_LOSS_T, "time of the denoising loss (the network's timestep t (N - 1))")
+    loss_noises: int = setting(DEFAULT_LOSS_NOISES, "seeded noises the denoising loss averages (0: no loss)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.probes <= 1024:
@@ -80,6 +88,11 @@ class ScorerSettings:
             raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must lie in (0, 1), got {self.eps}")
+        if not self.eps <= self.window_start < 1:
+            raise ValueError(f"--window-start must lie in [eps, 1), got {self.window_start}")
+        if not 0 < self.loss_t <= 1 or not 0 <= self.loss_noises <= 1024:
+            raise ValueError(f"--loss-t must lie in (0, 1] and --loss-noises in [0, 1024], got {self.loss_t}, "
+                             f"{self.loss_noises}")
 
     @property
     def adaptive(self) -> bool:
@@ -99,6 +112,10 @@ class VolumeResult:
     bits_per_dim: torch.Tensor  # -logp / (D ln 2) + log2(255 / (hi - lo)) (8-bit data in [lo, hi])
     nfe: torch.Tensor  # drift evaluations spent on each image, int64
     latent: torch.Tensor  # x_1
+    log_volume_growth_se: torch.Tensor | None = None  # standard error of V from its probes (variance_of)
+    window_volume_growth: torch.Tensor | None = None  # V over [window start, 1], from the same solve
+    window_volume_growth_se: torch.Tensor | None = None  # its standard error
+    profile: tuple[torch.Tensor, torch.Tensor] | None = None  # (times [T], V over [t, 1] at each: [T, B])
 
 
 def drift(score_fn: ScoreFunction, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +150,24 @@ def hutchinson_divergence(fn: Field, y: torch.Tensor, probes: torch.Tensor) -> t
     """fn(y) and div fn ~ 1/K sum_k v_k^T (d fn/dy) v_k: y [B, ...], probes [K, B, ...] -> ([B, ...], [B])."""
     out, rows = field_and_vjps(fn, y, probes)
     return out, (rows * probes).flatten(2).sum(2).mean(0)
+
+
+def probe_variance(rows: torch.Tensor, probes: torch.Tensor, kind: str) -> torch.Tensor:
+    """An estimate of Var(v^T A v) for each probe from its own product r = v^T A: rows and
+    probes [K, B, ...] -> [K, B] float64.
+
+    For a symmetric A (the Jacobian of a score is a Hessian): Gaussian probes have variance
+    2 ||A||_F^2; Rademacher probes 2 (||A||_F^2 - sum_i A_ii^2) <= 2 (||A||_F^2 - (tr A)^2 / D)
+    (Cauchy-Schwarz), equal when A's diagonal is constant (A = c I: 0). E ||r||^2 = ||A||_F^2
+    (E[v v^T] = I) and d = r v estimates tr A, so the estimate is 2 ||r||^2, and for Rademacher
+    probes 2 max(0, ||r||^2 - d^2 / D): an upper bound where the diagonal varies.
+    """
+    r = rows.flatten(2).to(torch.float64)
+    r2 = r.pow(2).sum(2)
+    if kind == "gaussian":
+        return 2 * r2
+    d = (r * probes.flatten(2).to(torch.float64)).sum(2)
+    return 2 * (r2 - d**2 / r.shape[2]).clamp_min(0)
 
 
 def exact_divergence(fn: Field, y: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,18 +206,61 @@ def stage_weights(sbar: torch.Tensor, solver: str) -> torch.Tensor | None:
     return None
 
 
+def quadrature(sbar: torch.Tensor, solver: str) -> torch.Tensor:
+    """How torchdiffeq's fixed-grid step combines its stages' rates into the increment of V:
+    [steps, stages] (heun2: ds/2 each; euler: ds; rk4, the 3/8 rule: ds (1, 3, 3, 1) / 8)."""
+    ds = (sbar[1:] - sbar[:-1])[:, None]
+    b = {"euler": [1.0], "heun": [0.5, 0.5], "rk4": [0.125, 0.375, 0.375, 0.125]}[solver]
+    return ds * torch.tensor(b, dtype=ds.dtype, device=ds.device)
+
+
+class ProbeNoise:
+    """The variance of a fixed-grid V (and of its window's) from the probes' own products.
+
+    V = sum_k c_k d_k with c the quadrature coefficients times the stage weights (one per drift
+    evaluation k) and d_k the K-probe mean of evaluation k. The trajectory never reads V, so with
+    fresh probes the d_k are independent: Var V = sum_k c_k^2 Var(d_k). With one fixed probe set,
+    V = mean_j v_j^T M v_j with M = sum_k c_k A_k, whose variance comes from R = sum_k c_k r_k
+    (probe_variance of M). Evaluations of steps from `window_step` on make the window's.
+    """
+
+    def __init__(self, coefficients: torch.Tensor, fresh: bool, kind: str, window_step: int):
+        self.c, self.fresh, self.kind = coefficients, fresh, kind
+        self.first = window_step * coefficients.shape[1]  # the window's first evaluation
+        self.c = coefficients.reshape(-1)
+        self.parts: dict[str, object] = {}
+
+    def add(self, k: int, rows: torch.Tensor, probes: torch.Tensor) -> None:
+        c = float(self.c[k])
+        for name in ("whole", "window") if k >= self.first else ("whole",):
+            if self.fresh:
+                var = probe_variance(rows, probes, self.kind).mean(0) / rows.shape[0]
+                self.parts[name] = self.parts.get(name, 0) + c**2 * var
+            else:
+                self.parts[name] = self.parts.get(name, 0) + c * rows.to(torch.float64)
+        self._probes = probes
+
+    def variance(self, name: str) -> torch.Tensor | None:
+        part = self.parts.get(name)
+        if part is None:
+            return None
+        if self.fresh:
+            return part
+        return probe_variance(part, self._probes, self.kind).mean(0) / part.shape[0]
+
+
 class AugmentedDrift(torch.nn.Module):
     """d[xbar, V]/dsbar = [g, div g] (module docstring) for torchdiffeq; counts its evaluations.
 
     Evaluation k estimates div g with the probes `probes(k)` (fresh or fixed), or exactly when
     `probes` is None; on a fixed grid, dV/dsbar at stage i of step n is scaled by weights[n, i]
-    (`stage_weights`).
+    (`stage_weights`), and `noise` (a ProbeNoise) collects what V's variance needs.
     """
 
     def __init__(self, score_fn: ScoreFunction, probes: ProbeStream | None,
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, noise: ProbeNoise | None = None):
         super().__init__()
-        self.score_fn, self.probes, self.weights = score_fn, probes, weights
+        self.score_fn, self.probes, self.weights, self.noise = score_fn, probes, weights, noise
         self.nfe = 0
 
     def forward(self, sbar: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
@@ -193,35 +271,72 @@ class AugmentedDrift(torch.nn.Module):
             if self.probes is None:
                 g, div = exact_divergence(rate, state[0])
             else:
-                g, div = hutchinson_divergence(rate, state[0], self.probes(k))
+                v = self.probes(k)
+                g, rows = field_and_vjps(rate, state[0], v)
+                div = (rows * v).flatten(2).sum(2).mean(0)
+                if self.noise is not None:
+                    self.noise.add(k, rows, v)
         if self.weights is not None:
             div = div * self.weights.view(-1)[k]
         return g, div.to(torch.float64)
 
 
+@dataclass
+class Solve:
+    """One batch's solve: x_1, V, and what the window and the standard errors need."""
+
+    latent: torch.Tensor  # x_1 [B, ...]
+    V: torch.Tensor  # [B] float64
+    nfe: int
+    window: torch.Tensor  # V over [window start, 1]: [B] float64
+    var: torch.Tensor | None  # Var V [B] (None: not estimable: an adaptive solver's)
+    window_var: torch.Tensor | None
+    times: torch.Tensor  # the solve's output times [T]
+    profile: torch.Tensor  # V over [t, 1] for each of them: [T, B]
+
+
 def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
-           keys: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Integrate [xbar, V] from eps to 1 for one batch: -> (x_1 [B, ...], V [B], nfe)."""
+           keys: list[int] | None = None) -> Solve:
+    """Integrate [xbar, V] from eps to 1 for one batch."""
     schedule = score_fn.schedule
     probes = None if settings.divergence == "exact" else ProbeStream(
         x, settings.seed, settings.probes, settings.divergence, settings.probe_mode == "fresh", keys)
-    ends = torch.tensor([settings.eps, 1.0], dtype=torch.float64)
-    log_alpha = schedule.log_alpha(ends)
-    state0 = (x.to(torch.float64) / math.exp(log_alpha[0]),
+    state0 = (x.to(torch.float64) / math.exp(schedule.log_alpha(torch.tensor(settings.eps, dtype=torch.float64))),
               torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
     if settings.adaptive:
+        times = torch.tensor([settings.eps, settings.window_start, 1.0], dtype=torch.float64).unique()
         func = AugmentedDrift(score_fn, probes)
-        sbar = schedule.sigma_bar(ends).to(x.device)
+        sbar = schedule.sigma_bar(times).to(x.device)
         # step_t: the last step lands on t = 1 instead of overshooting and interpolating back,
         # so the network is never evaluated outside the schedule's [0, 1]
         xs, vs = odeint(func, state0, sbar, rtol=settings.rtol, atol=settings.atol,
                         method=ADAPTIVE_SOLVERS[settings.solver], options={"step_t": sbar[1:]})
+        noise, start = None, len(times) - 2
     else:
-        sbar = schedule.sigma_bar(time_grid(schedule, settings)).to(x.device)
-        func = AugmentedDrift(score_fn, probes, stage_weights(sbar, settings.solver))
+        times = time_grid(schedule, settings)
+        sbar = schedule.sigma_bar(times).to(x.device)
+        weights = stage_weights(sbar, settings.solver)
+        start = window_index(times, settings.window_start)
+        noise = None if probes is None else ProbeNoise(
+            quadrature(sbar, settings.solver) * (1 if weights is None else weights), probes.fresh, probes.kind, start)
+        func = AugmentedDrift(score_fn, probes, weights, noise)
         xs, vs = odeint(func, state0, sbar, method=FIXED_GRID_SOLVERS[settings.solver])
-    V = vs[-1] + x[0].numel() * float(log_alpha[1] - log_alpha[0])  # the linear part, exactly
-    return xs[-1] * math.exp(log_alpha[1]), V, func.nfe
+    log_alpha = schedule.log_alpha(times)
+    D = x[0].numel()
+    V = vs[-1] + D * float(log_alpha[-1] - log_alpha[0])  # the linear part, exactly
+    profile = vs[-1][None] - vs + D * (log_alpha[-1] - log_alpha)[:, None].to(vs)
+    window = profile[start]
+    exact = probes is None
+    var = torch.zeros_like(V) if exact else (noise.variance("whole") if noise else None)
+    window_var = torch.zeros_like(V) if exact else (noise.variance("window") if noise else None)
+    return Solve(xs[-1] * math.exp(log_alpha[-1]), V, func.nfe, window, var,
+                 torch.zeros_like(V) if window_var is None and noise is not None else window_var, times, profile)
+
+
+def window_index(times: torch.Tensor, start: float) -> int:
+    """The first grid time at or after `start` (the window's start), as an index into times."""
+    at = int(torch.searchsorted(times, torch.tensor(start, dtype=times.dtype) * (1 - 1e-12)))
+    return min(at, len(times) - 2)
 
 
 def time_grid(schedule, settings: ScorerSettings) -> torch.Tensor:
@@ -279,14 +394,22 @@ def log_volume_growth(score_fn: ScoreFunction, x: torch.Tensor, settings: Scorer
                 parts.append(_solve(score_fn, x[i:i + 1], settings, None if keys is None else keys[i:i + 1]))
                 if progress:
                     progress(1)
-            latent = torch.cat([p[0] for p in parts])
-            V = torch.cat([p[1] for p in parts])
-            nfe = torch.tensor([p[2] for p in parts], dtype=torch.int64)
+            nfe = torch.tensor([p.nfe for p in parts], dtype=torch.int64)
         else:
-            latent, V, n = _solve(score_fn, x, settings, keys)
-            nfe = torch.full((x.shape[0],), n, dtype=torch.int64)
+            parts = [_solve(score_fn, x, settings, keys)]
+            nfe = torch.full((x.shape[0],), parts[0].nfe, dtype=torch.int64)
             if progress:
                 progress(x.shape[0])
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+    latent, V = cat("latent"), cat("V")
+    se = {name: None if cat(name) is None else cat(name).sqrt() for name in ("var", "window_var")}
     prior = score_fn.schedule.prior_logp(latent)
     logp = prior + V
-    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), score_fn.bits_offset), nfe, latent)
+    nan = torch.full_like(V, float("nan"))  # no estimate (an adaptive solver's)
+    profile = None if settings.adaptive else (parts[0].times, parts[0].profile)
+    return VolumeResult(V, prior, logp, bits_per_dim(logp, x[0].numel(), score_fn.bits_offset), nfe, latent,
+                        nan if se["var"] is None else se["var"], cat("window"),
+                        nan if se["window_var"] is None else se["window_var"], profile)
