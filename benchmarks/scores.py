@@ -37,6 +37,7 @@ from scipy.stats import spearmanr
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.results import hardware, write_section  # noqa: E402
+from pipeline.decide.flagging import FlagSettings  # noqa: E402
 from pipeline.decide.scores import JUDGED, calibrate, judged  # noqa: E402
 from pipeline.io.data import decode_item, discover  # noqa: E402
 from pipeline.score.complexity import complexity  # noqa: E402
@@ -207,28 +208,38 @@ def report(results: list[dict], extras: dict[str, dict], seconds: float) -> str:
     for name, sp in extras.items():
         lines += [f"Run-to-run Spearman on `{name}` ({sp['n']} images, not an evidence set): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in sp.items() if k != "n") + ".", ""]
+    if results:
+        worst = {s: min(r["table"][s]["worst"] for r in results) for s in JUDGED}
+        best = max(worst, key=worst.get)
+        lines += [f"The choice: the score with the best worst-case AUC (members vs held-out, and duplicated vs unique) "
+                  f"over {' and '.join(r['name'] for r in results)} is `{best}` ({worst[best]:.3f}); "
+                  f"`--score` defaults to `{FlagSettings().score}`. Worst cases: "
+                  + ", ".join(f"{s} {v:.3f}" for s, v in sorted(worst.items(), key=lambda kv: -kv[1])) + ".", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     ap.add_argument("--extra", nargs="+", action="append", default=[],
                     help="NAME MODEL FOLDER [FOLDER ...]: run-to-run Spearman only")
     ap.add_argument("--samples", type=int, default=500, help="generations counted for memorization")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    ap.add_argument("--from-json", type=Path, default=None, help="the sets' figures from an earlier --json (not rerun)")
     args = ap.parse_args()
     t0 = time.time()
-    results = []
+    results = json.loads(args.from_json.read_text())["results"] if args.from_json else []
     for name in args.sets:
         model, data = SETS[name]
         results.append(measure(name, REPO / model, REPO / data, args.samples))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "training"}, indent=1, default=str), flush=True)
     extras = {e[0]: extra_spearman(Path(e[1]), [Path(f) for f in e[2:]]) for e in args.extra}
-    text = report(results, extras, time.time() - t0)
+    seconds = time.time() - t0 + (json.loads(args.from_json.read_text()).get("seconds", 0) if args.from_json else 0)
+    text = report(results, extras, seconds)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "extras": extras}, indent=1, default=str))
+        args.json.write_text(json.dumps({"results": results, "extras": extras, "seconds": seconds}, indent=1,
+                                        default=str))
     write_section("scores", text, args.out)
     print(text)
 

@@ -108,7 +108,7 @@ def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
                               cwd=project, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         params = ["--param", f"data={data}", "--param", f"model={model}", "--param", f"out={out}",
-                  "--param", "reference=null", "--param", "solver=euler", "--param", "steps=2",
+                  "--param", "reference=null", "--param", "solver=euler", "--param", "steps=2", "--param", "precision_target=0",
                   "--param", "batch_size=4"]
         prefect(server, "deployment", "run", "clean/demo", *params, "--watch", "--watch-timeout", "300", cwd=project)
         first = json.loads((out / "manifest.json").read_text())

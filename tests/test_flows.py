@@ -10,7 +10,7 @@ from memclean.cli import main
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 
-FAST = dict(solver="euler", steps=2, batch_size=4, shard_size=4)
+FAST = dict(solver="euler", steps=2, batch_size=4, shard_size=4, precision_target=0.0)  # one scoring pass
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_flow_matches_the_library_run_and_publishes_artifacts(harness, setup):
     tmp, data, model = setup
     m = clean(data=str(data), model=str(model), out=str(tmp / "flow"), cache_dir=str(tmp / "c1"), **FAST)
     assert main(["clean", "--data", str(data), "--model", str(model), "--out", str(tmp / "cli"), "--no-cache",
-                 "--solver", "euler", "--steps", "2", "--batch-size", "4", "--shard-size", "4"]) == 0
+                 "--solver", "euler", "--steps", "2", "--batch-size", "4", "--shard-size", "4", "--precision-target", "0"]) == 0
     assert scores(tmp / "flow") == scores(tmp / "cli")
     assert m["counts"]["input"] == 14 and m["counts"]["rejected"] == 1 and m["scoring"]["scored_fresh"] == 13
 

@@ -1,5 +1,6 @@
 """`memclean clean` end to end on a hostile corpus; the outputs opened by real readers."""
 import json
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
 from tests.test_data import hostile_folder
 
-FAST = ["--solver", "euler", "--steps", "2", "--batch-size", "4"]
+FAST = ["--solver", "euler", "--steps", "2", "--batch-size", "4", "--precision-target", "0"]  # one pass
 
 
 @pytest.fixture
@@ -52,7 +53,8 @@ def test_hostile_corpus_is_fully_accounted_for(tmp_path, model, corpus):
     assert c["input"] == len(expected) == c["kept"] + c["augmented"] + c["dropped"] + c["rejected"]
     assert c["rejected"] == sum(v is not None for v in expected.values())
     assert c["scored"] == c["input"] - c["rejected"]
-    ok_scores = sorted(r["log_volume_growth"] for r in scores if r["status"] == "ok")
+    judged = m["threshold"]["score"]  # the default score, whichever it is
+    ok_scores = sorted(r[judged] for r in scores if r["status"] == "ok")
     assert m["threshold"]["value"] == pytest.approx(np.quantile(ok_scores, 0.95))
     assert c["flagged"] == c["dropped"] == sum(s > m["threshold"]["value"] for s in ok_scores) >= 1
     flagged = pq.read_table(out / "flagged.parquet").to_pylist()
@@ -192,7 +194,7 @@ def test_a_sigkilled_process_resumes_to_the_same_outputs(tmp_path, model, corpus
     data, _ = corpus
     memclean = str(Path(sys.executable).with_name("memclean"))
     args = ["clean", "--data", str(data), "--model", str(model), "--max-pixels", "50000",
-            "--solver", "euler", "--steps", "300", "--batch-size", "2", "--shard-size", "2"]
+            "--solver", "euler", "--steps", "300", "--batch-size", "2", "--shard-size", "2", "--precision-target", "0"]
     cache = tmp_path / "kill-cache"
     proc = subprocess.Popen([memclean, *args, "--out", str(tmp_path / "out"), "--cache-dir", str(cache)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -291,7 +293,8 @@ def test_a_keeper_that_changes_before_writing_hands_its_cluster_to_the_next_memb
     keepers = [i for i in copies if rows[i]["dup_of"] is None]
     assert len(keepers) == 1 and rows[keepers[0]]["action"] == "kept"
     new = keepers[0]
-    assert new == min(copies, key=lambda i: (rows[i]["log_volume_growth"], i))  # the lowest-risk member
+    risk = json.loads((out / "manifest.json").read_text())["threshold"]["score"]  # the judged score is the risk
+    assert new == min(copies, key=lambda i: (rows[i][risk], i))  # the lowest-risk member
     assert "changed during the run" in rows[new]["action_reason"]
     for i in copies:
         assert rows[i]["dup_cluster"] == rows[new]["dup_cluster"] is not None
@@ -317,7 +320,7 @@ def test_a_clean_run_on_a_latent_checkpoint(tmp_path, write_images, embedder):
     data = write_images(n=10, size=(16, 16), mode="RGB")
     Image.open(data / "img000.png").save(data / "copy.png")
     assert main(["clean", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "out"),
-                 "--solver", "euler", "--steps", "2", "--flag-quantile", "0.5", "--accept-band", "0",
+                 "--solver", "euler", "--steps", "2", "--flag-quantile", "0.5", "--accept-band", "0", "--precision-target", "0",
                  "--no-cache", "--embedder", embedder]) == 0
     out = tmp_path / "out"
     m = json.loads((out / "manifest.json").read_text())
@@ -371,7 +374,8 @@ def test_two_runs_on_one_output_one_finishes_the_other_fails_clearly(tmp_path, m
     data, _ = corpus
     memclean = str(Path(sys.executable).with_name("memclean"))
     args = ["clean", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "out"),
-            "--max-pixels", "50000", "--solver", "euler", "--steps", "200", "--batch-size", "2", "--no-cache"]
+            "--max-pixels", "50000", "--solver", "euler", "--steps", "200", "--batch-size", "2", "--no-cache",
+            "--precision-target", "0"]
     first = subprocess.Popen([memclean, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = tmp_path / ".out.lock"
     deadline = time.time() + 300
@@ -418,3 +422,31 @@ def test_a_calibrated_score_is_fitted_on_the_reference_and_judged_everywhere(tmp
         assert r["flagged"] == (r[score] > t["value"])
         assert r["flag_uncertain"] == (abs(r[score] - t["value"]) <= 2 * r[f"{score}_se"])
         assert r["complexity"] > 0 and r["denoising_loss"] > 0 and r["log_volume_growth_se"] >= 0
+
+
+def test_precision_passes_average_independent_seeds(tmp_path, model, corpus):
+    """A tiny random UNet ranks images mostly by probe noise, so the noise ratio stays above the
+    target and the run takes --max-passes 2 passes: each row's V, window and loss are the mean of
+    what one-pass runs with seeds 0 and 1 give (the same numbers: probes and noises are a hash of
+    the seed and the image), their standard errors those of a mean of two, nfe their sum."""
+    data, _ = corpus
+    one = []
+    for seed in (0, 1):
+        assert run(tmp_path, model, data, "--no-cache", "--seed", str(seed), "--overwrite") == 0
+        one.append({r["id"]: r for r in pq.read_table(tmp_path / "out" / "scores.parquet").to_pylist()})
+    assert run(tmp_path, model, data, "--no-cache", "--overwrite", "--precision-target", "0.01",
+               "--max-passes", "2") == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    p = m["scoring"]["precision"]
+    assert p["passes"] == 2 and len(p["noise_ratio_after_each"]) == 2 and p["noise_ratio_after_each"][0] > 0.01
+    assert {"score", "score_input_pass2"} <= set(m["timings_s"])
+    both = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "scores.parquet").to_pylist()}
+    for i, r in both.items():
+        if r["status"] != "ok":
+            continue
+        a, b = one[0][i], one[1][i]
+        assert r["passes"] == 2 and r["nfe"] == a["nfe"] + b["nfe"] and r["seed"] == 0
+        for c in ("log_volume_growth", "window_volume_growth", "denoising_loss"):  # float64 sums of two
+            assert r[c] == pytest.approx((a[c] + b[c]) / 2, rel=1e-12), c
+        assert r["log_volume_growth_se"] == pytest.approx(math.hypot(a["log_volume_growth_se"],
+                                                                     b["log_volume_growth_se"]) / 2, rel=1e-12)

@@ -63,3 +63,6 @@ def test_derived_scores_follow_their_formulas():
     with pytest.raises(ValueError, match="combined_score needs"):
         check_judgeable("combined_score", Calibration("dataset", "theil_sen", {"log_volume_growth": fits["log_volume_growth"]}))
     check_judgeable("log_volume_growth", Calibration("dataset", "theil_sen", {}))  # raw scores need no fit
+    two = calibrate({k: v[:2] for k, v in columns().items()}, "dataset")  # too few to fit: the median, no slope
+    assert two.fits["log_volume_growth"].slope == 0 and two.fits["log_volume_growth"].n == 2
+    assert calibrate({**columns(), "denoising_loss": np.full(400, np.nan)}, "dataset").fits.keys() == {"log_volume_growth"}

@@ -28,6 +28,8 @@ def test_every_name_is_unique_across_the_run_and_the_flow():
     ({"against": "prev", "action": "drop"}, "--against"), ({"steps": 0}, "steps"),
     ({"accept_band": 0.6}, "--accept-band"), ({"batch_size": 0}, "--batch-size"),
     ({"shard_size": 0}, "--shard-size"), ({"nonsense": 1}, "unknown settings"),
+    ({"precision_target": 1.5}, "--precision-target"), ({"max_passes": 0}, "--max-passes"),
+    ({"score": "beauty"}, "--score 'beauty'"), ({"loss_noises": 2000}, "--loss-noises"),
 ])
 def test_bad_settings_are_refused_when_built(bad, message):
     with pytest.raises(ValueError, match=message):

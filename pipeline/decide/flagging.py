@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 0.95  # the quantile policy's q when no policy is named
 DEFAULT_FPR = 0.05  # the reference policy's A when --flag-fpr is not given
-DEFAULT_SCORE = "log_volume_growth"  # what --score judges by default (benchmarks/evidence.py measures the choice)
+DEFAULT_SCORE = "calibrated_denoising_score"  # the best worst-case AUC on both evidence sets (benchmarks/scores.py)
+# noise / spread at which two seeds' rankings still agree: corr = 1 / (1 + r^2) >= 0.96 for r <= 0.2
+DEFAULT_PRECISION = 0.2
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,10 @@ class FlagSettings:
                                    name="flag_zscore")
     threshold: float | None = setting(None, "flag above this absolute score (e.g. an earlier run's manifest "
                                       "threshold)", name="flag_threshold")
+    precision_target: float = setting(DEFAULT_PRECISION, "score again with new probes and noises (the next seed, "
+                                      "averaged in) while the judged score's rms standard error is above this share of "
+                                      "its spread (1.4826 MAD) over the dataset; 0: one pass")
+    max_passes: int = setting(4, "scoring passes at most (--precision-target)")
     score: str = setting(DEFAULT_SCORE, "the score that flagging judges, higher = riskier (decide/scores.py): V, "
                          "log p, V's window, V calibrated for complexity, the denoising score (-log loss), it "
                          "calibrated, or their combination", choices=SCORE_CHOICES)
@@ -166,6 +172,9 @@ class FlagSettings:
             if value is not None and not p.valid(value):
                 raise ValueError(f"--flag-{p.option} must be {p.allowed}, got {value}")
         check_choices(self)
+        if not 0 <= self.precision_target < 1 or not 1 <= self.max_passes <= 16:
+            raise ValueError(f"--precision-target must lie in [0, 1) and --max-passes in [1, 16], got "
+                             f"{self.precision_target}, {self.max_passes}")
         self.policy()
 
     def policy(self) -> str:

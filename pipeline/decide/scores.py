@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 import numpy as np
+import pyarrow as pa
+
+from pipeline.io.store import JUDGED_SCHEMA, ok_mask
 
 JUDGED = ("log_volume_growth", "logp", "window_volume_growth", "calibrated_volume_growth", "denoising_score",
           "calibrated_denoising_score", "combined_score")
@@ -96,9 +99,21 @@ def calibrate(cols: Mapping[str, np.ndarray], fitted_on: str) -> Calibration:
     fits = {}
     for name in ("log_volume_growth", "denoising_score"):
         fit = _fit(base[name][0], complexity, robust)
+        if fit is None:
+            fit = _flat(base[name][0])
         if fit is not None:
             fits[name] = fit
     return Calibration(fitted_on, "theil_sen" if robust else "least_squares", fits)
+
+
+def _flat(values: np.ndarray) -> Fit | None:
+    """No trend where none can be fitted (under 3 images, or one complexity for all): the
+    median alone (slope 0), so a tiny run still judges; None without a finite value."""
+    y = values[np.isfinite(values)]
+    if not len(y):
+        return None
+    med = float(np.median(y))
+    return Fit(med, 0.0, 0.0, float(1.4826 * np.median(np.abs(y - med))) or 1.0, int(len(y)))
 
 
 def check_judgeable(name: str, calibration: Calibration) -> None:
@@ -107,9 +122,8 @@ def check_judgeable(name: str, calibration: Calibration) -> None:
              "combined_score": ["log_volume_growth", "denoising_score"]}.get(name, [])
     missing = [n for n in needs if n not in calibration.fits]
     if missing:
-        raise ValueError(f"--score {name} needs {missing} fitted on complexity over the {calibration.fitted_on}'s "
-                         "images: 3 or more scored images of different complexity (and --loss-noises > 0 for the "
-                         "denoising score)")
+        raise ValueError(f"--score {name} needs {missing} over the {calibration.fitted_on}'s images, and none "
+                         "has a finite value (the denoising score needs --loss-noises > 0)")
 
 
 def judged_columns(cols: Mapping[str, np.ndarray], calibration: Calibration) -> dict[str, np.ndarray]:
@@ -157,3 +171,56 @@ def fit_calibration(table, ok: np.ndarray, reference=None, reference_ok: np.ndar
     rows, mask, on = (reference, reference_ok, "reference") if reference is not None else (table, ok, "dataset")
     cols = table_columns(rows)
     return calibrate({c: v[mask] for c, v in cols.items()}, on)
+
+
+@dataclass
+class Judged:
+    """The scores a run judges by: the fitted calibration, the judged score and its standard
+    error per row (dataset and reference), and every derived score's column (JUDGED_SCHEMA)."""
+
+    calibration: Calibration
+    values: np.ndarray  # [rows] the judged score (NaN where not ok)
+    se: np.ndarray  # [rows] its standard error
+    columns: dict[str, list]  # JUDGED_SCHEMA columns of the dataset's rows
+    reference: pa.Table | None  # the reference's table with its JUDGED_SCHEMA columns
+    reference_values: np.ndarray | None  # the reference's ok rows' judged scores
+    reference_se: np.ndarray | None = None  # and their standard errors
+
+    def judge(self, cols: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """The judged score of other images (remediation's variants), with this calibration."""
+        return judged(cols, name, self.calibration)[0]
+
+
+def judge_scores(table: pa.Table, ok: np.ndarray, reference: pa.Table | None, name: str) -> Judged:
+    """Fit the calibration (on the reference, else robustly on the dataset) and compute every
+    derived score of the dataset and the reference."""
+    ref_ok = ok_mask(reference) if reference is not None else None
+    calibration = fit_calibration(table, ok, reference, ref_ok)
+    if name in DERIVED:
+        check_judgeable(name, calibration)
+    cols = table_columns(table)
+    values, se = judged(cols, name, calibration)
+    derived = judged_columns(cols, calibration)
+    columns = {f.name: [float(v) if o and np.isfinite(v) else None for v, o in zip(derived[f.name], ok)]
+               for f in JUDGED_SCHEMA}
+    ref_values = ref_se = None
+    if reference is not None:
+        ref_cols = table_columns(reference)
+        ref_values, ref_se = (v[ref_ok] for v in judged(ref_cols, name, calibration))
+        ref_derived = judged_columns(ref_cols, calibration)
+        for f in JUDGED_SCHEMA:
+            reference = reference.append_column(f, pa.array([float(v) if o and np.isfinite(v) else None
+                                                             for v, o in zip(ref_derived[f.name], ref_ok)], f.type))
+    return Judged(calibration, np.where(ok, values, np.nan), se, columns, reference, ref_values, ref_se)
+
+
+def noise_ratio(j: Judged, ok: np.ndarray) -> float:
+    """rms standard error of the judged score over its spread (1.4826 MAD) among the dataset's
+    ok rows, the images a run ranks and flags: two seeds' rankings of them correlate about
+    1 / (1 + ratio^2). NaN when the score has no standard error."""
+    values, se = j.values[ok], j.se[ok]
+    values, se = values[np.isfinite(values)], se[np.isfinite(se)]
+    if not len(values) or not len(se):
+        return float("nan")
+    spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    return float(np.sqrt(np.mean(se**2)) / spread) if spread > 0 else float("inf")

@@ -68,16 +68,20 @@ def reference_section(reference: pa.Table | None, path: str | None) -> dict[str,
     return {"path": path, "input": reference.num_rows, "scored": int(ok_mask(reference).sum())}
 
 
-def scoring_section(by_source: dict[str, dict[str, Any]], cache_dir: str | None) -> dict[str, Any]:
-    return {"scored_fresh": sum(v["fresh"] for v in by_source.values()),
-            "reused": sum(v["reused"] for v in by_source.values()), "by_source": by_source, "cache_dir": cache_dir}
+def scoring_section(by_source: dict[str, dict[str, Any]], cache_dir: str | None,
+                    precision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Images solved afresh and reused over every source and pass; with `precision`, the passes
+    run and the judged score's noise ratio after each (run/passes.py)."""
+    out = {"scored_fresh": sum(v["fresh"] for v in by_source.values()),
+           "reused": sum(v["reused"] for v in by_source.values()), "by_source": by_source, "cache_dir": cache_dir}
+    return {**out, "precision": precision} if precision is not None else out
 
 
 def manifest(decided: pa.Table, *, kind: str, run: dict[str, dict[str, float]], threshold: dict[str, Any] | None,
              score: str, dedup: dict[str, Any], reference: pa.Table | None, reference_path: str | None,
              model: dict[str, Any] | None, data: dict[str, Any], settings: dict[str, Any],
              scoring: dict[str, dict[str, Any]], cache_dir: str | None, out: str,
-             image_bytes: dict[str, int] | None = None) -> dict[str, Any]:
+             image_bytes: dict[str, int] | None = None, precision: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a finished run (every argument is already plain data). kind: clean, or
     dedup (no scores: its counts say what was decoded, and it has no threshold). run: the
     staged run's record (timings_s, peak_rss_mb, held_mb), the same keys for every verb."""
@@ -98,7 +102,7 @@ def manifest(decided: pa.Table, *, kind: str, run: dict[str, dict[str, float]], 
         "settings": settings,
         "versions": versions(),
         **run,  # timings_s, peak_rss_mb, held_mb: seconds, peak RSS and anonymous memory after each stage
-        "scoring": scoring_section(scoring, cache_dir),
+        "scoring": scoring_section(scoring, cache_dir, precision),
         "image_bytes": image_bytes or {},  # bytes of images written into cleaned/ and flagged.parquet
         "out": out,
     }

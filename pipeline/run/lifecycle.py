@@ -28,14 +28,14 @@ from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.index import build_index, check_faiss, on_gpu, search_views
 from pipeline.decide.remediate import RemediationSettings, augment_and_rescore, plan, record_json, reject_changed, \
     settle
-from pipeline.decide.scores import DERIVED, Calibration, check_judgeable, fit_calibration, judged, judged_columns, \
-    table_columns
+from pipeline.decide.scores import Judged, judge_scores, noise_ratio
 from pipeline.io.data import ImageSpec, Shard, Source, discover, open_image, read_verified
 from pipeline.io.manifest import manifest
 from pipeline.io.outputs import (INDEX, ImageSpool, check_against, decided_table, earlier_survivors, embed_png,
                                  write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import JUDGED_SCHEMA, AtomicParquetWriter, OutputSettings, ok_mask, write_json_atomic
+from pipeline.run.passes import average
 from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
 from pipeline.run.shards import ScoreJob, Scored, gather, score_shard, shard_name
@@ -63,6 +63,7 @@ class RunContext:
     scoring: dict[str, dict[str, Any]] = field(default_factory=dict)  # per source: fresh, reused, s, images/s
     image_bytes: dict[str, int] = field(default_factory=dict)  # image bytes written: cleaned, flagged
     changed: set[str] = field(default_factory=set)  # inputs whose bytes changed since scoring (read_verified)
+    precision: list[float] = field(default_factory=list)  # the judged score's noise ratio after each pass
 
     @property
     def staging(self) -> Path:
@@ -117,7 +118,7 @@ def sources(ctx: RunContext) -> list[tuple[str, Source, bool]]:
 
 
 def stage_name(prefix: str) -> str:
-    """The timings key of scoring a source: score (the input) or score_reference."""
+    """The timings key of scoring a source: score (the input), score_reference, score_input_pass2, ..."""
     return "score" if prefix == "input" else f"score_{prefix}"
 
 
@@ -130,13 +131,40 @@ def in_process(progress: Callable[[int], None] | None = None) -> ShardScorer:
 
 def score_sources(ctx: RunContext, score_shards: ShardScorer) -> dict[str, Scored]:
     """Score every source (the input, then the reference) shard by shard with `score_shards`,
-    record each source's scoring, and gather its shards: prefix -> Scored."""
+    record each source's scoring, and gather its shards: prefix -> Scored. Then pass after pass
+    with the next seed, averaged in (run/passes.py), while the judged score's noise ratio is
+    above --precision-target (at most --max-passes)."""
+    s = ctx.settings
+    scored = score_pass(ctx, score_shards, 0)
+    while True:  # the noise ratio after each pass; another pass while it is above the target
+        ok = ok_mask(scored["input"].table)
+        ref = scored["reference"].table if "reference" in scored else None
+        ratio = noise_ratio(judge_scores(scored["input"].table, ok, ref, s.flag.score), ok) if ok.any() else None
+        ctx.precision.append(None if ratio is None else round(ratio, 4))
+        if ratio is None or not ratio > s.flag.precision_target or s.flag.precision_target == 0 \
+                or len(ctx.precision) == s.flag.max_passes:
+            break
+        more = score_pass(ctx, score_shards, len(ctx.precision))
+        n = len(ctx.precision)
+        scored = {k: replace(v, table=average(v.table, more[k].table, n)) for k, v in scored.items()}
+    log.info("%d scoring passes; noise ratio of %s after each: %s", len(ctx.precision), s.flag.score, ctx.precision)
+    return scored
+
+
+def score_pass(ctx: RunContext, score_shards: ShardScorer, k: int) -> dict[str, Scored]:
+    """Pass k over every source: the scorer's seed + k; embeddings only in pass 0 (they do not
+    depend on the seed)."""
+    settings = ctx.settings
+    if k:
+        settings = replace(settings, scorer=replace(settings.scorer, seed=settings.scorer.seed + k))
+    job = ScoreJob(settings, str(ctx.staging))
     scored = {}
     for prefix, source, embed in sources(ctx):
-        with ctx.run.stage(stage_name(prefix)):
-            results = score_shards(ctx.job, prefix, source.shards(ctx.settings.cache.shard_size), embed)
-        scoring_summary(ctx, prefix, results)
-        scored[prefix] = gather(ctx.job, [r["name"] for r in results])
+        name = prefix if k == 0 else f"{prefix}_pass{k + 1}"
+        with ctx.run.stage(stage_name(name)):
+            results = score_shards(job, name, source.shards(settings.cache.shard_size), embed and k == 0)
+        scoring_summary(ctx, name, results)
+        scored[prefix] = gather(job, [r["name"] for r in results])
     return scored
 
 
@@ -161,46 +189,6 @@ def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference:
     return replace(threshold, details={**threshold.details, "accept_band": [low, threshold.value],
                                        "accept_band_quantile": s.remediation.accept_band,
                                        "accept_band_of": "reference" if reference is not None else "dataset"})
-
-
-@dataclass
-class Judged:
-    """The scores a run judges by: the fitted calibration, the judged score and its standard
-    error per row (dataset and reference), and every derived score's column (JUDGED_SCHEMA)."""
-
-    calibration: Calibration
-    values: np.ndarray  # [rows] the judged score (NaN where not ok)
-    se: np.ndarray  # [rows] its standard error
-    columns: dict[str, list]  # JUDGED_SCHEMA columns of the dataset's rows
-    reference: pa.Table | None  # the reference's table with its JUDGED_SCHEMA columns
-    reference_values: np.ndarray | None  # the reference's ok rows' judged scores
-
-    def judge(self, cols: dict[str, np.ndarray], name: str) -> np.ndarray:
-        """The judged score of other images (remediation's variants), with this calibration."""
-        return judged(cols, name, self.calibration)[0]
-
-
-def judge_scores(table: pa.Table, ok: np.ndarray, reference: pa.Table | None, name: str) -> Judged:
-    """Fit the calibration (on the reference, else robustly on the dataset) and compute every
-    derived score of the dataset and the reference."""
-    ref_ok = ok_mask(reference) if reference is not None else None
-    calibration = fit_calibration(table, ok, reference, ref_ok)
-    if name in DERIVED:
-        check_judgeable(name, calibration)
-    cols = table_columns(table)
-    values, se = judged(cols, name, calibration)
-    derived = judged_columns(cols, calibration)
-    columns = {f.name: [float(v) if o and np.isfinite(v) else None for v, o in zip(derived[f.name], ok)]
-               for f in JUDGED_SCHEMA}
-    ref_values = None
-    if reference is not None:
-        ref_cols = table_columns(reference)
-        ref_values = judged(ref_cols, name, calibration)[0][ref_ok]
-        ref_derived = judged_columns(ref_cols, calibration)
-        for f in JUDGED_SCHEMA:
-            reference = reference.append_column(f, pa.array([float(v) if o and np.isfinite(v) else None
-                                                             for v, o in zip(ref_derived[f.name], ref_ok)], f.type))
-    return Judged(calibration, np.where(ok, values, np.nan), se, columns, reference, ref_values)
 
 
 def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
@@ -338,10 +326,13 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
                  index) -> dict[str, Any]:
     s = ctx.settings
     dedup = dedup_record(ctx.embedder, ctx.dup_threshold, s.dedup, index)
+    precision = {"passes": len(ctx.precision), "noise_ratio_after_each": ctx.precision,
+                 "target": s.flag.precision_target}
     return manifest(decided, kind="clean", run=ctx.run.record(), threshold=threshold.to_dict(), score=s.flag.score,
                     dedup=dedup, reference=reference, reference_path=s.flag.reference, model=ctx.model.record(),
                     data={"path": ctx.source.path, "kind": ctx.source.kind}, settings=s.flat(),
-                    scoring=ctx.scoring, cache_dir=s.cache.root, out=str(ctx.run.out), image_bytes=ctx.image_bytes)
+                    scoring=ctx.scoring, cache_dir=s.cache.root, out=str(ctx.run.out), image_bytes=ctx.image_bytes,
+                    precision=precision)
 
 
 def commit_with_report(run: StagedRun, source: Source, spec: ImageSpec, decided: pa.Table, score: str,

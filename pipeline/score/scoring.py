@@ -112,7 +112,7 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
             if progress:
                 progress(1)
         empty = {**dict.fromkeys(SCORE_COLUMNS), "reused": None}
-        row = {**base_row(d), **scores.get(id(d), empty), **settings_cols}
+        row = {**base_row(d), **scores.get(id(d), empty), **settings_cols, "passes": 1}
         row["complexity"] = complexity(d.pixels, model.data_range) if row["status"] == "ok" else None
         for c in OPTIONAL:  # not estimated (an adaptive solver's standard error; no loss): null, not NaN
             if row[c] is not None and math.isnan(row[c]):
