@@ -23,6 +23,7 @@ SECTION_TITLES = {  # RunSettings section -> the help group its options are list
     "input": "input", "model": "model", "output": "output", "scorer": "scoring (the probability-flow ODE solve)",
     "cache": "caching and resuming", "flag": "flagging (one policy)", "dedup": "duplicates",
     "remediation": "remediation", "decode": "decoding (no model says how)", "train": "training recipe",
+    "guard": "a guard against emptying the dataset",
 }
 
 

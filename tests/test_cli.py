@@ -192,3 +192,27 @@ def test_a_zero_unet_in_a_latent_pipeline_has_the_closed_form_through_the_cli(tm
         assert r["bits_per_dim"] == pytest.approx(-r["logp"] / (D_z * math.log(2)), rel=1e-12)
     meta = read_metadata(out)["model"]
     assert meta["score_space"] == "latent" and meta["bits_per_dim_offset"] == 0.0
+
+
+@pytest.mark.parametrize("verb", ["score", "clean", "dedup", "train"])
+def test_an_input_with_no_images_fails_every_verb_naming_what_it_holds(tmp_path, zero_model, verb, capsys):
+    """A folder of Arrow files (a datasets folder) or WebDataset shards holds no image memclean
+    reads: every verb fails before any work, saying what the folder does hold; so do an empty
+    Parquet file and a list of no paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = tmp_path / "ds"
+    arrow.mkdir()
+    for k in range(3):
+        (arrow / f"data-{k:05d}-of-00003.arrow").write_bytes(b"x")
+    (arrow / "dataset_info.json").write_text("{}")
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty.parquet")
+    (tmp_path / "none.txt").write_text("# nothing\n\n")
+    out = tmp_path / ("o.parquet" if verb == "score" else "out")
+    model = [] if verb in ("dedup", "train") else ["--model", str(zero_model)]
+    for data, words in ((arrow, "3 .arrow files (a datasets folder"), (tmp_path / "empty.parquet", "no rows"),
+                        (tmp_path / "none.txt", "names no path")):
+        rc = main([verb, "--data", str(data), "--out", str(out), *model])
+        assert rc == 2 and words in capsys.readouterr().err, (verb, data)
+        assert not out.exists()

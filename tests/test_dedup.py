@@ -93,3 +93,25 @@ def test_against_an_earlier_output_and_refusals(drop, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["dedup", "--data", str(root / "train"), "--out", str(out), "--image-size", "4"]) == 2
     assert not out.exists()
+
+
+def test_a_run_that_would_empty_the_dataset_is_refused_and_its_plan_set_aside(drop, tmp_path, capsys):
+    """At --dup-threshold -1 every image joins one cluster: the run would remove all but one
+    picture. It fails (exit 2) saying how many and why, commits nothing, and leaves its plan
+    (scores, flags, report, manifest with the refusal; no dataset, no _COMPLETE) in OUT.plan;
+    a rerun that accepts it commits and removes the stale plan."""
+    root, truth = drop
+    out = tmp_path / "out"
+    rc = main(["dedup", "--data", str(root / "train"), "--out", str(out), "--dup-threshold", "-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would remove" in err and "joined as near duplicates" in err and str(out) + ".plan" in err
+    assert not out.exists()
+    plan = tmp_path / "out.plan"
+    assert {p.name for p in plan.iterdir()} >= {"scores.parquet", "manifest.json", "report.html"}
+    assert not (plan / "cleaned").exists() and not (plan / "_COMPLETE").exists()
+    m = json.loads((plan / "manifest.json").read_text())
+    assert m["refused"].startswith("this run would remove") and m["losses"]["removed"] >= len(truth) - 5
+    assert main(["dedup", "--data", str(root / "train"), "--out", str(out), "--dup-threshold", "-1",
+                 "--max-loss-fraction", "1"]) == 0
+    assert (out / "_COMPLETE").is_file() and not plan.exists()
+    assert json.loads((out / "manifest.json").read_text())["refused"] is None

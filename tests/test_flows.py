@@ -164,3 +164,15 @@ def test_the_flow_calls_the_library_public_steps_only():
     assert steps == {"RunContext", "start_run", "score_sources", "finish_run"}
     run_clean = inspect.getsource(lifecycle.run_clean)
     assert all(step in run_clean for step in ("start_run", "score_sources", "finish_run"))
+
+
+def test_the_flow_refuses_a_run_that_would_empty_the_dataset(harness, setup):
+    """The scheduled flow fails as the CLI does, rather than publishing an emptied dataset: at
+    --dup-threshold -1 every image joins one cluster; nothing is committed, the plan is beside."""
+    from flows.clean import clean
+    from pipeline.run.lifecycle import PlanRefused
+
+    tmp, data, model = setup
+    with pytest.raises(PlanRefused, match="would remove"):
+        clean(data=str(data), model=str(model), out=str(tmp / "flow"), dup_threshold=-1.0, no_cache=True, **FAST)
+    assert not (tmp / "flow").exists() and (tmp / "flow.plan" / "scores.parquet").is_file()

@@ -236,3 +236,30 @@ def test_flagged_images_open_in_datasets_pyarrow_and_duckdb(setup):
     assert [r[0] for r in top] == ds["id"][:3] and all(r[3] > 0 for r in top)
     assert m["image_bytes"]["flagged"] > 0 and m["image_bytes"]["cleaned"] > 0
     assert "image" not in pq.read_schema(root / "shown" / "scores.parquet").names  # scores stay light
+
+
+def test_losses_count_the_pictures_that_leave_the_dataset():
+    """Hand-made decisions: an exact copy (same pixels) dropped beside its kept twin removes
+    nothing; a near copy, a failed augmentation and a flagged drop each remove one picture; an
+    exact copy of a keeper that was itself dropped removes its picture too."""
+    import pyarrow as pa
+
+    from pipeline.decide.remediate import GuardSettings, losses
+
+    t = pa.table({
+        "pixel_sha256": ["p1", "p1", "p2", "p3", "p4", "p4", "p5", "p6"],
+        "action": ["kept", "dropped", "dropped", "dropped", "dropped", "dropped", "augmented", "rejected"],
+        "action_reason": [None, "duplicate of a", "duplicate of a", "no augmentation in 3 tries ...", "flagged",
+                          "duplicate of e", None, "could not be decoded"],
+        "status": ["ok"] * 7 + ["rejected"]})
+    lost = losses(t)
+    assert lost == {"near_duplicate": 2, "failed_augmentation": 1, "flagged": 1, "other": 0, "removed": 4, "scored": 7,
+                    "in_earlier_output": 0}
+    earlier = t.append_column("dup_of", pa.array([None, "a", "prev:z", None, None, "e", None, None]))
+    assert losses(earlier, "prev")["removed"] == 3  # p2 is in the earlier output already
+    assert losses(earlier, "prev")["in_earlier_output"] == 1
+    assert GuardSettings(max_loss_fraction=0.6).refusal(lost) is None  # 4 / 7 = 57%
+    message = GuardSettings(max_loss_fraction=0.5).refusal(lost)
+    assert "remove 4 of its 7 scored pictures (57%)" in message and "2 joined as near duplicates" in message
+    with pytest.raises(ValueError, match="max-loss-fraction"):
+        GuardSettings(max_loss_fraction=0)

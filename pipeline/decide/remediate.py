@@ -287,3 +287,59 @@ def save_png(folder: Path, id_: str, png: bytes) -> Path:
     path = folder / (hashlib.sha256(id_.encode()).hexdigest()[:24] + ".png")
     path.write_bytes(png)
     return path
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """A guard against emptying a dataset: a run whose decisions would remove more of its
+    pictures than this is refused before anything is committed."""
+
+    max_loss_fraction: float = setting(0.5, "refuse a run that would remove more than this share of its scored "
+                                       "pictures (exact copies dropped beside a kept twin remove nothing); its plan "
+                                       "(scores, flags, report) is written to OUT.plan instead; 1: no guard")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_loss_fraction <= 1:
+            raise ValueError(f"--max-loss-fraction must lie in (0, 1], got {self.max_loss_fraction}")
+
+    def refusal(self, lost: dict[str, int]) -> str | None:
+        """Why a run with these losses (`losses`) is refused, or None when it passes."""
+        share = lost["removed"] / lost["scored"] if lost["scored"] else 0.0
+        if share <= self.max_loss_fraction:
+            return None
+        return (f"this run would remove {lost['removed']} of its {lost['scored']} scored pictures ({share:.0%}), more "
+                f"than --max-loss-fraction {self.max_loss_fraction:g}: {lost['near_duplicate']} joined as near "
+                f"duplicates, {lost['failed_augmentation']} whose augmentation failed, {lost['flagged']} dropped as "
+                f"flagged, {lost['other']} other")
+
+
+LOSS_REASONS = {"near_duplicate": "duplicate of", "failed_augmentation": "no augmentation", "flagged": "flagged"}
+
+
+def losses(decided: pa.Table, against: str | None = None) -> dict[str, int]:
+    """The pictures a run's decisions would take out of the dataset, by reason (near_duplicate,
+    failed_augmentation, flagged, other) and in all (`removed`), out of the inputs scored
+    (`scored`). A dropped row removes nothing when a kept or augmented row has its decoded
+    pixels (an exact copy beside its twin), or when it duplicates an image of the earlier output
+    it was cleaned against (`against`: that picture is in the dataset already; counted as
+    `in_earlier_output`); any other drop removes a picture. Arrow only."""
+    import pyarrow.compute as pc
+
+    action = decided.column("action")
+    kept = decided.filter(pc.fill_null(pc.is_in(action, pa.array(["kept", "augmented"])), False))
+    dropped = decided.filter(pc.fill_null(pc.equal(action, "dropped"), False))
+    twin = pc.fill_null(pc.is_in(dropped.column("pixel_sha256"), kept.column("pixel_sha256").combine_chunks()), False)
+    earlier = pc.fill_null(pc.starts_with(dropped.column("dup_of"), f"{against}:"), False) if against \
+        else pc.is_null(dropped.column("action"))  # all False
+    gone = dropped.filter(pc.invert(pc.or_(twin, earlier)))
+    reason = pc.fill_null(gone.column("action_reason"), "")
+    out, counted = {}, None
+    for name, prefix in LOSS_REASONS.items():
+        hit = pc.starts_with(reason, prefix)
+        out[name] = int(pc.sum(hit).as_py() or 0)
+        counted = hit if counted is None else pc.or_(counted, hit)
+    out["other"] = gone.num_rows - sum(out.values())
+    out["removed"] = gone.num_rows
+    out["in_earlier_output"] = int(pc.sum(earlier).as_py() or 0)
+    out["scored"] = int(pc.sum(pc.equal(decided.column("status"), "ok")).as_py() or 0)
+    return out

@@ -270,6 +270,9 @@ class Source:
                 raise ValueError(f"data folder {self.path!r} holds both image files and Parquet files: memclean reads "
                                  "one kind per source; point --data at a folder of images or at the Parquet file(s)")
             self.kind = "parquet" if has_parquet else "folder"
+            if not has_parquet and not has_images:
+                raise ValueError(f"data folder {self.path!r} holds no image (no {', '.join(sorted(IMAGE_SUFFIXES))} "
+                                 f"file and no Parquet file): {holdings(self.path)}")
         elif os.path.isfile(self.path):
             self.kind = "parquet" if self.path.endswith(".parquet") else "list"
             if self.kind == "list" and not _is_text(self.path):
@@ -279,6 +282,10 @@ class Source:
         else:
             raise ValueError(f"data path {self.path!r} does not exist: expected a folder of images, "
                              "a Parquet file or folder, or a text file listing image paths")
+        if self.kind in ("parquet", "list") and self.count() == 0:
+            raise ValueError(f"data path {self.path!r} yields no image: "
+                             + ("its Parquet files have no rows" if self.kind == "parquet" else
+                                "the list names no path (only blank lines and # comments)"))
 
     def _images_in_folder(self) -> Iterator[Item]:
         return folder_items(self.path)
@@ -313,6 +320,24 @@ class Source:
                 start, chunk = start + size, []
         if chunk:
             yield Shard(self.path, self.kind, self.image_column, start, start + len(chunk), tuple(chunk))
+
+
+HINTS = {".arrow": "a datasets folder written by save_to_disk?", ".tar": "WebDataset shards?",
+         ".npy": "NumPy arrays?", ".npz": "NumPy arrays?", ".csv": "a table of paths? (a list file takes one per line)"}
+
+
+def holdings(folder: str) -> str:
+    """What a folder does hold, for an error: '12 .arrow files (a datasets folder ...?), 1 .json file'."""
+    counts: dict[str, int] = {}
+    for _, _, files in os.walk(folder):
+        for name in files:
+            ext = os.path.splitext(name)[1].lower() or "(no extension)"
+            counts[ext] = counts.get(ext, 0) + 1
+    if not counts:
+        return "it is empty"
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:6]
+    return "it holds " + ", ".join(f"{n} {ext} file{'s' if n > 1 else ''}" + (f" ({HINTS[ext]})" if ext in HINTS else "")
+                                   for ext, n in top) + (", ..." if len(counts) > 6 else "")
 
 
 def _is_text(path: str) -> bool:

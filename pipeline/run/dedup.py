@@ -112,4 +112,4 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
                          settings=settings.flat(), scoring={}, cache_dir=None, out=str(run.out),
                          image_bytes={"cleaned": cleaned_bytes})
             return {**m, "decode": {"channels": spec.channels, "sample_size": list(spec.size)}}
-        return commit_with_report(run, source, spec, decided, SCORE, result)
+        return commit_with_report(run, source, spec, decided, SCORE, result, settings.guard, settings.dedup.against)

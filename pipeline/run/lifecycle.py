@@ -26,12 +26,12 @@ from pipeline.decide.clusters import THRESHOLD_MEANING, DedupSettings, duplicate
 from pipeline.decide.embeddings import Embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.index import build_index, check_faiss, on_gpu, search_views
-from pipeline.decide.remediate import RemediationSettings, augment_and_rescore, plan, record_json, reject_changed, \
-    settle
+from pipeline.decide.remediate import GuardSettings, RemediationSettings, augment_and_rescore, losses, plan, \
+    record_json, reject_changed, settle
 from pipeline.decide.scores import Judged, judge_scores, noise_ratio
 from pipeline.io.data import ImageSpec, Shard, Source, discover, open_image, read_verified
-from pipeline.io.manifest import manifest
-from pipeline.io.outputs import (INDEX, ImageSpool, check_against, decided_table, earlier_survivors, embed_png,
+from pipeline.io.manifest import manifest, tally
+from pipeline.io.outputs import (EMBEDDINGS, INDEX, ImageSpool, check_against, decided_table, earlier_survivors, embed_png,
                                  write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import JUDGED_SCHEMA, AtomicParquetWriter, OutputSettings, ok_mask, write_json_atomic
@@ -243,6 +243,10 @@ def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple
     ran) and the judged scores."""
     table, s = scored.table, ctx.settings
     ok = ok_mask(table)
+    if not ok.any():
+        reasons = tally(table.column("reject_reason"))
+        raise ValueError(f"none of the {table.num_rows} inputs of {ctx.source.path!r} could be scored, so nothing can be "
+                         f"judged: rejected as {dict(sorted(reasons.items()))}")
     j = judge_scores(table, ok, reference, s.flag.score)
     threshold = threshold_of(ctx, j.values, ok, j.reference_values)
     threshold = replace(threshold, details={**threshold.details, "calibration": j.calibration.to_dict()})
@@ -335,19 +339,38 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
                     precision=precision)
 
 
+class PlanRefused(ValueError):
+    """A run whose decisions would empty its dataset past --max-loss-fraction: nothing was
+    committed; its plan is where the message says."""
+
+
 def commit_with_report(run: StagedRun, source: Source, spec: ImageSpec, decided: pa.Table, score: str,
-                       result: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """manifest.json (from `result`, once before the report, which reads it, and once after,
-    with the report's timing), the report, scratch removed, and the commit."""
-    write_json_atomic(run.staging / "manifest.json", result())
+                       result: Callable[[], dict[str, Any]], guard: GuardSettings,
+                       against: str | None = None) -> dict[str, Any]:
+    """manifest.json (from `result`, with the pictures the decisions remove, once before the
+    report, which reads it, and once after, with the report's timing), the report, scratch
+    removed, and the commit; or, past the guard, the plan set aside in OUT.plan and PlanRefused."""
+    lost = losses(decided, against)
+    refused = guard.refusal(lost)
+    plan_path = run.out.with_name(run.out.name + ".plan")  # where a refused run's plan goes
+    write_json_atomic(run.staging / "manifest.json", {**result(), "losses": lost, "refused": refused})
     with run.stage("report"):
         write_report_assets(run.staging, source, spec, decided, score)
         write_report(run.staging)
-    final = result()
+    final = {**result(), "losses": lost, "refused": refused}
     write_json_atomic(run.staging / "manifest.json", final)
     for scratch in ("shards", "augmented"):
         shutil.rmtree(run.staging / scratch, ignore_errors=True)
+    if refused is not None:  # not an output: the dataset and its index go, the plan stays to be read
+        shutil.rmtree(run.staging / "cleaned", ignore_errors=True)
+        for name in (INDEX, EMBEDDINGS):
+            (run.staging / name).unlink(missing_ok=True)
+        plan = run.set_aside(plan_path)
+        raise PlanRefused(f"{refused}. Nothing was written to {str(run.out)!r}; the plan (scores.parquet, "
+                          f"flagged.parquet, report.html, manifest.json) is in {str(plan)!r}. Raise "
+                          "--max-loss-fraction to accept it, or see the report for what joined or failed")
     run.commit()
+    shutil.rmtree(plan_path, ignore_errors=True)  # an earlier refused run's plan is stale now
     return final
 
 
@@ -363,7 +386,8 @@ def finish_run(ctx: RunContext, scored: dict[str, Scored]) -> dict[str, Any]:
     decided = write_outputs(ctx, scored["input"], decided_table(scored["input"].table, cols), threshold, ref_table,
                             index)
     return commit_with_report(ctx.run, ctx.source, ctx.spec, decided, ctx.settings.flag.score,
-                              lambda: run_manifest(ctx, decided, threshold, ref_table, index))
+                              lambda: run_manifest(ctx, decided, threshold, ref_table, index), ctx.settings.guard,
+                              ctx.settings.dedup.against)
 
 
 def run_clean(settings: RunSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

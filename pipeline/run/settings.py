@@ -11,12 +11,13 @@ built (pipeline/fields.py); this module assembles them into each verb's model:
     flag         FlagSettings         decide/flagging.py   --reference, --flag-fpr, --flag-quantile, ...
     dedup        DedupSettings        decide/clusters.py   --embedder, --dup-threshold, --against, ...
     remediation  RemediationSettings  decide/remediate.py  --action, --augment-tries, --accept-band, ...
+    guard        GuardSettings        decide/remediate.py  --max-loss-fraction
     decode       DecodeSettings       io/data.py           --image-size, --batch-size, --device (no model)
     train        TrainSettings        tools/train.py       --sample-size, --channels, --steps, ...
 
     ScoreSettings     memclean score           input, model, output, scorer
-    RunSettings       memclean clean, flow     ScoreSettings + cache, flag, dedup, remediation
-    DedupRunSettings  memclean dedup           input, output, decode, dedup
+    RunSettings       memclean clean, flow     ScoreSettings + cache, flag, dedup, remediation, guard
+    DedupRunSettings  memclean dedup           input, output, decode, dedup, guard
     TrainRunSettings  memclean train           input, output, train
     FlowSettings      the flow's own           task_runner, dask_address, dask_workers
 
@@ -31,7 +32,7 @@ from typing import Any, Mapping
 
 from pipeline.decide.clusters import DedupSettings
 from pipeline.decide.flagging import FlagSettings
-from pipeline.decide.remediate import RemediationSettings
+from pipeline.decide.remediate import GuardSettings, RemediationSettings
 from pipeline.fields import build, check_choices, flatten, section, setting, unknown
 from pipeline.io.data import DecodeSettings, InputSettings
 from pipeline.io.store import OutputSettings
@@ -75,6 +76,7 @@ class RunSettings(ScoreSettings):
     flag: FlagSettings = section(FlagSettings)
     dedup: DedupSettings = section(DedupSettings)
     remediation: RemediationSettings = section(RemediationSettings)
+    guard: GuardSettings = section(GuardSettings)
 
     def __post_init__(self) -> None:
         if self.dedup.against is not None and not self.remediation.dedups:
@@ -90,6 +92,7 @@ class DedupRunSettings(SettingsMixin):
     output: OutputSettings = section()
     decode: DecodeSettings = section(DecodeSettings)
     dedup: DedupSettings = section(DedupSettings)
+    guard: GuardSettings = section(GuardSettings)
 
     def __post_init__(self) -> None:
         if self.dedup.embedder == "unet":

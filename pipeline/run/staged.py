@@ -94,6 +94,17 @@ class StagedRun:
         self.release()
         return self.out
 
+    def set_aside(self, path: Path) -> Path:
+        """Move the unfinished output to `path` (replacing what is there; no _COMPLETE marker)
+        for a user to read, leave OUT as it was, and release it: a plan, not an output."""
+        assert self.staging is not None and not self.committed, "set_aside needs an open, uncommitted run"
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(self.staging, path)
+        self.staging = None
+        self.release()
+        return path
+
     def abort(self) -> None:
         """Remove the staging folder and release OUT: nothing of the run remains."""
         if self.staging is not None and not self.committed:
