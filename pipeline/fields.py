@@ -168,9 +168,25 @@ def add_options(parser: argparse.ArgumentParser, opts: list[Option], title: str 
             group.add_argument(*flags, dest=o.name, type=typing.get_args(o.base)[0], nargs="+",
                                default=o.default, help=f"{o.help} (default {' '.join(map(str, o.default))})")
             continue
+        kind = o.base
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # e.g. float | str: the first that parses
+            kind = _first_that_parses(typing.get_args(kind))
         default = "" if o.default is REQUIRED or o.default is None or not show_default else f" (default {o.default})"
-        group.add_argument(*flags, dest=o.name, type=o.base, choices=o.choices, required=o.default is REQUIRED,
+        group.add_argument(*flags, dest=o.name, type=kind, choices=o.choices, required=o.default is REQUIRED,
                            default=None if o.default is REQUIRED else o.default, help=o.help + default)
+
+
+def _first_that_parses(kinds: tuple[type, ...]) -> Any:
+    """An argparse type for a union setting (float | str): the value as the first type that takes it."""
+    def parse(text: str) -> Any:
+        for k in kinds:
+            try:
+                return k(text)
+            except (TypeError, ValueError):
+                continue
+        raise argparse.ArgumentTypeError(f"{text!r} is none of {[k.__name__ for k in kinds]}")
+    parse.__name__ = " or ".join(k.__name__ for k in kinds)
+    return parse
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

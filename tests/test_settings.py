@@ -85,10 +85,15 @@ def test_every_verb_has_its_model_here_and_its_options_from_it():
     assert {f.name for f in dataclasses.fields(TrainRunSettings)} == {"input", "output", "train"}
 
 
-def test_the_duplicate_threshold_is_decided_in_one_place():
+def test_the_duplicate_threshold_is_auto_or_a_similarity():
+    """--dup-threshold auto (the default; None from an older deployment means it too) or a number
+    in [-1, 1], from the command line's text or a flow parameter's float."""
     from pipeline.decide.clusters import DedupSettings
-    from pipeline.decide.embeddings import PixelEmbedder
 
-    emb = PixelEmbedder()
-    assert DedupSettings().threshold_for(emb) == emb.default_threshold
-    assert DedupSettings(dup_threshold=0.5).threshold_for(emb) == 0.5
+    assert DedupSettings().auto and DedupSettings(dup_threshold=None).dup_threshold == "auto"
+    assert DedupSettings(dup_threshold="0.97").dup_threshold == 0.97 and not DedupSettings(dup_threshold=0.5).auto
+    for bad in ("high", 1.5, "-2"):
+        with pytest.raises(ValueError, match="--dup-threshold"):
+            DedupSettings(dup_threshold=bad)
+    with pytest.raises(ValueError, match="--dup-false-join-rate"):
+        DedupSettings(dup_false_join_rate=0.7)

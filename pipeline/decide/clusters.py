@@ -33,23 +33,38 @@ class DedupSettings:
     embedder: str = setting("pixel", "pixel (model-free, default), unet (the model's own features) or "
                             "torchscript:PATH (a local TorchScript model, e.g. SSCD)")
     embed_size: int = setting(224, "torchscript embedders: input side")
-    dup_threshold: float | None = setting(None, "cosine similarity at or above which two images are duplicates "
-                                          "(pixel: the aligned correlation of 32x32 blurred grey thumbnails and of "
-                                          "their detail, default 0.95; unet 0.95; torchscript 0.75)")
+    dup_threshold: float | str = setting("auto", "auto: above the similarity unrelated images reach by chance (the "
+                                         "reference against the dataset, else the dataset's own nearest "
+                                         "neighbours; decide/chance.py) at --dup-false-join-rate, never below the "
+                                         "embedder's floor (pixel 0.9, unet 0.9, torchscript 0.6); or a number: "
+                                         "the cosine similarity at or above which two images are duplicates")
+    dup_false_join_rate: float = setting(0.005, "--dup-threshold auto: the chance, for an image with no copy, of "
+                                         "being joined to another image")
     dedup_flip: bool = setting(False, "also match horizontally mirrored copies")
     against: str | None = setting(None, "an earlier memclean output: new images that duplicate its kept images "
                                   "are dropped")
 
     def __post_init__(self) -> None:
-        if self.dup_threshold is not None and not -1 <= self.dup_threshold <= 1:
-            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
+        value = self.dup_threshold
+        if value is None or value == "auto":
+            object.__setattr__(self, "dup_threshold", "auto")
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--dup-threshold is auto or a cosine similarity in [-1, 1], got {value!r}") from None
+            if not -1 <= number <= 1:
+                raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {value}")
+            object.__setattr__(self, "dup_threshold", number)
+        if not 0 < self.dup_false_join_rate < 0.5:
+            raise ValueError(f"--dup-false-join-rate is a probability in (0, 0.5), got {self.dup_false_join_rate}")
         if self.embed_size < 1:
             raise ValueError(f"--embed-size must be positive, got {self.embed_size}")
 
-    def threshold_for(self, embedder) -> float:
-        """The similarity at or above which two images are duplicates: --dup-threshold, else the
-        embedder's default."""
-        return embedder.default_threshold if self.dup_threshold is None else self.dup_threshold
+    @property
+    def auto(self) -> bool:
+        """Whether the threshold is set by chance (decide/chance.py) rather than given."""
+        return self.dup_threshold == "auto"
 
 
 def duplicate_columns(vectors: np.ndarray, flipped: np.ndarray | None, ids: Sequence[str],

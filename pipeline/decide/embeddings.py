@@ -32,7 +32,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Embedder(Protocol):
     name: str  # recorded in the manifest; --against requires the same one
-    default_threshold: float  # similarity at or above which two images are duplicates
+    default_threshold: float  # similarity at or above which two images are duplicates, when chance cannot be measured
+    threshold_floor: float  # --dup-threshold auto never goes below it (decide/chance.py)
 
     def __call__(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
         """x: [B, C, H, W] in the model's data range -> [B, d] unit vectors (of the mirrored image if flip)."""
@@ -111,6 +112,7 @@ class PixelEmbedder:
 
     name = "pixel"
     default_threshold = 0.95
+    threshold_floor = 0.9  # near copies on photos reach 0.9-0.95 (benchmarks/dup_threshold.py)
     zooms = (1.0, 0.95, 1 / 0.95)  # scales tried about the centre: crops of up to 5% per side total
     detail_weight = 0.5  # similarity = min(correlation, 1 - (1 - detail correlation) * weight)
 
@@ -210,6 +212,7 @@ class UNetEmbedder(CosineSimilarity):
 
     name = "unet"
     default_threshold = 0.95
+    threshold_floor = 0.9  # not measured against copies: the pixel embedder's
 
     def __init__(self, score_fn, t: float = 0.5, prepare=None):
         self.score_fn = score_fn  # a DiffusersScore: its UNet and schedule
@@ -238,6 +241,7 @@ class TorchScriptEmbedder(CosineSimilarity):
     """A local TorchScript model (e.g. SSCD): RGB [0, 1], ImageNet-normalised, resized."""
 
     default_threshold = 0.75  # SSCD's suggested copy-detection similarity
+    threshold_floor = 0.6  # not measured here: below SSCD's 0.75, above what unrelated images reach
 
     def __init__(self, path: str, size: int = 224, device: str | torch.device = "cpu",
                  data_range: tuple[float, float] = (-1.0, 1.0)):

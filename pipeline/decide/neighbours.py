@@ -8,7 +8,7 @@ threshold (up to GPU_MAX_K).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -88,3 +88,51 @@ def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, e
                 match[r], sim[r] = c, v
     return match, sim
 
+
+
+def nearest_similarity(queries: np.ndarray, query_keys: Sequence[str | None] | None, index, vectors: np.ndarray,
+                       keys: Sequence[str | None] | None, embedder, candidates: int = 16,
+                       query_views: np.ndarray | None = None, pairs: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For each query, the row of `vectors` (indexed in `index` by their search views) most
+    similar to it by the embedder's similarity, among the `candidates` nearest by search view
+    whose key (a pixel hash) differs from the query's, and that similarity (-inf and -1 when
+    there is none). Keys None: nothing is skipped. Used for the similarity chance reaches."""
+    n = len(queries)
+    best_row, best = np.full(n, -1, np.int64), np.full(n, -np.inf)
+    if not n or index.ntotal == 0:
+        return best_row, best
+    views = query_views if query_views is not None else search_views(queries, embedder.search_view)
+    q_rows, v_rows = [], []
+    todo, k = np.arange(n), min(candidates + 32, index.ntotal)
+    while len(todo):
+        _, ids = index.search(np.ascontiguousarray(views[todo]), k)
+        short = []
+        skip = query_keys is not None and keys is not None
+        found = _strings_at(keys, ids[ids >= 0]) if skip else {}
+        for t, row in zip(todo.tolist(), ids):
+            row = row[row >= 0]
+            if skip and query_keys[t] is not None:
+                row = row[[found[int(j)] != query_keys[t] for j in row]]
+            if len(row) < candidates and k < index.ntotal:
+                short.append(t)  # its nearest are copies of it: search further
+                continue
+            q_rows += [t] * min(len(row), candidates)
+            v_rows += row[:candidates].tolist()
+        todo, k = np.array(short, np.int64), min(2 * k, index.ntotal)
+    q_rows, v_rows = np.array(q_rows, np.int64), np.array(v_rows, np.int64)
+    for s in range(0, len(q_rows), pairs):
+        q, v = q_rows[s:s + pairs], v_rows[s:s + pairs]
+        sim = embedder.similarity(queries[q], vectors[v]).astype(np.float64)
+        for a, b, c in zip(q.tolist(), v.tolist(), sim.tolist()):
+            if c > best[a]:
+                best[a], best_row[a] = c, b
+    return best_row, best
+
+
+def _strings_at(values: Sequence[str | None], rows: np.ndarray) -> dict[int, str | None]:
+    """{row: values[row]} for the distinct rows, from a list or an Arrow array."""
+    rows = np.unique(rows)
+    if hasattr(values, "take"):
+        import pyarrow as pa
+        return dict(zip(rows.tolist(), values.take(pa.array(rows, pa.int64())).to_pylist()))
+    return {int(r): values[int(r)] for r in rows}

@@ -446,10 +446,35 @@ def complexity_section(cols: dict[str, np.ndarray], score: str, threshold: float
             f"<p>{esc(score)} against each image's lossless code length: flagged images red; {words}.</p>"]
 
 
+def threshold_note(dedup: dict[str, Any]) -> str:
+    """How the duplicate threshold was set, and a contaminated reference, in a sentence or two."""
+    chosen = dedup.get("threshold_chosen") or {}
+    if dedup.get("threshold") is None:  # an output from before thresholds were recorded
+        return ""
+    text = f"Pairs at or above similarity {fmt(dedup['threshold'])} are duplicates"
+    if chosen.get("mode") == "auto" and chosen.get("fitted") is not None:
+        what = "the held-out reference against the dataset" if chosen["source"] == "reference" else \
+            "the dataset's own nearest neighbours"
+        text += (f": above what unrelated images reach by chance ({what}: {chosen['sample']} draws, median "
+                 f"{fmt(chosen['quantiles'].get('0.5'))}, largest {fmt(chosen['quantiles'].get('1'))}) at a false-join "
+                 f"rate of {chosen['rate']:g}, fitted {fmt(chosen['fitted'])}, floor {fmt(chosen['floor'])}.")
+    elif chosen.get("mode") == "auto":
+        text += f" ({esc(chosen.get('note') or 'auto')})."
+    else:
+        text += " (given)."
+    if chosen.get("contaminated_reference"):
+        shown = ", ".join(f"{esc(d['reference'])} ~ {esc(d['training'])}" for d in chosen["contaminated_examples"][:5])
+        text += (f" <b>The reference is contaminated: {chosen['contaminated_reference']} held-out images duplicate a "
+                 f"training image</b> ({shown}); they are left out of this threshold, and a model trained on the "
+                 "dataset has seen them.")
+    return f"<p>{text}</p>"
+
+
 def duplicate_sections(scores: list[dict[str, Any]], clusters: dict[int, list[dict]], m: dict[str, Any],
                        score: str | None) -> list[str]:
     """The largest duplicate clusters (keeper first) and the table of flagged and duplicated rows."""
-    parts = [f"<h2>Duplicate clusters ({len(clusters)} largest of {m['dedup']['clusters']}; keeper first)</h2>"]
+    parts = [f"<h2>Duplicate clusters ({len(clusters)} largest of {m['dedup']['clusters']}; keeper first)</h2>",
+             threshold_note(m["dedup"])]
     for k, members in clusters.items():
         parts.append(f"<div class='row cluster' data-cluster='{k}'>")
         for r in members:

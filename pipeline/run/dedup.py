@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.decide.chance import ChanceThreshold
 from pipeline.decide.embeddings import Embedder, make_embedder
 from pipeline.decide.index import check_faiss
 from pipeline.decide.remediate import RemediationSettings
@@ -68,15 +69,16 @@ def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder,
 
 
 def dedup_columns(table: pa.Table, vectors: np.ndarray | None, flipped: np.ndarray | None,
-                  settings: DedupRunSettings, embedder: Embedder, threshold: float,
-                  index_path: Path) -> tuple[dict[str, list], Any]:
+                  settings: DedupRunSettings, embedder: Embedder,
+                  index_path: Path) -> tuple[dict[str, list], Any, ChanceThreshold]:
     """The decision columns: duplicates dropped (keeper: first by id, no risk), the rest kept
-    (remediate.plan with --action dedup and nothing flagged); the index goes to index_path."""
+    (remediate.plan with --action dedup and nothing flagged); the index goes to index_path.
+    Also returns the threshold used (auto: measured on the dataset's own nearest neighbours)."""
     n, ok = table.num_rows, ok_mask(table)
-    dup, index = search_duplicates(vectors, flipped, table, ok, np.zeros(n), threshold, embedder, settings.dedup,
-                                   settings.decode.device, index_path)
+    dup, index, threshold = search_duplicates(vectors, flipped, table, ok, np.zeros(n), embedder, settings.dedup,
+                                              settings.decode.device, index_path)
     cols, _ = decision_columns(table, dup, np.zeros(n, bool), [None] * n, DEDUP_ONLY)
-    return cols, index
+    return cols, index, threshold
 
 
 def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -89,13 +91,12 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         check_faiss()  # before any embedding: the index is searched memory-mapped
         if settings.dedup.against:
             check_against(settings.dedup.against, embedder.name)
-        threshold = settings.dedup.threshold_for(embedder)
         scratch = run.staging / "shards"
         scratch.mkdir()
         with run.stage("embed"):
             table, vectors, flipped = embed_source(source, settings, embedder, scratch, progress)
         with run.stage("dedup"):
-            cols, index = dedup_columns(table, vectors, flipped, settings, embedder, threshold, run.staging / INDEX)
+            cols, index, threshold = dedup_columns(table, vectors, flipped, settings, embedder, run.staging / INDEX)
         decided, _, cleaned_bytes = write_dataset(run, source, decided_table(table, cols), set(), SCORE, DEDUP_ONLY,
                                                   settings.output, spool=False)
         with run.stage("write_tables"):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
+from pipeline.decide.chance import ChanceThreshold, given_threshold, threshold_by_chance
 from pipeline.decide.clusters import THRESHOLD_MEANING, DedupSettings, duplicate_columns, mark_earlier_duplicates
 from pipeline.decide.embeddings import Embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
@@ -64,6 +65,7 @@ class RunContext:
     image_bytes: dict[str, int] = field(default_factory=dict)  # image bytes written: cleaned, flagged
     changed: set[str] = field(default_factory=set)  # inputs whose bytes changed since scoring (read_verified)
     precision: list[float] = field(default_factory=list)  # the judged score's noise ratio after each pass
+    dup_threshold: ChanceThreshold | None = None  # the duplicate threshold decide used, and how it was set
 
     @property
     def staging(self) -> Path:
@@ -77,10 +79,6 @@ class RunContext:
     @property
     def spec(self) -> ImageSpec:
         return image_spec(self.model, self.settings.input.max_pixels, self.settings.input.min_size)
-
-    @property
-    def dup_threshold(self) -> float:
-        return self.settings.dedup.threshold_for(self.embedder)
 
     def __enter__(self) -> "RunContext":
         return self
@@ -112,8 +110,9 @@ def sources(ctx: RunContext) -> list[tuple[str, Source, bool]]:
     """What a run scores: (prefix, source, embed?) for the input and the reference."""
     s = ctx.settings
     out = [("input", ctx.source, True)]
-    if s.flag.reference:
-        out.append(("reference", discover(s.flag.reference, s.input.image_column), False))
+    if s.flag.reference:  # embedded when the duplicate threshold is measured against it (chance.py)
+        out.append(("reference", discover(s.flag.reference, s.input.image_column),
+                    s.dedup.auto and s.remediation.dedups))
     return out
 
 
@@ -192,29 +191,44 @@ def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference:
 
 
 def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
-                      risk: np.ndarray, threshold: float, embedder: Embedder, dedup: DedupSettings,
-                      device: str, index_path: Path) -> tuple[dict[str, list], Any]:
+                      risk: np.ndarray, embedder: Embedder, dedup: DedupSettings, device: str, index_path: Path,
+                      reference: Scored | None = None) -> tuple[dict[str, list], Any, ChanceThreshold]:
     """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then an
-    earlier output's with --against), and the index over the ok rows' vectors, written to
-    index_path (the output's index.faiss) and memory-mapped from it."""
+    earlier output's with --against), the index over the ok rows' vectors, written to
+    index_path (the output's index.faiss) and memory-mapped from it, and the threshold used:
+    --dup-threshold, or with auto the chance level measured on the reference's embedded rows
+    (else on the dataset's own) and the threshold above it (decide/chance.py)."""
     n = table.num_rows
+    given = None if dedup.auto else given_threshold(dedup.dup_threshold)
     if vectors is None or not ok.any():
-        return {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}, None
+        none = {"dup_cluster": [None] * n, "dup_of": [None] * n, "dup_similarity": [None] * n}
+        return none, None, given or ChanceThreshold(embedder.default_threshold, "auto", note="no duplicate search ran")
     views = search_views(vectors, embedder.search_view)  # computed once: for the index and as queries
     index = build_index(views, device=device, path=index_path)
+    mask = pa.array(ok)
+    if given is None:
+        ref_vectors = ref_ids = None
+        if reference is not None and reference.vectors is not None:
+            ref_vectors = reference.vectors
+            ref_ids = reference.table.column("id").filter(pa.array(ok_mask(reference.table))).to_pylist()
+        given = threshold_by_chance(vectors, table.column("pixel_sha256").filter(mask), index, views, embedder,
+                                    dedup.dup_false_join_rate, ref_vectors, ref_ids, table.column("id").filter(mask))
+        log.info("duplicate threshold %.4f (auto: %s, fitted %s on %d draws)", given.value, given.source, given.fitted,
+                 given.sample)
+    threshold = given.value
     cols = duplicate_columns(vectors, flipped, table.column("id"), table.column("pixel_sha256"), risk, ok,
                              threshold, embedder, index, views)
     if dedup.against:
         earlier_ids, earlier = earlier_survivors(dedup.against, embedder.name)
         mark_earlier_duplicates(cols, ok, vectors, dedup.against, earlier_ids, earlier, threshold, embedder, device,
                                 views)
-    return cols, index
+    return cols, index, given
 
 
-def dedup_record(embedder: Embedder, threshold: float, dedup: DedupSettings, index) -> dict[str, Any]:
+def dedup_record(embedder: Embedder, threshold: ChanceThreshold, dedup: DedupSettings, index) -> dict[str, Any]:
     """The manifest's `dedup` section, less the cluster counts (manifest.dedup_section adds them)."""
-    return {"embedder": embedder.name, "threshold": threshold, "flip": dedup.dedup_flip,
-            "index": type(index).__name__ if index is not None else None,
+    return {"embedder": embedder.name, "threshold": threshold.value, "threshold_chosen": threshold.to_dict(),
+            "flip": dedup.dedup_flip, "index": type(index).__name__ if index is not None else None,
             "index_on_gpu": bool(index is not None and on_gpu(index)),
             "threshold_meaning": THRESHOLD_MEANING, "against": dedup.against}
 
@@ -236,7 +250,7 @@ def decision_columns(table: pa.Table, dup: dict[str, list], flagged: np.ndarray,
     return cols, augment
 
 
-def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple[dict[str, list], Threshold, np.ndarray,
+def decide(ctx: RunContext, scored: Scored, reference: Scored | None) -> tuple[dict[str, list], Threshold, np.ndarray,
                                                                                 Any, Judged]:
     """Judged scores, threshold, flags, duplicates and first actions: the decision columns, the
     threshold, which rows to augment, the FAISS index of the duplicate search (None when none
@@ -247,15 +261,15 @@ def decide(ctx: RunContext, scored: Scored, reference: pa.Table | None) -> tuple
         reasons = tally(table.column("reject_reason"))
         raise ValueError(f"none of the {table.num_rows} inputs of {ctx.source.path!r} could be scored, so nothing can be "
                          f"judged: rejected as {dict(sorted(reasons.items()))}")
-    j = judge_scores(table, ok, reference, s.flag.score)
+    j = judge_scores(table, ok, reference.table if reference is not None else None, s.flag.score)
     threshold = threshold_of(ctx, j.values, ok, j.reference_values)
     threshold = replace(threshold, details={**threshold.details, "calibration": j.calibration.to_dict()})
     flagged = flag(j.values, threshold) & ok
     near = np.abs(j.values - threshold.value) <= 2 * j.se
     uncertain = [bool(u) if o and np.isfinite(e) else None for u, o, e in zip(near, ok, j.se)]
     vectors = scored.vectors if s.remediation.dedups else None
-    dup, index = search_duplicates(vectors, scored.flipped, table, ok, j.values, ctx.dup_threshold, ctx.embedder,
-                                   s.dedup, s.model.device, ctx.staging / INDEX)
+    dup, index, ctx.dup_threshold = search_duplicates(vectors, scored.flipped, table, ok, j.values, ctx.embedder,
+                                                      s.dedup, s.model.device, ctx.staging / INDEX, reference)
     reasons = [threshold.reason(v, s.flag.score) if f else None for v, f in zip(j.values, flagged)]
     cols, augment = decision_columns(table, dup, flagged, reasons, s.remediation, j.columns, uncertain)
     return cols, threshold, augment, index, j
@@ -377,9 +391,8 @@ def commit_with_report(run: StagedRun, source: Source, spec: ImageSpec, decided:
 def finish_run(ctx: RunContext, scored: dict[str, Scored]) -> dict[str, Any]:
     """Flag, dedup, remediate, write every output and move the run into place; returns the
     manifest."""
-    ref_table = scored["reference"].table if "reference" in scored else None
     with ctx.run.stage("flag_and_dedup"):
-        cols, threshold, augment, index, j = decide(ctx, scored["input"], ref_table)
+        cols, threshold, augment, index, j = decide(ctx, scored["input"], scored.get("reference"))
         ref_table = j.reference
     with ctx.run.stage("remediate"):
         remediate(ctx, scored["input"].table, cols, augment, threshold, j)
