@@ -43,11 +43,20 @@ def progress_bar(total: int, desc: str = "scoring"):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
 
 
+def check_model(settings) -> None:
+    """The checkpoint (a folder, or a Hub id in the local cache) found, before any input is
+    counted or decoded: a wrong --model fails first, not after the progress bar starts."""
+    from pipeline.score.models import resolve_checkpoint
+
+    resolve_checkpoint(settings.model, settings.allow_pickle, settings.variant)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.run.score import count_inputs, score_to_parquet
     from pipeline.run.settings import ScoreSettings
 
     settings = from_args(ScoreSettings, args)
+    check_model(settings.model)
     with progress_bar(count_inputs(settings.input.data, settings.input.image_column)) as bar:
         rows, rejected = score_to_parquet(settings, bar.update)
     print(f"scored {rows - rejected} images ({rejected} rejected) -> {settings.output.out}")
@@ -60,6 +69,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from pipeline.run.settings import RunSettings
 
     settings = from_args(RunSettings, args)
+    check_model(settings.model)
     total = count_inputs(settings.input.data, settings.input.image_column)
     if settings.flag.reference is not None:
         total += count_inputs(settings.flag.reference, settings.input.image_column)

@@ -44,3 +44,17 @@ def write_images(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture
+def zero_model(tmp_path):
+    """A 4x4 RGB DDPM checkpoint whose UNet is all zeros (its score is exactly -x / sigma^2)."""
+    from diffusers import DDPMScheduler
+
+    from tests.exact import tiny_unet
+
+    unet = tiny_unet(channels=3, size=4)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.zero_()
+    return save_checkpoint(unet, DDPMScheduler(beta_start=1e-4, beta_end=0.02), tmp_path / "zero")

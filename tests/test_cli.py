@@ -1,11 +1,13 @@
 """`memclean score` through the whole command-line path, against exact answers."""
+import shutil
+
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from memclean.cli import main
 from pipeline.score.schedules import LinearVP
+from pipeline.io.data import discover
 from pipeline.io.store import read_metadata
 from tests.conftest import save_checkpoint
 from tests.exact import tiny_unet
@@ -14,15 +16,6 @@ EXPECTED_COLUMNS = {"id", "path", "sha256", "status", "reject_reason", "log_volu
                     "prior_logp", "logp", "bits_per_dim", "nfe", "divergence", "probes", "solver",
                     "steps", "rtol", "atol", "eps", "seed", "grid", "model_fingerprint", "probe_mode",
                     "precision"}
-
-
-@pytest.fixture
-def zero_model(tmp_path):
-    unet = tiny_unet(channels=3, size=4)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.zero_()
-    return save_checkpoint(unet, DDPMScheduler(beta_start=1e-4, beta_end=0.02), tmp_path / "zero")
 
 
 @pytest.mark.parametrize("divergence", ["rademacher", "exact"])
@@ -155,10 +148,25 @@ def test_bad_clean_settings_fail_before_any_image_is_decoded(tmp_path, zero_mode
     assert not (tmp_path / "out").exists()
 
 
+def test_one_image_file_is_a_one_image_input(tmp_path, zero_model, write_images):
+    """An image file is recognised by its content, whatever its name: a PNG named .dat is that
+    image (its file name the id), and a text file is still a list."""
+    data = write_images(n=2)
+    shutil.copy(data / "img000.png", tmp_path / "picture.dat")
+    for path, ids in ((data / "img001.png", ["img001.png"]), (tmp_path / "picture.dat", ["picture.dat"])):
+        out = tmp_path / f"{path.stem}.parquet"
+        assert main(["score", "--data", str(path), "--model", str(zero_model), "--out", str(out)]) == 0
+        t = pq.read_table(out)
+        assert t.column("id").to_pylist() == ids and t.column("status").to_pylist() == ["ok"]
+    (tmp_path / "list.png").write_text(str(data / "img000.png") + "\n")  # text named like an image: a list
+    assert discover(tmp_path / "list.png").kind == "list"
+
+
 def test_data_paths_that_are_not_a_source_are_refused(tmp_path, zero_model, write_images, capsys):
     data = write_images(n=2)
-    rc = main(["score", "--data", str(data / "img000.png"), "--model", str(zero_model), "--out", str(tmp_path / "s.parquet")])
-    assert rc == 2 and "not a text file of image paths" in capsys.readouterr().err
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01 not an image" * 10)
+    rc = main(["score", "--data", str(tmp_path / "blob.bin"), "--model", str(zero_model), "--out", str(tmp_path / "s.parquet")])
+    assert rc == 2 and "neither an image Pillow recognises nor a text file" in capsys.readouterr().err
     import pyarrow as pa
 
     pq.write_table(pa.table({"image": [b"x"]}), data / "extra.parquet")
@@ -196,22 +204,21 @@ def test_a_zero_unet_in_a_latent_pipeline_has_the_closed_form_through_the_cli(tm
 
 @pytest.mark.parametrize("verb", ["score", "clean", "dedup", "train"])
 def test_an_input_with_no_images_fails_every_verb_naming_what_it_holds(tmp_path, zero_model, verb, capsys):
-    """A folder of Arrow files (a datasets folder) or WebDataset shards holds no image memclean
-    reads: every verb fails before any work, saying what the folder does hold; so do an empty
-    Parquet file and a list of no paths."""
+    """A folder of NumPy arrays holds no image memclean reads: every verb fails before any work,
+    saying what the folder does hold; so do an empty Parquet file and a list of no paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    arrow = tmp_path / "ds"
-    arrow.mkdir()
+    shards = tmp_path / "arrays"
+    shards.mkdir()
     for k in range(3):
-        (arrow / f"data-{k:05d}-of-00003.arrow").write_bytes(b"x")
-    (arrow / "dataset_info.json").write_text("{}")
+        (shards / f"{k:05d}.npy").write_bytes(b"x")
+    (shards / "stats.json").write_text("{}")
     pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty.parquet")
     (tmp_path / "none.txt").write_text("# nothing\n\n")
     out = tmp_path / ("o.parquet" if verb == "score" else "out")
     model = [] if verb in ("dedup", "train") else ["--model", str(zero_model)]
-    for data, words in ((arrow, "3 .arrow files (a datasets folder"), (tmp_path / "empty.parquet", "no rows"),
+    for data, words in ((shards, "3 .npy files (NumPy arrays?)"), (tmp_path / "empty.parquet", "no rows"),
                         (tmp_path / "none.txt", "names no path")):
         rc = main([verb, "--data", str(data), "--out", str(out), *model])
         assert rc == 2 and words in capsys.readouterr().err, (verb, data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import logging
 import os
 import stat
@@ -27,6 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.fields import DEVICE_HELP, check_device, setting
+from pipeline.io import webdataset
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,17 @@ class Item:
     read: Callable[[], bytes]  # the file's bytes; raises Rejected (or OSError) when it cannot
     path_bytes: bytes | None = None  # the exact file-system path, when there is one
     reject: str | None = None  # a reason known before reading, e.g. duplicate_path
+    sidecar: str | None = None  # WebDataset: the sample's small .json / .txt members, as a JSON object
 
 
 @dataclass(frozen=True)
 class InputSettings:
     """Where the images come from and what an input must be to be taken."""
 
-    data: str = setting(help="a folder of images (recursive), a Parquet file or folder with an image column, "
-                        "or a text file listing image paths")
-    image_column: str | None = setting(None, "Parquet: the column holding images (default: 'image', or the "
+    data: str = setting(help="an image, a folder of images (recursive), a Parquet file or folder with an image "
+                        "column, a datasets folder (save_to_disk) or Arrow file, WebDataset tar shards (a .tar, a "
+                        "folder of them or a brace pattern), or a text file listing image paths")
+    image_column: str | None = setting(None, "Parquet and Arrow: the column holding images (default: 'image', or the "
                                        "only binary one)")
     max_pixels: int = setting(89_478_485, "reject larger images as decompression bombs")
     min_size: int = setting(8, "reject images whose shorter side is smaller, in pixels")
@@ -237,21 +241,90 @@ def parquet_items(path: str | os.PathLike, image_column: str | None = None, rows
         first += pf.metadata.num_rows
 
 
+def arrow_files(path: str | os.PathLike) -> list[str]:
+    """The Arrow files of a `datasets` folder written by save_to_disk (state.json's `_data_files`,
+    in order; a DatasetDict's splits in dataset_dict.json's order), of one .arrow file, or of a
+    folder of them (name order)."""
+    p = os.fspath(path)
+    if os.path.isfile(p):
+        return [p]
+    root = Path(p)
+
+    def split_files(folder: Path) -> list[str] | None:
+        state = folder / "state.json"
+        if not state.is_file():
+            return None
+        return [str(folder / f["filename"]) for f in json.loads(state.read_text()).get("_data_files", [])]
+
+    files = split_files(root)
+    if files is not None:
+        return files
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        return [f for split in splits for f in split_files(root / split) or []]
+    return sorted(str(f) for f in root.rglob("*.arrow"))
+
+
+def is_datasets_folder(path: str | os.PathLike) -> bool:
+    """A folder `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk` (dataset_dict.json) wrote."""
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def read_arrow(file: str) -> pa.Table:
+    """An Arrow IPC file memory-mapped, zero-copy: the stream format save_to_disk writes, or the
+    random-access file format."""
+    source = pa.memory_map(file)
+    try:
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source).read_all()
+
+
+def arrow_items(path: str | os.PathLike, image_column: str | None = None, rows_per_read: int = 256,
+                start: int = 0, stop: int | None = None) -> Iterator[Item]:
+    """Rows [start, stop) of a `datasets` folder or Arrow file(s), read `rows_per_read` at a time
+    from the memory-mapped files; ids are `file:row` (the file relative to the folder)."""
+    root = os.fspath(path)
+    end = float("inf") if stop is None else stop
+    first = 0
+    for file in arrow_files(root):
+        if first >= end:
+            return
+        table = read_arrow(file)
+        n = table.num_rows
+        if first + n > start:
+            column = table.column(_image_column(table.schema, image_column, file))
+            rel = os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
+            lo, hi = max(start - first, 0), int(min(end - first, n))
+            for at in range(lo, hi, rows_per_read):
+                for row, value in enumerate(column.slice(at, min(rows_per_read, hi - at)).to_pylist(), at):
+                    inner = value.get("path") if isinstance(value, dict) else None
+                    yield Item(f"{rel}:{row}", inner or f"{file}:{row}", CellReader(value, os.path.dirname(file)))
+        first += n
+        del table
+
+
 @dataclass(frozen=True)
 class Shard:
     """Items [start, stop) of a source, which a worker opens itself: a Parquet shard is its row
     range (no image bytes travel with it), a folder or list shard its items (paths)."""
 
     path: str  # the source (--data)
-    kind: str  # folder | list | parquet
+    kind: str  # folder | list | parquet | arrow | webdataset | image
     image_column: str | None
     start: int
     stop: int
-    items: tuple[Item, ...] = ()  # folder and list sources only
+    items: tuple[Item, ...] = ()  # folder, list and image sources only
+    member: str | None = None  # WebDataset: the shard file whose samples [start, stop) these are
 
     def __iter__(self) -> Iterator[Item]:
         if self.kind == "parquet":
             return parquet_items(self.path, self.image_column, start=self.start, stop=self.stop)
+        if self.kind == "arrow":
+            return arrow_items(self.path, self.image_column, start=self.start, stop=self.stop)
+        if self.kind == "webdataset":
+            return webdataset.tar_items(self.path, self.member, self.start, self.stop)
         return iter(self.items)
 
     def __len__(self) -> int:
@@ -259,12 +332,22 @@ class Shard:
 
 
 class Source:
-    """A data source that can be iterated more than once: folder, Parquet, or list of paths."""
+    """A data source that can be iterated more than once: a folder, Parquet, a datasets folder or Arrow
+    files, WebDataset shards, one image, or a list of paths (`kind` says which)."""
 
     def __init__(self, path: str | os.PathLike, image_column: str | None = None):
         self.path = os.fspath(path)  # what the user named with --data
         self.image_column = image_column  # Parquet only
-        if os.path.isdir(self.path):
+        if webdataset.is_pattern(self.path) or (os.path.isfile(self.path) and (self.path.endswith(".tar") or (
+                not _is_text(self.path) and webdataset.is_tar(self.path)))):
+            self.kind = "webdataset"  # tar shards: one, or a brace pattern of them
+        elif os.path.isdir(self.path) and _only_tars(self.path):
+            self.kind = "webdataset"  # a folder of shards
+        elif os.path.isdir(self.path) and (is_datasets_folder(self.path) or (
+                any(Path(self.path).rglob("*.arrow")) and not any(Path(self.path).rglob("*.parquet"))
+                and not any(self._images_in_folder()))):
+            self.kind = "arrow"  # a datasets folder (save_to_disk), or a folder of Arrow files
+        elif os.path.isdir(self.path):
             has_parquet, has_images = any(Path(self.path).rglob("*.parquet")), any(self._images_in_folder())
             if has_parquet and has_images:
                 raise ValueError(f"data folder {self.path!r} holds both image files and Parquet files: memclean reads "
@@ -274,17 +357,22 @@ class Source:
                 raise ValueError(f"data folder {self.path!r} holds no image (no {', '.join(sorted(IMAGE_SUFFIXES))} "
                                  f"file and no Parquet file): {holdings(self.path)}")
         elif os.path.isfile(self.path):
-            self.kind = "parquet" if self.path.endswith(".parquet") else "list"
-            if self.kind == "list" and not _is_text(self.path):
-                raise ValueError(f"data path {self.path!r} is not a text file of image paths (it looks like an image "
-                                 "or other binary file): give a folder of images, a Parquet file or folder, or a "
+            # by content, not name: text is a list of paths, an image Pillow recognises is that one image
+            self.kind = "parquet" if self.path.endswith(".parquet") else "arrow" if self.path.endswith(".arrow") \
+                else "list" if _is_text(self.path) \
+                else "image" if _is_image(self.path) else None
+            if self.kind is None:
+                raise ValueError(f"data path {self.path!r} is neither an image Pillow recognises nor a text file of "
+                                 "image paths: give an image, a folder of images, a Parquet file or folder, or a "
                                  "text file listing image paths, one a line")
         else:
             raise ValueError(f"data path {self.path!r} does not exist: expected a folder of images, "
                              "a Parquet file or folder, or a text file listing image paths")
-        if self.kind in ("parquet", "list") and self.count() == 0:
+        if self.kind in ("parquet", "arrow", "list", "webdataset") and self.count() == 0:
             raise ValueError(f"data path {self.path!r} yields no image: "
                              + ("its Parquet files have no rows" if self.kind == "parquet" else
+                                "its Arrow files have no rows" if self.kind == "arrow" else
+                                "its tar shards hold no sample" if self.kind == "webdataset" else
                                 "the list names no path (only blank lines and # comments)"))
 
     def _images_in_folder(self) -> Iterator[Item]:
@@ -293,20 +381,38 @@ class Source:
     def __iter__(self) -> Iterator[Item]:
         if self.kind == "folder":
             return folder_items(self.path)
+        if self.kind == "image":  # one image file: one input, its file name the id
+            return iter([_file_item(os.path.basename(self.path), self.path)])
         if self.kind == "parquet":
             return parquet_items(self.path, self.image_column)
+        if self.kind == "arrow":
+            return arrow_items(self.path, self.image_column)
+        if self.kind == "webdataset":
+            root, files = webdataset.shard_files(self.path)
+            return (item for tar in files for item in webdataset.tar_items(root, tar))
         return list_items(self.path)
 
     def count(self) -> int:
         """How many items there are, without reading any image."""
         if self.kind == "parquet":
             return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(self.path))
+        if self.kind == "arrow":
+            return sum(read_arrow(f).num_rows for f in arrow_files(self.path))
+        if self.kind == "webdataset":
+            return sum(webdataset.count(tar) for tar in webdataset.shard_files(self.path)[1])
         return sum(1 for _ in self)
 
     def shards(self, size: int) -> Iterator[Shard]:
         """The source in consecutive shards of `size` items, each light enough to send to a
         worker: Parquet shards are row ranges read from the files' metadata alone."""
-        if self.kind == "parquet":
+        if self.kind == "webdataset":  # row ranges within each shard file: descriptors, no bytes
+            root, files = webdataset.shard_files(self.path)
+            for tar in files:
+                n = webdataset.count(tar)
+                for start in range(0, n, size):
+                    yield Shard(root, self.kind, None, start, min(start + size, n), member=tar)
+            return
+        if self.kind in ("parquet", "arrow"):
             n = self.count()
             for start in range(0, n, size):
                 yield Shard(self.path, self.kind, self.image_column, start, min(start + size, n))
@@ -322,8 +428,7 @@ class Source:
             yield Shard(self.path, self.kind, self.image_column, start, start + len(chunk), tuple(chunk))
 
 
-HINTS = {".arrow": "a datasets folder written by save_to_disk?", ".tar": "WebDataset shards?",
-         ".npy": "NumPy arrays?", ".npz": "NumPy arrays?", ".csv": "a table of paths? (a list file takes one per line)"}
+HINTS = {".npy": "NumPy arrays?", ".npz": "NumPy arrays?", ".csv": "a table of paths? (a list file takes one per line)"}
 
 
 def holdings(folder: str) -> str:
@@ -340,6 +445,21 @@ def holdings(folder: str) -> str:
                                    for ext, n in top) + (", ..." if len(counts) > 6 else "")
 
 
+def _only_tars(folder: str) -> bool:
+    """A folder of WebDataset shards: .tar files, and no image, Parquet or Arrow file."""
+    names = [os.path.splitext(n)[1].lower() for _, _, files in os.walk(folder) for n in files]
+    return ".tar" in names and not any(e in IMAGE_SUFFIXES or e in (".parquet", ".arrow") for e in names)
+
+
+def _is_image(path: str) -> bool:
+    """Whether Pillow recognises the file's content as an image (its header only is read)."""
+    try:
+        with Image.open(path) as img:
+            return bool(img.format)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def _is_text(path: str) -> bool:
     """Whether a file reads as text (its first 4 KB decode as UTF-8 with no NUL): a list of paths."""
     try:
@@ -347,7 +467,7 @@ def _is_text(path: str) -> bool:
             head = f.read(4096)
     except OSError:
         return True  # unreadable: let reading it report why
-    if b"\x00" in head or os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+    if b"\x00" in head:
         return False
     try:
         head.decode("utf-8")

@@ -31,6 +31,7 @@ SCORE_SCHEMA = pa.schema([
     ("sha256", pa.string()),  # of the file bytes; null if unreadable
     ("pixel_sha256", pa.string()),  # of the decoded pixels (exact duplicates in any format)
     ("path_bytes", pa.binary()),  # the exact file-system path (lossless for non-UTF-8 names)
+    ("sidecar", pa.string()),  # WebDataset: the sample's small .json / .txt members, a JSON object {ext: text}
     ("width", pa.int64()),  # of the original image, after EXIF orientation
     ("height", pa.int64()),
     ("status", pa.string()),  # ok | rejected

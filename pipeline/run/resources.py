@@ -14,7 +14,8 @@ from typing import Any
 
 from pipeline.decide.embeddings import make_embedder
 from pipeline.score.cache import ScoreCache
-from pipeline.score.models import LoadedModel, ModelSettings, load_model
+from pipeline.score.hub import model_folder
+from pipeline.score.models import CheckpointError, LoadedModel, ModelSettings, load_model
 
 
 def checkpoint_stamp(path: str) -> tuple:
@@ -36,8 +37,9 @@ class Resources:
 
     def model(self, settings: ModelSettings) -> LoadedModel:
         """The checkpoint `settings` names, loaded once while it is unchanged on disk."""
+        folder, _ = model_folder(settings.model, CheckpointError)  # a Hub id: its cached snapshot
         key = (settings.model, settings.allow_pickle, settings.device, settings.variant, settings.data_range,
-               checkpoint_stamp(settings.model) if os.path.exists(settings.model) else ())
+               checkpoint_stamp(str(folder)) if folder.exists() else ())
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)

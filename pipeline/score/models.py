@@ -22,13 +22,14 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from pipeline.fields import DEVICE_HELP, check_choices, check_device, setting
+from pipeline.score.hub import HubModel, model_folder
 from pipeline.score.schedules import VESchedule, VPSchedule, schedule_from_scheduler
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ LIMITS = {"sample_size": 8192, "in_channels": 64, "out_channels": 128, "layers_p
 class ModelSettings:
     """Which checkpoint scores, how it is loaded, and where it runs."""
 
-    model: str = setting(help="a local diffusers checkpoint folder (any layout diffusers loads: see README, Models)")
+    model: str = setting(help="a local diffusers checkpoint folder (any layout diffusers loads: see README, Models), "
+                         "or a Hub id ORG/NAME[@REVISION] already in the local Hugging Face cache (never downloaded)")
     allow_pickle: bool = setting(False, "also load pickle (.bin) weights; they can run code when loaded")
     variant: str | None = setting(None, "diffusers weight variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
     data_range: str = setting("auto", "the range the model was trained on: auto (VP/DDPM models [-1, 1], VE/NCSN++ "
@@ -98,6 +100,7 @@ class Checkpoint:
     variant: str | None  # diffusers' weight variant (fp16, ...)
     autoencoder: str | None = None  # latent pipelines: the autoencoder's subfolder (vqvae, vae)
     autoencoder_class: str | None = None  # VQModel | AutoencoderKL
+    hub: HubModel | None = None  # when --model named a Hub id: its id, revision and cached snapshot
 
     @property
     def unet_dir(self) -> Path:
@@ -180,8 +183,14 @@ def check_pipeline_components(index: Path, components: dict[str, Any]) -> tuple[
 
 
 def resolve_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, variant: str | None = None) -> Checkpoint:
-    """Find the UNet, its weights and the scheduler in any layout, or say what is missing."""
-    root = Path(path)
+    """Find the UNet, its weights and the scheduler in any layout, or say what is missing. `path`
+    may be a Hub id (ORG/NAME[@REVISION]) already in the local Hugging Face cache (score/hub.py)."""
+    root, hub = model_folder(str(path), CheckpointError)
+    ckpt = _resolve_folder(root, allow_pickle, variant)
+    return replace(ckpt, hub=hub) if hub is not None else ckpt
+
+
+def _resolve_folder(root: Path, allow_pickle: bool, variant: str | None) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"model path {str(root)!r} is not a folder: expected a diffusers checkpoint "
                               "(model_index.json with unet/ and scheduler/, or config.json + weights + "
@@ -413,7 +422,9 @@ class LoadedModel:
     def record(self) -> dict[str, Any]:
         """What was loaded, for the manifest and the Parquet metadata: the checkpoint as found
         (root, layout, variant), its fingerprint, and how it scores."""
-        return {"path": str(self.checkpoint.root), "fingerprint": self.fingerprint, "layout": self.checkpoint.layout,
+        return {"path": str(self.checkpoint.root),
+                "hub": self.checkpoint.hub.to_dict() if self.checkpoint.hub is not None else None,
+                "fingerprint": self.fingerprint, "layout": self.checkpoint.layout,
                 "variant": self.checkpoint.variant, "data_range": list(self.data_range),
                 "bits_per_dim_offset": self.score_fn.bits_offset, "score_space": self.score_space,
                 "latent_shape": self.latent_shape, "autoencoder": self.checkpoint.autoencoder_class,

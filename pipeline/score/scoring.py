@@ -36,7 +36,7 @@ def base_row(d: Decoded) -> dict:
     """The identity and status columns of one input."""
     w, h = d.original_size or (None, None)
     return {"id": d.item.id, "path": d.item.path, "sha256": d.sha256, "pixel_sha256": d.pixel_sha256,
-            "path_bytes": d.item.path_bytes, "width": w, "height": h,
+            "path_bytes": d.item.path_bytes, "sidecar": d.item.sidecar, "width": w, "height": h,
             "status": "rejected" if d.reject_reason else "ok", "reject_reason": d.reject_reason}
 
 
