@@ -7,8 +7,8 @@ Each set is cleaned by `memclean clean` with every option at its default (its he
 the reference, the bundled model of the set); the table is read back from scores.parquet and
 manifest.json: flagged survivors of dedup sent to augmentation, accepted by the preset of their
 last try, why the rest failed (their last variant above the threshold, or below the accept
-band), the duplicate clusters whose keeper failed (with --on-failure drop the picture leaves the
-dataset), and the share of pictures the run removes (the guard's count). Writes its section of
+band), the duplicate clusters whose flagged keeper found no variant (kept once, by the default
+--cluster-on-failure keep), and the share of pictures the run removes (the guard's count). Writes its section of
 benchmarks/RESULTS.md.
 """
 from __future__ import annotations

@@ -75,6 +75,22 @@ def prefect(env, *args, cwd, timeout=300):
     return r.stdout
 
 
+def deployable_copy(project: Path) -> Path:
+    """A copy of the repository's deployable parts (prefect.yaml, flows/), to deploy from."""
+    project.mkdir()
+    for name in ("prefect.yaml", "flows"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, project / name)
+    return project
+
+
+def deploy_and_start_worker(server, project: Path, log: Path) -> subprocess.Popen:
+    """The work pool, `prefect deploy --all` from `project`, and a process worker running there."""
+    prefect(server, "work-pool", "create", "memclean-process", "--type", "process", cwd=project)
+    prefect(server, "--no-prompt", "deploy", "--all", cwd=project)
+    return subprocess.Popen([PREFECT, "worker", "start", "--pool", "memclean-process"], env=server, cwd=project,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def png_whose_sha256_ends_in_nul(rng) -> bytes:
     """A 10x10 RGB PNG whose file sha256 ends in the byte 0x00 (1 in 256 random images)."""
     import hashlib
@@ -88,10 +104,7 @@ def png_whose_sha256_ends_in_nul(rng) -> bytes:
 
 
 def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
-    project = tmp_path / "project"  # a copy of the repository's deployable parts
-    project.mkdir()
-    for name in ("prefect.yaml", "flows"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, project / name)
+    project = deployable_copy(tmp_path / "project")
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
     data.mkdir()
@@ -101,11 +114,7 @@ def test_deploy_and_run_clean_demo_through_a_worker(server, tmp_path):
     model = save_checkpoint(tiny_unet(channels=3, size=8), DDPMScheduler(), tmp_path / "model")
     out = tmp_path / "out"
 
-    prefect(server, "work-pool", "create", "memclean-process", "--type", "process", cwd=project)
-    prefect(server, "--no-prompt", "deploy", "--all", cwd=project)
-    worker_log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "memclean-process"], env=server,
-                              cwd=project, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = deploy_and_start_worker(server, project, tmp_path / "worker.log")
     try:
         params = ["--param", f"data={data}", "--param", f"model={model}", "--param", f"out={out}",
                   "--param", "reference=null", "--param", "solver=euler", "--param", "steps=2", "--param", "precision_target=0",
@@ -135,17 +144,53 @@ def test_every_deployment_names_only_flow_parameters_with_valid_values():
     the values build valid settings."""
     import yaml
 
-    from flows.clean import PARAMETERS
+    import inspect
+
+    from flows import clean, drops
     from memclean.cli import demo_parameters
     from pipeline.run.settings import FlowSettings, RunSettings
 
     root = Path(__file__).resolve().parent.parent
     spec = yaml.safe_load((root / "prefect.yaml").read_text())
-    names = {o.name for o in PARAMETERS}
-    flow_names = {o.name for o in options(FlowSettings)}
+    flows = {"flows/clean.py:clean": clean.clean, "flows/drops.py:clean_drops": drops.clean_drops}
+    flow_names = {o.name for o in options(FlowSettings)} | {"drops", "dataset"}
     for d in spec["deployments"]:
         params = d["parameters"]
+        names = set(inspect.signature(flows[d["entrypoint"]].fn).parameters)
         assert set(params) <= names, (d["name"], set(params) - names)
-        RunSettings.from_flat({k: v for k, v in params.items() if k not in flow_names})
+        RunSettings.from_flat({"data": "x", "out": "y", **{k: v for k, v in params.items() if k not in flow_names}})
     demo = demo_parameters(root)
     assert Path(demo["model"]).is_dir() and "dup_threshold" not in demo  # auto: judged against chance
+
+
+def test_the_drops_deployment_grows_the_catalog_through_a_worker(server, tmp_path):
+    """clean-drops/celeba-drops through a real server and process worker: three drops, the third
+    holding copies of the first's images, are accepted into the catalog in order, the copies
+    dropped as already in the dataset; a second run finds nothing new and changes nothing."""
+    from tests.test_drops import make_drops
+
+    project = deployable_copy(tmp_path / "project")
+    drops, dataset = tmp_path / "drops", tmp_path / "dataset"
+    make_drops(drops)
+    held = tmp_path / "heldout"  # the deployment calibrates by --flag-fpr against a reference
+    make_drops(held, seed=1)
+    model = save_checkpoint(tiny_unet(channels=3, size=8), DDPMScheduler(), tmp_path / "model")
+    worker = deploy_and_start_worker(server, project, tmp_path / "worker.log")
+    try:
+        params = ["--param", f"drops={drops}", "--param", f"dataset={dataset}", "--param", f"model={model}",
+                  "--param", f"reference={held / 'a'}", "--param", "solver=euler", "--param", "steps=2",
+                  "--param", "precision_target=0", "--param", "batch_size=4", "--param", "action=dedup",
+                  "--param", "device=cpu"]
+        prefect(server, "deployment", "run", "clean-drops/celeba-drops", *params, "--watch", "--watch-timeout", "300",
+                cwd=project)
+        catalog = json.loads((dataset / "dataset.json").read_text())
+        assert [p["drop"] for p in catalog["parts"]] == ["a", "b", "c"]
+        assert [p["counts"]["kept"] for p in catalog["parts"]] == [4, 3, 1]
+        c = json.loads((dataset / "parts" / "c" / "manifest.json").read_text())
+        assert c["losses"]["in_earlier_output"] == 2 and (dataset / "parts" / "c" / "_COMPLETE").is_file()
+        before = (dataset / "dataset.json").read_bytes()
+        prefect(server, "deployment", "run", "clean-drops/celeba-drops", *params, "--watch", "--watch-timeout", "300",
+                cwd=project)
+        assert (dataset / "dataset.json").read_bytes() == before
+    finally:
+        stop_group(worker)

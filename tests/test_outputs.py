@@ -104,4 +104,28 @@ def test_an_earlier_output_must_match_the_embedder(tmp_path):
     with pytest.raises(ValueError, match="cannot be compared"):
         check_against(str(prev), "unet")
     ids, vecs = earlier_survivors(str(prev), "pixel")
-    assert ids == ["a"] and vecs.tolist() == [[1.0, 0.0]]
+    assert ids == [f"{prev}:a"] and vecs.tolist() == [[1.0, 0.0]]
+
+
+def test_against_names_several_outputs_or_a_catalog(tmp_path):
+    """--against takes one output, several separated by commas, or a dataset catalog (the file or
+    the folder holding it): every accepted part, each image named `output:id`."""
+    from pipeline.io.outputs import against_outputs
+
+    for name, vec in (("p1", [1.0, 0.0]), ("p2", [0.0, 1.0])):
+        prev = tmp_path / "ds" / "parts" / name
+        prev.mkdir(parents=True)
+        (prev / "manifest.json").write_text(json.dumps({"dedup": {"embedder": "pixel"}}))
+        pq.write_table(pa.table({"id": ["x"], "action": ["kept"],
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vec, pa.float32()), 2)}),
+                       prev / EMBEDDINGS)
+    p1, p2 = tmp_path / "ds" / "parts" / "p1", tmp_path / "ds" / "parts" / "p2"
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"parts": [{"drop": "p1", "out": "parts/p1"},
+                                                                        {"drop": "p2", "out": "parts/p2"}]}))
+    for against in (f"{p1},{p2}", str(tmp_path / "ds" / "dataset.json"), str(tmp_path / "ds")):
+        assert against_outputs(against) == [str(p1), str(p2)]
+        ids, vecs = earlier_survivors(against, "pixel")
+        assert ids == [f"{p1}:x", f"{p2}:x"] and vecs.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a memclean dataset catalog"):
+        against_outputs(str(tmp_path / "bad.json"))

@@ -1,5 +1,6 @@
 """Dedup, calibrated flags and augment-and-rescore through `memclean clean`."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -263,3 +264,20 @@ def test_losses_count_the_pictures_that_leave_the_dataset():
     assert "remove 4 of its 7 scored pictures (57%)" in message and "2 joined as near duplicates" in message
     with pytest.raises(ValueError, match="max-loss-fraction"):
         GuardSettings(max_loss_fraction=0)
+
+
+def test_a_failed_cluster_keeper_stays_once_and_a_failed_singleton_follows_on_failure():
+    """--cluster-on-failure keep (the default): a duplicate cluster's flagged keeper whose variants
+    all missed the band is kept (its copies stay dropped, so the picture is in the dataset once);
+    a flagged image with no copies is dropped as --on-failure drop says; with
+    --cluster-on-failure failure the keeper follows --on-failure too."""
+    from pipeline.decide.remediate import Attempt, settle
+
+    threshold = Threshold(10.0, "quantile", {})
+    failed = Attempt(False, 3, "strong", 12.0, {}, Path("x.png"), 2, "above the threshold")
+    for mode, expected in (("keep", ["kept", "dropped"]), ("failure", ["dropped", "dropped"])):
+        action, reason = [None, None], [None, None]
+        settle(action, reason, {"keeper": 0, "alone": 1}, {"keeper": failed, "alone": failed}, threshold, 5.0,
+               RemediationSettings(cluster_on_failure=mode), keepers={"keeper"})
+        assert action == expected, mode
+        assert ("one copy" in reason[0]) == (mode == "keep") and "on failure: drop" in reason[1]

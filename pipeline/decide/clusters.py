@@ -41,8 +41,9 @@ class DedupSettings:
     dup_false_join_rate: float = setting(0.005, "--dup-threshold auto: the chance, for an image with no copy, of "
                                          "being joined to another image")
     dedup_flip: bool = setting(False, "also match horizontally mirrored copies")
-    against: str | None = setting(None, "an earlier memclean output: new images that duplicate its kept images "
-                                  "are dropped")
+    against: str | None = setting(None, "earlier memclean outputs (one folder, several separated by commas, or a "
+                                  "dataset catalog dataset.json or its folder: every accepted part): new images that "
+                                  "duplicate their kept images are dropped")
 
     def __post_init__(self) -> None:
         value = self.dup_threshold
@@ -98,16 +99,16 @@ def _take(values: Sequence, rows: np.ndarray) -> Sequence:
     return [values[r] for r in rows]
 
 
-def mark_earlier_duplicates(cols: dict[str, list], ok: np.ndarray, vectors: np.ndarray, label: str,
-                            earlier_ids: list[str], earlier: np.ndarray, threshold: float, embedder,
-                            device: str = "cpu", views: np.ndarray | None = None) -> None:
+def mark_earlier_duplicates(cols: dict[str, list], ok: np.ndarray, vectors: np.ndarray, earlier_names: list[str],
+                            earlier: np.ndarray, threshold: float, embedder, device: str = "cpu",
+                            views: np.ndarray | None = None) -> None:
     """Point dup_of of each ok row that duplicates an earlier output's kept image (and no image
-    of its own cluster) at it, as `label:id`. views: the vectors' search views, when computed."""
+    of its own cluster) at its name (`output:id`). views: the vectors' search views, when computed."""
     rows = np.where(ok)[0]
     match, sim = near_matches(vectors, earlier, threshold, embedder, device, views)
     for k, r in enumerate(rows):
         if match[k] >= 0 and cols["dup_of"][r] is None:
-            cols["dup_of"][r] = f"{label}:{earlier_ids[match[k]]}"
+            cols["dup_of"][r] = earlier_names[match[k]]
             cols["dup_similarity"][r] = float(sim[k])
 
 

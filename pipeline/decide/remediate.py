@@ -36,6 +36,7 @@ import transforms
 
 from pipeline.fields import check_choices, setting
 from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
+from pipeline.io.outputs import against_outputs
 from pipeline.decide.flagging import Threshold, accept, flag
 from pipeline.score.complexity import complexity
 from pipeline.score.scoring import fresh_scores
@@ -58,6 +59,11 @@ class RemediationSettings:
                          name="augment_tries")
     on_failure: str = setting("drop", "what happens to an image no augmentation brought into the accept band",
                               choices=ON_FAILURE)
+    cluster_on_failure: str = setting("keep", "what a duplicate cluster's flagged keeper becomes when no "
+                                      "augmentation lands in the accept band: keep (the picture stays once, flagged, "
+                                      "its copies dropped; retraining on it memorized nothing: benchmarks/"
+                                      "closed_loop.py) or failure (as --on-failure says)",
+                                      choices=("keep", "failure"))
     seed: int = setting(0, "augmentation seed, mixed with each image's sha256 and the try number", name="augment_seed")
     accept_band: float = setting(0.01, "a variant is accepted only at or above this quantile of ordinary images' "
                                  "scores (the reference's, else the dataset's) and not above the threshold: "
@@ -191,11 +197,21 @@ def augment_and_rescore(images: dict[str, tuple[Image.Image, str]], model, spec:
     return results
 
 
+def failed_action(settings: RemediationSettings, keeper: bool) -> tuple[str, str]:
+    """(action, why) of a flagged image left without an accepted variant: a duplicate cluster's
+    keeper stays, once (--cluster-on-failure keep), else --on-failure decides."""
+    if keeper and settings.cluster_on_failure == "keep":
+        return "kept", "kept as its duplicate cluster's one copy (--cluster-on-failure keep)"
+    return ("dropped" if settings.on_failure == "drop" else "kept"), f"on failure: {settings.on_failure}"
+
+
 def settle(action: list[str | None], reason: list[str | None], rows: dict[str, int], results: dict[str, Attempt],
-           threshold: Threshold, low: float | None, on_failure: str) -> None:
+           threshold: Threshold, low: float | None, settings: RemediationSettings,
+           keepers: set[str] = frozenset()) -> None:
     """The final action of each row sent to augmentation (id -> row): augmented when its last
-    variant is accepted, else dropped or kept as on_failure says. A row with no result changed
-    since it was scored (data.read_verified): it stays undecided, and reject_changed rejects it."""
+    variant is accepted, else as failed_action says (`keepers`: the ids that keep a duplicate
+    cluster). A row with no result changed since it was scored (data.read_verified): it stays
+    undecided, and reject_changed rejects it."""
     band = f"[{'-inf' if low is None else format(low, '.4g')}, {threshold.value:.4g}]"
     for id_, row in rows.items():
         a = results.get(id_)
@@ -205,9 +221,9 @@ def settle(action: list[str | None], reason: list[str | None], rows: dict[str, i
             action[row] = "augmented"
             reason[row] = f"{a.preset} augmentation re-scored {a.score:.4g}, inside the accept band {band}"
         else:
-            action[row] = "dropped" if on_failure == "drop" else "kept"
+            action[row], why = failed_action(settings, id_ in keepers)
             reason[row] = (f"no augmentation in {a.tries} tries scored inside the accept band {band} "
-                           f"(last {a.preset} {a.score:.4g}: {a.verdict}); on failure: {on_failure}")
+                           f"(last {a.preset} {a.score:.4g}: {a.verdict}); {why}")
 
 
 CHANGED = "changed_during_run"  # the reject reason of an input whose bytes changed after scoring
@@ -270,9 +286,9 @@ def _new_keeper(c: dict[str, list], ids: list[str], risk: list, rows: list[int],
             c["action_reason"][r] = f"duplicate of {ids[keeper]}"
     action, reason, augment = plan(np.ones(1, bool), np.array([bool(c["flagged"][keeper])]), [inherited], settings)
     if augment[0]:
-        action[0] = "dropped" if settings.on_failure == "drop" else "kept"
+        action[0], why = failed_action(settings, keeper=len(rows) > 1)
         reason[0] = f"flagged; no augmentation tried: {old} changed during the run and it became its cluster's keeper " \
-                    f"after augmentation had run; on failure: {settings.on_failure}"
+                    f"after augmentation had run; {why}"
     elif reason[0] is None or action[0] == "kept":
         reason[0] = "; ".join(filter(None, [reason[0], f"its cluster's keeper {old} changed during the run"]))
     c["action"][keeper], c["action_reason"][keeper] = action[0], reason[0]
@@ -329,8 +345,9 @@ def losses(decided: pa.Table, against: str | None = None) -> dict[str, int]:
     kept = decided.filter(pc.fill_null(pc.is_in(action, pa.array(["kept", "augmented"])), False))
     dropped = decided.filter(pc.fill_null(pc.equal(action, "dropped"), False))
     twin = pc.fill_null(pc.is_in(dropped.column("pixel_sha256"), kept.column("pixel_sha256").combine_chunks()), False)
-    earlier = pc.fill_null(pc.starts_with(dropped.column("dup_of"), f"{against}:"), False) if against \
-        else pc.is_null(dropped.column("action"))  # all False
+    earlier = pc.is_null(dropped.column("action"))  # all False
+    for prev in against_outputs(against) if against else ():
+        earlier = pc.or_(earlier, pc.fill_null(pc.starts_with(dropped.column("dup_of"), f"{prev}:"), False))
     gone = dropped.filter(pc.invert(pc.or_(twin, earlier)))
     reason = pc.fill_null(gone.column("action_reason"), "")
     out, counted = {}, None

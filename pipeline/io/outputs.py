@@ -243,29 +243,70 @@ def embed_png(embedder, spec: ImageSpec, device: str) -> Callable[[bytes], np.nd
     return lambda data: embedder(decode_image(data, spec)[None].to(device)).cpu().numpy()[0]
 
 
-def check_against(against: str, embedder_name: str) -> dict[str, Any]:
-    """The manifest of an earlier output (--against), checked before any work: it must be a
-    memclean output with embeddings from the same embedder."""
-    prev = Path(against)
+CATALOG = "dataset.json"  # a dataset's accepted parts, at its root (flows/drops.py writes it)
+
+
+def against_outputs(against: str) -> list[str]:
+    """The earlier outputs --against names: one output folder, several separated by commas, or a
+    catalog (a dataset.json, or the dataset root that holds one: every part it has accepted)."""
+    outputs = []
+    for part in (p.strip() for p in str(against).split(",")):
+        if not part:
+            continue
+        catalog = Path(part) / CATALOG if Path(part).is_dir() and not (Path(part) / "manifest.json").exists() \
+            else Path(part)
+        if catalog.name.endswith(".json") and catalog.is_file():
+            outputs += [str(catalog.parent / p["out"]) for p in read_catalog(catalog)["parts"]]
+        else:
+            outputs.append(part)
+    return outputs
+
+
+def read_catalog(path: str | os.PathLike) -> dict[str, Any]:
+    """A dataset's catalog: {"parts": [{"drop", "out", ...}], "data_files": ...}; a missing one is empty."""
+    p = Path(path)
+    if not p.exists():
+        return {"parts": [], "data_files": []}
     try:
-        manifest = json.loads((prev / "manifest.json").read_text())
-        pq.read_schema(prev / EMBEDDINGS)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise ValueError(f"--against {str(prev)!r} is not a memclean output with embeddings: {e}") from e
-    if manifest.get("dedup", {}).get("embedder") != embedder_name:
-        raise ValueError(f"--against {str(prev)!r} was embedded with {manifest.get('dedup', {}).get('embedder')!r}, "
-                         f"this run with {embedder_name!r}: they cannot be compared")
-    return manifest
+        catalog = json.loads(p.read_text())
+        if not isinstance(catalog, dict) or not isinstance(catalog.get("parts"), list):
+            raise ValueError("no parts list")
+        return catalog
+    except (OSError, ValueError) as e:
+        raise ValueError(f"catalog {str(p)!r} is not a memclean dataset catalog: {e}") from e
+
+
+def check_against(against: str, embedder_name: str) -> list[dict[str, Any]]:
+    """The manifests of the earlier outputs (--against), checked before any work: each must be
+    a memclean output with embeddings from the same embedder."""
+    manifests = []
+    for prev in map(Path, against_outputs(against)):
+        try:
+            manifest = json.loads((prev / "manifest.json").read_text())
+            pq.read_schema(prev / EMBEDDINGS)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise ValueError(f"--against {str(prev)!r} is not a memclean output with embeddings: {e}") from e
+        if manifest.get("dedup", {}).get("embedder") != embedder_name:
+            raise ValueError(f"--against {str(prev)!r} was embedded with {manifest.get('dedup', {}).get('embedder')!r}, "
+                             f"this run with {embedder_name!r}: they cannot be compared")
+        manifests.append(manifest)
+    return manifests
 
 
 def earlier_survivors(against: str, embedder_name: str) -> tuple[list[str], np.ndarray]:
-    """Ids and embeddings of the kept and augmented images of an earlier output (--against)."""
+    """Names (`output:id`, the output as --against or the catalog names it) and embeddings of the
+    kept and augmented images of the earlier outputs (--against)."""
     check_against(against, embedder_name)
-    table = pq.read_table(Path(against) / EMBEDDINGS)
-    kept = table.filter(pc.is_in(table.column("action"), pa.array(KEPT)))
-    if not kept.num_rows:
+    names, parts = [], []
+    for prev in against_outputs(against):
+        table = pq.read_table(Path(prev) / EMBEDDINGS)
+        kept = table.filter(pc.is_in(table.column("action"), pa.array(KEPT)))
+        if not kept.num_rows:
+            continue
+        embedding = kept.column("embedding").combine_chunks()
+        d = embedding.type.list_size
+        parts.append(embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d))
+        names += [f"{prev}:{i}" for i in kept.column("id").to_pylist()]
+    if not parts:
         return [], np.zeros((0, 1), np.float32)
-    embedding = kept.column("embedding").combine_chunks()
-    d = embedding.type.list_size
-    vectors = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
-    return kept.column("id").to_pylist(), vectors
+    return names, np.concatenate(parts)

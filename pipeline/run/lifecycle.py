@@ -220,8 +220,7 @@ def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa
                              threshold, embedder, index, views)
     if dedup.against:
         earlier_ids, earlier = earlier_survivors(dedup.against, embedder.name)
-        mark_earlier_duplicates(cols, ok, vectors, dedup.against, earlier_ids, earlier, threshold, embedder, device,
-                                views)
+        mark_earlier_duplicates(cols, ok, vectors, earlier_ids, earlier, threshold, embedder, device, views)
     return cols, index, given
 
 
@@ -299,7 +298,8 @@ def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: 
             cols["augmented_score"][row], cols["augmentation"][row] = a.score, record_json(a)
             cols["augmented_volume_growth"][row] = a.volume
             cols["augmented_png"][row] = str(a.png) if a.accepted else None
-    settle(cols["action"], cols["action_reason"], rows, results, threshold, low, s.remediation.on_failure)
+    keepers = {i for i, r in rows.items() if cols["dup_cluster"][r] is not None and cols["dup_of"][r] is None}
+    settle(cols["action"], cols["action_reason"], rows, results, threshold, low, s.remediation, keepers)
 
 
 def write_dataset(run: StagedRun, source: Source, decided: pa.Table, changed: set[str], score: str,
