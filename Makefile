@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 OUT ?= demo-out
 
-.PHONY: demo test install clean
+.PHONY: demo test install gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# FAISS on the GPU: faiss-gpu in place of faiss-cpu (both install the module `faiss`, so one at a
+# time). A rebuild of .venv (pyproject.toml or constraints.txt changed) brings faiss-cpu back:
+# run `make gpu` again after it.
+gpu: $(STAMP)
+	$(VENV)/bin/pip uninstall -y -q faiss-cpu
+	$(VENV)/bin/pip install -q -c constraints.txt 'faiss-gpu>=1.15'
+	$(VENV)/bin/python -c "import faiss; print('faiss', faiss.__version__, 'GPUs:', faiss.get_num_gpus())"
 
 demo: $(STAMP)
 	$(VENV)/bin/memclean demo --out $(OUT)
