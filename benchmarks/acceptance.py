@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.results import hardware, write_section  # noqa: E402
+from benchmarks.results import hardware, publish  # noqa: E402
 
 SETS = {"digits": ("examples/digits", "examples/model"), "photos": ("examples/photos", "examples/photo-model")}
 
@@ -75,9 +75,7 @@ def main() -> None:
     text = (f"Hardware: {hardware()}. `memclean clean` at its defaults (score {m['threshold']['score']}, "
             f"--augment-tries {m['settings']['augment_tries']}, --accept-band {m['settings']['accept_band']}, "
             f"--on-failure {m['settings']['on_failure']}), the held-out images as the reference.\n\n" + "\n".join(lines))
-    if not args.no_write:
-        write_section("acceptance", "## Remediation at the defaults: `benchmarks/acceptance.py`\n\n" + text)
-    print(text)
+    publish("acceptance", "Remediation at the defaults: `benchmarks/acceptance.py`", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.evidence import flat, load_pipeline, planted  # noqa: E402
-from benchmarks.results import hardware, write_section  # noqa: E402
+from benchmarks.results import hardware, publish  # noqa: E402
 from memclean.cli import demo_parameters  # noqa: E402
 from pipeline.io.data import ImageSpec, discover  # noqa: E402
 from pipeline.run.lifecycle import run_clean  # noqa: E402
@@ -99,9 +99,7 @@ def main() -> None:
             f"({manifest['counts']}); {len(failed)} duplicate clusters ({in_failed} pictures) had a flagged keeper "
             f"that found no accepted variant. Each model: the shipped recipe ({ts['steps']} steps, seed {ts['seed']}); "
             f"{args.samples} DDIM generations, seed 0.\n\n" + "\n".join(lines))
-    if not args.no_write:
-        write_section("closed-loop", "## The closed loop: `benchmarks/closed_loop.py`\n\n" + text)
-    print(text)
+    publish("closed-loop", "The closed loop: `benchmarks/closed_loop.py`", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

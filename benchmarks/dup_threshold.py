@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 from benchmarks.near_duplicates import PHOTOS, pair_stats, photo_set, recall_by_kind  # noqa: E402
-from benchmarks.results import hardware, write_section  # noqa: E402
+from benchmarks.results import hardware, publish  # noqa: E402
 from make_digits import upscale  # noqa: E402
 from pipeline.decide.chance import threshold_by_chance  # noqa: E402
 from pipeline.decide.clusters import DedupSettings, find_clusters  # noqa: E402
@@ -173,10 +173,7 @@ def main() -> None:
             f"{PixelEmbedder.threshold_floor}. 'auto, reference': chance measured on the held-out images against the "
             "training set; 'auto, dataset': on the dataset's own nearest neighbours (exact copies left out); 0.95: the "
             "fixed default before. Pairwise precision and recall of the planted groups.\n\n" + "\n".join(lines))
-    if not args.no_write:
-        write_section("dup-threshold", "## The duplicate threshold against chance: `benchmarks/dup_threshold.py`\n\n"
-                      + text)
-    print(text)
+    publish("dup-threshold", "The duplicate threshold against chance: `benchmarks/dup_threshold.py`", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,10 @@ def write_section(name: str, text: str, path: Path = RESULTS) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def publish(name: str, title: str, text: str, write: bool = True) -> None:
+    """Print a benchmark's section and, unless told not to, write it into RESULTS.md under `title`."""
+    if write:
+        write_section(name, f"## {title}\n\n{text}")
+    print(text)

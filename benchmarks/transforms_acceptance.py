@@ -24,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.results import hardware, write_section  # noqa: E402
+from benchmarks.results import hardware, publish  # noqa: E402
 from pipeline.decide.flagging import Threshold, accept  # noqa: E402
 from pipeline.decide.remediate import rescore, to_array, to_image  # noqa: E402
 from pipeline.decide.scores import judge_scores  # noqa: E402
@@ -115,10 +115,7 @@ def main() -> None:
     text = (f"Hardware: {hardware()}. The flagged survivors of a default `memclean clean` of each set, each "
             f"augmented by one transform (p = 1, the medium preset's strength), {args.seeds} seeds, re-scored and "
             "judged as remediation does.\n\n" + "\n".join(lines))
-    if not args.no_write:
-        write_section("transforms-acceptance", "## Single transforms against the accept band: "
-                      "`benchmarks/transforms_acceptance.py`\n\n" + text)
-    print(text)
+    publish("transforms-acceptance", "Single transforms against the accept band: `benchmarks/transforms_acceptance.py`", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -120,12 +120,13 @@ def nearest_similarity(queries: np.ndarray, query_keys: Sequence[str | None] | N
             v_rows += row[:candidates].tolist()
         todo, k = np.array(short, np.int64), min(2 * k, index.ntotal)
     q_rows, v_rows = np.array(q_rows, np.int64), np.array(v_rows, np.int64)
-    for s in range(0, len(q_rows), pairs):
-        q, v = q_rows[s:s + pairs], v_rows[s:s + pairs]
-        sim = embedder.similarity(queries[q], vectors[v]).astype(np.float64)
-        for a, b, c in zip(q.tolist(), v.tolist(), sim.tolist()):
-            if c > best[a]:
-                best[a], best_row[a] = c, b
+    if not len(q_rows):
+        return best_row, best
+    sim = np.concatenate([embedder.similarity(queries[q_rows[s:s + pairs]], vectors[v_rows[s:s + pairs]])
+                          for s in range(0, len(q_rows), pairs)]).astype(np.float64)
+    order = np.lexsort((-sim, q_rows))  # by query, most similar first (ties: search order, lexsort is stable)
+    first = order[np.r_[True, q_rows[order][1:] != q_rows[order][:-1]]]
+    best[q_rows[first]], best_row[q_rows[first]] = sim[first], v_rows[first]
     return best_row, best
 
 

@@ -341,21 +341,8 @@ class Source:
         if webdataset.is_pattern(self.path) or (os.path.isfile(self.path) and (self.path.endswith(".tar") or (
                 not _is_text(self.path) and webdataset.is_tar(self.path)))):
             self.kind = "webdataset"  # tar shards: one, or a brace pattern of them
-        elif os.path.isdir(self.path) and _only_tars(self.path):
-            self.kind = "webdataset"  # a folder of shards
-        elif os.path.isdir(self.path) and (is_datasets_folder(self.path) or (
-                any(Path(self.path).rglob("*.arrow")) and not any(Path(self.path).rglob("*.parquet"))
-                and not any(self._images_in_folder()))):
-            self.kind = "arrow"  # a datasets folder (save_to_disk), or a folder of Arrow files
         elif os.path.isdir(self.path):
-            has_parquet, has_images = any(Path(self.path).rglob("*.parquet")), any(self._images_in_folder())
-            if has_parquet and has_images:
-                raise ValueError(f"data folder {self.path!r} holds both image files and Parquet files: memclean reads "
-                                 "one kind per source; point --data at a folder of images or at the Parquet file(s)")
-            self.kind = "parquet" if has_parquet else "folder"
-            if not has_parquet and not has_images:
-                raise ValueError(f"data folder {self.path!r} holds no image (no {', '.join(sorted(IMAGE_SUFFIXES))} "
-                                 f"file and no Parquet file): {holdings(self.path)}")
+            self.kind = self._folder_kind()
         elif os.path.isfile(self.path):
             # by content, not name: text is a list of paths, an image Pillow recognises is that one image
             self.kind = "parquet" if self.path.endswith(".parquet") else "arrow" if self.path.endswith(".arrow") \
@@ -374,6 +361,27 @@ class Source:
                                 "its Arrow files have no rows" if self.kind == "arrow" else
                                 "its tar shards hold no sample" if self.kind == "webdataset" else
                                 "the list names no path (only blank lines and # comments)"))
+
+    def _folder_kind(self) -> str:
+        """What a folder holds, from one walk of its file names: a datasets folder (save_to_disk)
+        or Arrow files, WebDataset shards, Parquet, or images (symlinked folders are followed for
+        images only when the walk saw none); or an error saying what it holds instead."""
+        if is_datasets_folder(self.path):
+            return "arrow"
+        found = _suffixes(self.path)
+        has_images = bool(found & IMAGE_SUFFIXES) or any(self._images_in_folder())
+        has_parquet, others = ".parquet" in found, has_images or ".parquet" in found
+        if ".arrow" in found and not others:
+            return "arrow"  # a folder of Arrow files
+        if ".tar" in found and not others and ".arrow" not in found:
+            return "webdataset"  # a folder of shards
+        if has_parquet and has_images:
+            raise ValueError(f"data folder {self.path!r} holds both image files and Parquet files: memclean reads "
+                             "one kind per source; point --data at a folder of images or at the Parquet file(s)")
+        if not has_parquet and not has_images:
+            raise ValueError(f"data folder {self.path!r} holds no image (no {', '.join(sorted(IMAGE_SUFFIXES))} "
+                             f"file and no Parquet file): {holdings(self.path)}")
+        return "parquet" if has_parquet else "folder"
 
     def _images_in_folder(self) -> Iterator[Item]:
         return folder_items(self.path)
@@ -445,10 +453,9 @@ def holdings(folder: str) -> str:
                                    for ext, n in top) + (", ..." if len(counts) > 6 else "")
 
 
-def _only_tars(folder: str) -> bool:
-    """A folder of WebDataset shards: .tar files, and no image, Parquet or Arrow file."""
-    names = [os.path.splitext(n)[1].lower() for _, _, files in os.walk(folder) for n in files]
-    return ".tar" in names and not any(e in IMAGE_SUFFIXES or e in (".parquet", ".arrow") for e in names)
+def _suffixes(folder: str) -> set[str]:
+    """The lower-case extensions of every file below `folder`: one walk, for telling a folder's kind."""
+    return {os.path.splitext(n)[1].lower() for _, _, files in os.walk(folder) for n in files}
 
 
 def _is_image(path: str) -> bool:

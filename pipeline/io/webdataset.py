@@ -113,8 +113,9 @@ def _unsafe(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or bool(re.match(r"^[A-Za-z]:", name))
 
 
-def samples(tar_path: str) -> Iterator[Sample]:
-    """The samples of one shard in order, with hostile members turned into rejected samples."""
+def samples(tar_path: str, sidecars: bool = True) -> Iterator[Sample]:
+    """The samples of one shard in order, with hostile members turned into rejected samples;
+    `sidecars` False reads headers only (counting)."""
     size = os.path.getsize(tar_path)
     try:
         tf = tarfile.open(tar_path, mode="r:")
@@ -132,7 +133,7 @@ def samples(tar_path: str) -> Iterator[Sample]:
                 break
             except (tarfile.TarError, OSError, EOFError) as e:
                 if group:
-                    yield _sample(tf, key, group, size)
+                    yield _sample(tf, key, group, size, sidecars)
                     group = []
                 yield Sample(f"@{tf.offset}", None, "truncated_tar", str(e), None)
                 return
@@ -143,20 +144,21 @@ def samples(tar_path: str) -> Iterator[Sample]:
                 yield Sample(m.name, None, "unsafe_member_path", f"member path {m.name!r}", None)
                 continue
             if key is not None and k != key:
-                yield _sample(tf, key, group, size)
+                yield _sample(tf, key, group, size, sidecars)
                 group = []
             key = k
             group.append(m)
         if group:
-            yield _sample(tf, key, group, size)
+            yield _sample(tf, key, group, size, sidecars)
 
 
-def _sample(tf: tarfile.TarFile, key: str, members: list[tarfile.TarInfo], tar_size: int) -> Sample:
+def _sample(tf: tarfile.TarFile, key: str, members: list[tarfile.TarInfo], tar_size: int,
+            sidecars: bool = True) -> Sample:
     by_ext = {}
     for m in members:
         by_ext.setdefault(_split(m.name)[1], m)
     sidecar = {}
-    for ext in SIDECAR_EXTS:
+    for ext in SIDECAR_EXTS if sidecars else ():
         m = by_ext.get(ext)
         if m is not None and m.isfile() and m.size <= SIDECAR_MAX and m.offset_data + m.size <= tar_size:
             f = tf.extractfile(m)
@@ -198,4 +200,4 @@ def tar_items(root: str, tar_path: str, start: int = 0, stop: int | None = None)
 
 def count(tar_path: str) -> int:
     """Samples (rows) of one shard: its headers are read, no image member."""
-    return sum(1 for _ in samples(tar_path)) if os.path.isfile(tar_path) else 1
+    return sum(1 for _ in samples(tar_path, sidecars=False)) if os.path.isfile(tar_path) else 1
