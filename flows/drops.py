@@ -50,13 +50,22 @@ def find_drops(drops: str) -> list[Path]:
     return sorted(p for p in root.iterdir() if not p.name.startswith((".", "_")))
 
 
-def part_name(drop: Path) -> str:
-    """A drop's part folder name: its name, less .tar / .parquet."""
+def part_name(drop: Path, taken: set[str] = frozenset()) -> str:
+    """A drop's part folder name: its name, less .tar / .parquet, unless an accepted part already
+    has that folder (drops `day1.tar` and `day1/`): then its whole name, then with -2, -3, ...
+    A committed part is never the out of a later drop's run."""
     name = drop.name
     for suffix in (".tar", ".parquet"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+        if name.endswith(suffix) and name[: -len(suffix)]:
+            name = name[: -len(suffix)]
+            break
+    for candidate in (name, drop.name):
+        if candidate not in taken:
+            return candidate
+    k = 2
+    while f"{drop.name}-{k}" in taken:
+        k += 1
+    return f"{drop.name}-{k}"
 
 
 def write_catalog(root: Path, catalog: dict[str, Any]) -> None:
@@ -92,7 +101,7 @@ def clean_drops(**params: Any) -> dict[str, Any]:
     for drop in drops:
         if drop.name in done:
             continue
-        out = root / "parts" / part_name(drop)
+        out = root / "parts" / part_name(drop, {Path(p["out"]).name for p in catalog["parts"]})
         against = str(root / CATALOG) if catalog["parts"] else None
         try:
             manifest = clean(**{**params, "data": str(drop), "out": str(out), "against": against, "overwrite": True})

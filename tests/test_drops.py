@@ -75,3 +75,30 @@ def test_drops_are_cleaned_against_what_was_accepted(tmp_path, harness):
     Image.new("RGB", (12, 12), (1, 200, 3)).save(drops / "d" / "d0.png")  # fixed: retried next run
     assert list(clean_drops(**params)) == ["d"]
     assert [p["drop"] for p in json.loads((dataset / "dataset.json").read_text())["parts"]] == ["a", "b", "c", "e", "d"]
+
+    import io
+    import tarfile
+
+    with tarfile.open(drops / "a.tar", "w") as tar:  # a shard named like the folder drop a
+        buf = io.BytesIO()
+        Image.new("RGB", (12, 12), (40, 90, 140)).save(buf, "PNG")
+        info = tarfile.TarInfo("k0.png")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    a_scores = (dataset / "parts" / "a" / "scores.parquet").read_bytes()
+    assert list(clean_drops(**params)) == ["a.tar"]
+    parts = json.loads((dataset / "dataset.json").read_text())["parts"]
+    assert [(p["drop"], p["out"]) for p in parts][-1] == ("a.tar", "parts/a.tar")
+    assert (dataset / "parts" / "a" / "scores.parquet").read_bytes() == a_scores  # a's part is not overwritten
+
+
+def test_part_names_never_reuse_an_accepted_part():
+    from pathlib import Path
+
+    from flows.drops import part_name
+
+    assert part_name(Path("day1.tar")) == "day1" and part_name(Path("day1.parquet")) == "day1"
+    assert part_name(Path("day1")) == "day1" and part_name(Path(".tar")) == ".tar"
+    assert part_name(Path("day1.tar"), {"day1"}) == "day1.tar"
+    assert part_name(Path("day1"), {"day1"}) == "day1-2"
+    assert part_name(Path("day1"), {"day1", "day1-2"}) == "day1-3"
