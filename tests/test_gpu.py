@@ -46,3 +46,25 @@ def test_lower_precision_stays_within_its_rounding(scores, precision, unit):
     low = log_volume_growth(gpu, x, ScorerSettings(solver="heun", steps=8, precision=precision)).log_volume_growth
     assert torch.isfinite(low).all()
     assert torch.allclose(low, ref, rtol=0, atol=40 * unit * 16 * float(ref.abs().max()))
+
+
+def test_faiss_gpu_search_equals_cpu_search():
+    """With faiss-gpu (`make gpu`) the flat index moves to the GPU and finds what the CPU index
+    finds: the same neighbours, and inner products of unit vectors that differ by float32
+    rounding of a d-term dot product, d * 2^-24 (each product and sum rounds once)."""
+    import numpy as np
+
+    pytest.importorskip("faiss", reason="FAISS is not installed here")
+    from pipeline.decide import index
+
+    if not index.gpu_faiss_available():
+        pytest.skip("this FAISS build has no GPU support (make gpu installs faiss-gpu)")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cpu, gpu = index.build_index(x), index.build_index(x, device="cuda")
+    assert index.on_gpu(gpu) and not index.on_gpu(cpu)
+    d_cpu, i_cpu = cpu.search(x[:50], 5)
+    d_gpu, i_gpu = gpu.search(x[:50], 5)
+    assert (i_cpu[:, 0] == np.arange(50)).all() and (i_gpu[:, 0] == np.arange(50)).all()
+    assert np.allclose(d_cpu, d_gpu, rtol=0, atol=64 * F32)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from pipeline.fields import check_choices, setting
+from pipeline.fields import DEVICE_HELP, check_choices, check_device, setting
 from pipeline.io.data import ImageSpec, Item, batched
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,15 @@ class TrainSettings:
     batch_size: int = setting(64, "images per step")
     lr: float = setting(1e-3, "AdamW learning rate (cosine decay to 0)")
     seed: int = setting(0, "seed for initialisation, batches and noise")
+    device: str = setting("cpu", f"training: {DEVICE_HELP} (batches and noise are drawn on the CPU from the seed, "
+                          "so a device changes only the arithmetic's rounding)")
 
     def __post_init__(self) -> None:
         for name in ("sample_size", "steps", "batch_size", "num_train_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_choices(self)
+        check_device(self.device)
         if self.sample_size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(f"sample_size {self.sample_size} must be divisible by "
                              f"{2 ** (len(self.block_out_channels) - 1)} for {len(self.block_out_channels)} levels")
@@ -82,7 +85,11 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
 
     g = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    unet = build_unet(settings).train()
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {settings.device}: this torch has no CUDA device")
+    unet = build_unet(settings).to(device).train()
+    images = images.to(device)
     scheduler = DDPMScheduler(num_train_timesteps=settings.num_train_timesteps,
                               beta_start=settings.beta_start, beta_end=settings.beta_end,
                               beta_schedule=settings.beta_schedule, prediction_type="epsilon")
@@ -90,9 +97,9 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     for step in range(settings.steps):
         idx = torch.randint(0, len(images), (settings.batch_size,), generator=g)
-        x0 = images[idx]
-        eps = torch.randn(x0.shape, generator=g)
-        k = torch.randint(0, settings.num_train_timesteps, (len(x0),), generator=g)
+        x0 = images[idx.to(device)]
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        k = torch.randint(0, settings.num_train_timesteps, (len(x0),), generator=g).to(device)
         loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, eps, k), k).sample, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,7 +111,7 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
-    DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    DDPMPipeline(unet=unet.cpu().eval(), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
     (tmp / "training.json").write_text(json.dumps({"settings": asdict(settings), "images": len(images),
                                                    **(recipe or {})}, indent=2))
     if out.exists():
