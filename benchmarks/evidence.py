@@ -189,27 +189,33 @@ def main() -> None:
         f"generations copy from the rest ({'copied vs not copied' if can_copy else 'members vs held-out'}, "
         f"the memorization memclean exists to find): {best}, AUC {auc[best]:.3f} against "
         f"{min(auc.values()):.3f}. `--score` defaults to `{default}`"
-        + ("." if best == default else f"; this run favours `{best}`."),
+        + ("." if best == default else f"; this run favours `{best}`.")
+        + " The calibrated scores are fitted on these same held-out images (the run's reference), so their "
+        "members-vs-held-out rows are in sample here; `benchmarks/scores.py` measures them out of sample and "
+        "chose the default there.",
         "",
         "### By number of copies in the training set",
         "",
         f"Threshold {t['value']:.5g} (reference FPR {t['parameters'].get('fpr')}); a copied image is a distinct "
         "training image that at least one generation copies.",
         "",
-        "| copies | kind | images | mean log_volume_growth | mean logp | flagged | dropped or augmented | generations copying |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| copies | kind | images | mean log_volume_growth | mean logp | mean {default} (judged) | flagged | "
+        "dropped or augmented | generations copying |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for k in sorted(set(copies)):
         for kd in sorted(set(kind[copies == k])):
             sel = (copies == k) & (kind == kd)
             out.append(row([str(k), kd, str(int(sel.sum())), f"{scores['log_volume_growth'][sel].mean():.4g}",
-                            f"{scores['logp'][sel].mean():.4g}", f"{flagged[sel].mean():.0%}",
+                            f"{scores['logp'][sel].mean():.4g}", f"{scores[default][sel].mean():.4g}",
+                            f"{flagged[sel].mean():.0%}",
                             f"{removed[sel].mean():.0%}", str(int(hits_per_row[sel].sum()))]))
     copied_line = (
         f"Of the {int(copied.sum())} training images whose digit the shipped model's generations copy, "
         f"{flagged[copied].mean():.0%} are flagged by memclean and {removed[copied].mean():.0%} are dropped or "
-        f"augmented, against a flag rate of {flagged.mean():.0%} over all training images. AUC of "
-        f"log_volume_growth, copied vs not copied training images: "
+        f"augmented, against a flag rate of {flagged.mean():.0%} over all training images. AUC, copied vs not "
+        f"copied training images: {default} (judged) "
+        f"{roc_auc(scores[default][copied], scores[default][~copied]):.3f}, log_volume_growth "
         f"{roc_auc(scores['log_volume_growth'][copied], scores['log_volume_growth'][~copied]):.3f}."
         if copied.any() and (~copied).any() else "No generation of the shipped model copies a training image.")
     out += [
