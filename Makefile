@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # FAISS on the GPU: faiss-gpu in place of faiss-cpu (both install the module `faiss`, so one at a
-# time). A rebuild of .venv (pyproject.toml or constraints.txt changed) brings faiss-cpu back:
-# run `make gpu` again after it.
+# time). A rebuild of .venv (pyproject.toml or constraints.txt changed) brings faiss-cpu back over
+# it: run `make gpu` again after it (removing faiss-cpu takes the files the two share, so faiss-gpu
+# is reinstalled whole, its CUDA libraries by the first install).
 gpu: $(STAMP)
 	$(VENV)/bin/pip uninstall -y -q faiss-cpu
 	$(VENV)/bin/pip install -q -c constraints.txt 'faiss-gpu>=1.15'
+	$(VENV)/bin/pip install -q -c constraints.txt --force-reinstall --no-deps 'faiss-gpu>=1.15'
 	$(VENV)/bin/python -c "import faiss; print('faiss', faiss.__version__, 'GPUs:', faiss.get_num_gpus())"
 
 demo: $(STAMP)

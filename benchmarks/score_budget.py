@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -126,11 +125,8 @@ def measure(name: str, model_dir: Path, data: Path, dup_names: set[str]) -> list
     settings = ScorerSettings()
     grid = time_grid(model.score_fn.schedule, settings).numpy()
     starts = [float(grid[int(np.searchsorted(grid, settings.window_start))])]  # the window's default start
-    same = {seed: [] for seed in (0, 1)}
-    for seed in (0, 1):
-        s = dataclasses.replace(settings, seed=seed)
-        profiles = [log_volume_growth(model.score_fn, zb, s).profile[1].T.numpy() for zb in batches(z)]
-        same[seed] = np.concatenate(profiles)
+    same = {seed: np.concatenate([log_volume_growth(model.score_fn, zb, dataclasses.replace(settings, seed=seed))
+                                  .profile[1].T.numpy() for zb in batches(z)]) for seed in (0, 1)}
     rows_win = []
     for t0 in starts:
         j = int(np.searchsorted(grid, t0))

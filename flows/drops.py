@@ -23,9 +23,6 @@ The other parameters are `memclean clean`'s (`model`, `reference`, `flag_fpr`, .
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from flows.clean import PARAMETERS as CLEAN_PARAMETERS
 from flows.clean import clean
 from pipeline.fields import REQUIRED, Option, signature
 from pipeline.io.outputs import CATALOG, read_catalog
+from pipeline.io.store import OutputLock, write_json_atomic
 
 PER_DROP = ("data", "out", "against", "overwrite")  # set by the flow for each drop
 PARAMETERS = [Option("drops", ("drops",), str, REQUIRED, "the folder whose entries are the drops", None, (), True),
@@ -69,14 +67,9 @@ def part_name(drop: Path, taken: set[str] = frozenset()) -> str:
 
 
 def write_catalog(root: Path, catalog: dict[str, Any]) -> None:
-    """dataset.json replaced whole: written to a temporary file beside it, then renamed."""
-    catalog = {**catalog, "data_files": {"train": [f for p in catalog["parts"] for f in p["data_files"]]}}
-    fd, tmp = tempfile.mkstemp(prefix=".dataset-", suffix=".json", dir=root)
-    with os.fdopen(fd, "w") as f:
-        json.dump(catalog, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / CATALOG)
+    """dataset.json replaced whole (written beside it, then renamed), data_files derived from the parts."""
+    write_json_atomic(root / CATALOG, {**catalog, "data_files": {"train": [f for p in catalog["parts"]
+                                                                          for f in p["data_files"]]}})
 
 
 def accept(root: Path, catalog: dict[str, Any], drop: Path, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +88,14 @@ def clean_drops(**params: Any) -> dict[str, Any]:
     root = Path(params.pop("dataset"))
     drops = find_drops(params.pop("drops"))
     root.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(root)  # one drops run per dataset: a second would rewrite the catalog from a stale copy
+    try:
+        return _clean_new_drops(logger, root, drops, params)
+    finally:
+        lock.release()
+
+
+def _clean_new_drops(logger, root: Path, drops: list[Path], params: dict[str, Any]) -> dict[str, Any]:
     catalog = read_catalog(root / CATALOG)
     done = {p["drop"] for p in catalog["parts"]}
     results, failed = {}, []

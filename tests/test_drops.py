@@ -102,3 +102,21 @@ def test_part_names_never_reuse_an_accepted_part():
     assert part_name(Path("day1.tar"), {"day1"}) == "day1.tar"
     assert part_name(Path("day1"), {"day1"}) == "day1-2"
     assert part_name(Path("day1"), {"day1", "day1-2"}) == "day1-3"
+
+
+def test_a_second_drops_run_on_a_dataset_waits_its_turn(tmp_path, harness):
+    """Two runs would each rewrite the catalog from their own copy, losing the other's parts:
+    while one holds the dataset, another fails at once and the catalog is not touched."""
+    from flows.drops import clean_drops
+    from pipeline.io.store import OutputLock
+
+    drops, dataset = tmp_path / "drops", tmp_path / "dataset"
+    make_drops(drops)
+    dataset.mkdir()
+    held = OutputLock(dataset)
+    try:
+        with pytest.raises(Exception, match="another memclean run"):
+            clean_drops(drops=str(drops), dataset=str(dataset), model=str(tmp_path / "no-model"), **FAST)
+    finally:
+        held.release()
+    assert not (dataset / "dataset.json").exists() and not (dataset / "parts").exists()

@@ -67,7 +67,7 @@ def test_an_id_a_revision_a_commit_and_a_missing_one(cache):
         ckpt = resolve_checkpoint(spec)
         assert ckpt.root == snapshot and ckpt.hub.commit == COMMIT and ckpt.layout == "pipeline"
     assert resolve_checkpoint("memclean/tiny-ddpm@v1").hub.revision == "v1"
-    with pytest.raises(CheckpointError, match="models--memclean--other.*huggingface-cli download memclean/other"):
+    with pytest.raises(CheckpointError, match="models--memclean--other.*hf download memclean/other"):
         resolve_checkpoint("memclean/other")
     with pytest.raises(CheckpointError, match="revision 'v9'.*refs \\['main', 'v1'\\]"):
         resolve_checkpoint("memclean/tiny-ddpm@v9")
@@ -106,7 +106,7 @@ def test_a_missing_id_fails_before_any_image(cache, tmp_path, capsys):
         assert main([verb, "--data", str(digits(tmp_path / verb)), "--model", "google/ddpm-cifar10-32",
                      "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert "models--google--ddpm-cifar10-32" in err and "huggingface-cli download google/ddpm-cifar10-32" in err
+        assert "models--google--ddpm-cifar10-32" in err and "hf download google/ddpm-cifar10-32" in err
         assert "scoring" not in err and not out.exists()
 
 

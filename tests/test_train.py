@@ -44,12 +44,12 @@ def test_training_on_a_missing_gpu_says_so(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_on_the_gpu_draws_what_the_cpu_draws(tmp_path):
+def test_training_on_the_gpu_draws_what_the_cpu_draws(tmp_path, monkeypatch):
     """Batches and noise come from the CPU generator, so one step on each device starts from the
     same loss: the same initial weights and inputs, fp32 rounding apart (TF32 off: 2^-24 relative
     per operation over the UNet's ~40 layers, times a 100x margin)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     losses = {}
     for device in ("cpu", "cuda"):

@@ -58,8 +58,17 @@ def test_a_folder_a_pattern_and_one_shard(tmp_path):
 def test_braces_expand_as_webdataset_does():
     from braceexpand import braceexpand  # webdataset's own expander
 
-    for p in ("s/{00000..00012}.tar", "a{1..3}/{x,y}.tar", "plain.tar", "{9..11}.tar"):
+    for p in ("s/{00000..00012}.tar", "a{1..3}/{x,y}.tar", "{x,y}/{1..2}.tar", "plain.tar", "{9..11}.tar",
+              "{01..12}.tar", "{8..010}.tar"):
         assert wds_source.expand_braces(p) == list(braceexpand(p))
+
+
+def test_a_path_that_exists_is_no_pattern(tmp_path):
+    folder = tmp_path / "{a,b}"  # a folder named like a brace pattern is that folder
+    folder.mkdir()
+    Image.open(io.BytesIO(png(1))).save(folder / "x.png")
+    src = discover(folder)
+    assert src.kind == "folder" and [i.id for i in src] == ["x.png"]
 
 
 @pytest.mark.parametrize("size", [1, 3, 100])
@@ -92,6 +101,7 @@ def test_hostile_tars_are_rejected_rows_with_reasons(tmp_path, zero_model, monke
         add(tf, "big.png", png(4, size=64) + b"\0" * 8192)
         add(tf, "meta.json", b"{}")
         add(tf, "text.jpg", b"this is not a jpeg")
+        add(tf, "good.txt", b"the key good again, after other samples")
     full = io.BytesIO()
     with tarfile.open(fileobj=full, mode="w") as tf:
         add(tf, "a.png", png(5))
@@ -101,8 +111,9 @@ def test_hostile_tars_are_rejected_rows_with_reasons(tmp_path, zero_model, monke
     out = tmp_path / "s.parquet"
     pattern = str(d / "{00000..00003}.tar")
     assert main(["score", "--data", pattern, "--model", str(zero_model), "--out", str(out)]) == 0
-    rows = {r["id"]: r for r in pq.read_table(out, columns=["id", "status", "reject_reason"]).to_pylist()}
-    reasons = {i: r["reject_reason"] for i, r in rows.items()}
+    table = pq.read_table(out, columns=["id", "status", "reject_reason"]).to_pylist()
+    assert [r["reject_reason"] for r in table if r["id"] == "00000.tar:good"] == [None, "duplicate_key"]
+    reasons = {r["id"]: r["reject_reason"] for r in table if r["reject_reason"] != "duplicate_key"}
     assert reasons["00000.tar:good"] is None and reasons["00001.tar:a"] is None
     assert reasons["00000.tar:../escape.png"] == reasons["00000.tar:/etc/abs.png"] == "unsafe_member_path"
     assert reasons["00000.tar:link"] == "not_a_regular_member"
@@ -112,7 +123,9 @@ def test_hostile_tars_are_rejected_rows_with_reasons(tmp_path, zero_model, monke
     assert reasons["00001.tar:b"] == "truncated_tar"
     assert [r for i, r in reasons.items() if i.startswith("00002.tar")] == ["corrupt_tar"]
     assert reasons["00003.tar:"] == "missing_file"
-    assert not (tmp_path / "escape.png").exists()
+    assert [r["id"] for r in table][:3] == ["00000.tar:good", "00000.tar:../escape.png", "00000.tar:/etc/abs.png"]
+    beside = {"s.parquet", "shards", zero_model.name} if zero_model.parent == tmp_path else {"s.parquet", "shards"}
+    assert {p.name for p in tmp_path.iterdir()} == beside  # nothing extracted beside them
 
 
 def test_a_clean_run_on_shards_writes_hf_parquet(tmp_path, zero_model):
@@ -121,6 +134,10 @@ def test_a_clean_run_on_shards_writes_hf_parquet(tmp_path, zero_model):
     assert main(["clean", "--data", str(tmp_path / "shards"), "--model", str(zero_model), "--out", str(out),
                  "--no-cache", "--action", "dedup", "--max-loss-fraction", "1"]) == 0
     scores = pq.read_table(out / "scores.parquet", columns=["id", "sidecar"]).to_pylist()
-    assert [r["id"] for r in scores] == keys and all(json.loads(r["sidecar"])["txt"] for r in scores)
+    assert [r["id"] for r in scores] == keys
+    for r, k in zip(scores, [0, 1, 2, 0, 1, 2]):
+        sidecar = json.loads(r["sidecar"])
+        assert sidecar["txt"] == f"caption {r['id'].split(':')[1]}"
+        assert json.loads(sidecar["json"]) == {"caption": f"digit {k}", "k": k}
     cleaned = pq.read_table(out / "cleaned")
     assert cleaned.num_rows + json.loads((out / "manifest.json").read_text())["counts"]["dropped"] == len(keys)

@@ -61,8 +61,8 @@ class RemediationSettings:
                               choices=ON_FAILURE)
     cluster_on_failure: str = setting("keep", "what a duplicate cluster's flagged keeper becomes when no "
                                       "augmentation lands in the accept band: keep (the picture stays once, flagged, "
-                                      "its copies dropped; retraining on it memorized nothing: benchmarks/"
-                                      "closed_loop.py) or failure (as --on-failure says)",
+                                      "its copies dropped; on the demo, retraining on it memorized nothing: benchmarks/"
+                                      "closed_loop.py, one seed) or failure (as --on-failure says)",
                                       choices=("keep", "failure"))
     seed: int = setting(0, "augmentation seed, mixed with each image's sha256 and the try number", name="augment_seed")
     accept_band: float = setting(0.01, "a variant is accepted only at or above this quantile of ordinary images' "

@@ -337,8 +337,8 @@ class Source:
 
     def __init__(self, path: str | os.PathLike, image_column: str | None = None):
         self.path = os.fspath(path)  # what the user named with --data
-        self.image_column = image_column  # Parquet only
-        if webdataset.is_pattern(self.path) or (os.path.isfile(self.path) and (self.path.endswith(".tar") or (
+        self.image_column = image_column  # Parquet and Arrow: the column holding images
+        if (webdataset.is_pattern(self.path) and not os.path.exists(self.path)) or (os.path.isfile(self.path) and (self.path.endswith(".tar") or (
                 not _is_text(self.path) and webdataset.is_tar(self.path)))):
             self.kind = "webdataset"  # tar shards: one, or a brace pattern of them
         elif os.path.isdir(self.path):
@@ -353,8 +353,9 @@ class Source:
                                  "image paths: give an image, a folder of images, a Parquet file or folder, or a "
                                  "text file listing image paths, one a line")
         else:
-            raise ValueError(f"data path {self.path!r} does not exist: expected a folder of images, "
-                             "a Parquet file or folder, or a text file listing image paths")
+            raise ValueError(f"data path {self.path!r} does not exist: expected a folder of images, a Parquet file "
+                             "or folder, a datasets folder or Arrow files, WebDataset shards (a .tar, a folder of them "
+                             "or a brace pattern), one image, or a text file listing image paths")
         if self.kind in ("parquet", "arrow", "list", "webdataset") and self.count() == 0:
             raise ValueError(f"data path {self.path!r} yields no image: "
                              + ("its Parquet files have no rows" if self.kind == "parquet" else

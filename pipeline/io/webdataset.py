@@ -30,27 +30,29 @@ SIDECAR_MAX = 16 * 1024  # bytes of a sidecar carried into scores.parquet
 MEMBER_MAX = 256 * 1024 * 1024  # bytes of an image member (larger: member_too_large)
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+_BRACE = re.compile(f"{_RANGE.pattern}|{_LIST.pattern}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`a/{00000..00002}.tar` -> a/00000.tar, a/00001.tar, a/00002.tar (zero-padded to the first
-    bound's width); `{x,y}` lists too; several braces multiply, left to right."""
-    m = _RANGE.search(pattern)
-    if m:
+    """`a/{00000..00002}.tar` -> a/00000.tar, a/00001.tar, a/00002.tar; `{x,y}` lists too. As
+    braceexpand does: the leftmost brace varies slowest, and a range with a zero-padded bound is
+    padded to its longer bound's width (`{01..100}` -> 001 ... 100)."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    if m.group(1) is not None:  # a range
         lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") else 0
+        width = max(len(lo), len(hi)) if lo.startswith("0") or hi.startswith("0") else 0
         step = 1 if int(hi) >= int(lo) else -1
-        return [p for k in range(int(lo), int(hi) + step, step)
-                for p in expand_braces(pattern[:m.start()] + str(k).zfill(width) + pattern[m.end():])]
-    m = _LIST.search(pattern)
-    if m:
-        return [p for choice in m.group(1).split(",")
-                for p in expand_braces(pattern[:m.start()] + choice + pattern[m.end():])]
-    return [pattern]
+        choices = [str(k).zfill(width) for k in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = m.group(3).split(",")
+    return [p for choice in choices for p in expand_braces(head + choice + tail)]
 
 
 def is_pattern(path: str) -> bool:
-    return bool(_RANGE.search(path) or _LIST.search(path))
+    return bool(_BRACE.search(path))
 
 
 def shard_files(path: str) -> tuple[str, list[str]]:
@@ -113,9 +115,11 @@ def _unsafe(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or bool(re.match(r"^[A-Za-z]:", name))
 
 
-def samples(tar_path: str, sidecars: bool = True) -> Iterator[Sample]:
-    """The samples of one shard in order, with hostile members turned into rejected samples;
-    `sidecars` False reads headers only (counting)."""
+def samples(tar_path: str, sidecars: bool = True, sidecars_from: int = 0) -> Iterator[Sample]:
+    """The samples of one shard in order, with hostile members turned into rejected samples and a
+    key seen before in the shard (its members not consecutive, or named twice) rejected as
+    duplicate_key; `sidecars` False reads headers only (counting), and samples before
+    `sidecars_from` are read headers only too (a shard's rows skipped to reach its range)."""
     size = os.path.getsize(tar_path)
     try:
         tf = tarfile.open(tar_path, mode="r:")
@@ -125,6 +129,19 @@ def samples(tar_path: str, sidecars: bool = True) -> Iterator[Sample]:
     with tf:
         group: list[tarfile.TarInfo] = []
         key = None
+        seen: set[str] = set()
+        n = 0
+
+        def flush() -> Sample:
+            nonlocal group, n
+            if key in seen:
+                out = Sample(key, None, "duplicate_key", f"key {key!r} comes again after other samples", None)
+            else:
+                out = _sample(tf, key, group, size, sidecars and n >= sidecars_from)
+            seen.add(key)
+            group, n = [], n + 1
+            return out
+
         members = iter(tf)
         while True:
             try:
@@ -133,23 +150,25 @@ def samples(tar_path: str, sidecars: bool = True) -> Iterator[Sample]:
                 break
             except (tarfile.TarError, OSError, EOFError) as e:
                 if group:
-                    yield _sample(tf, key, group, size, sidecars)
-                    group = []
+                    yield flush()
                 yield Sample(f"@{tf.offset}", None, "truncated_tar", str(e), None)
                 return
             if m.isdir():
                 continue
             k, _ = _split(m.name)
             if _unsafe(m.name):
+                if group:  # rows in the shard's order: the sample before it first
+                    yield flush()
+                    key = None
                 yield Sample(m.name, None, "unsafe_member_path", f"member path {m.name!r}", None)
+                n += 1
                 continue
-            if key is not None and k != key:
-                yield _sample(tf, key, group, size, sidecars)
-                group = []
+            if group and k != key:
+                yield flush()
             key = k
             group.append(m)
         if group:
-            yield _sample(tf, key, group, size, sidecars)
+            yield flush()
 
 
 def _sample(tf: tarfile.TarFile, key: str, members: list[tarfile.TarInfo], tar_size: int,
@@ -188,7 +207,7 @@ def tar_items(root: str, tar_path: str, start: int = 0, stop: int | None = None)
         if start == 0:
             yield Item(f"{rel}:", display_path(tar_path), MemberReader(tar_path, 0, 0), reject="missing_file")
         return
-    for k, s in enumerate(samples(tar_path)):
+    for k, s in enumerate(samples(tar_path, sidecars_from=start)):
         if k >= end:
             return
         if k < start:

@@ -92,10 +92,10 @@ def start_run(settings: RunSettings) -> RunContext:
     --against), load the model and open a staging folder: nothing is scored yet."""
     run = StagedRun(settings.output.out, settings.output.overwrite).open()
     try:
+        model = resources().model(settings.model)  # first: a wrong --model fails before any input is counted
         source = discover(settings.input.data, settings.input.image_column)
         if settings.flag.reference:
             discover(settings.flag.reference, settings.input.image_column)
-        model = resources().model(settings.model)
         embedder = resources().embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
         check_faiss()  # before any scoring: the index is searched memory-mapped
         if settings.dedup.against:

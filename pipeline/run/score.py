@@ -17,8 +17,8 @@ from pipeline.score.scoring import image_spec, score_items
 def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Score settings.input into settings.output.out; returns (rows, rejected rows)."""
     with StagedRun(settings.output.out, settings.output.overwrite, file=True) as run:
+        model = resources().model(settings.model)  # first: a wrong --model fails before any input is counted
         source = discover(settings.input.data, settings.input.image_column)
-        model = resources().model(settings.model)
         spec = image_spec(model, settings.input.max_pixels, settings.input.min_size)
         metadata = {"settings": settings.flat(), "memclean_version": __version__, "model": model.record()}
         rejected = 0

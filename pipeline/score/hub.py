@@ -1,5 +1,5 @@
 """Models by Hugging Face Hub id, from the local cache only: `--model google/ddpm-cifar10-32`
-(or `ORG/NAME@REVISION`) is the snapshot that `from_pretrained` or `huggingface-cli download`
+(or `ORG/NAME@REVISION`) is the snapshot that `from_pretrained` or `hf download`
 put in the cache, and nothing is fetched.
 
 The cache is `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub` (read when the
@@ -55,7 +55,7 @@ def resolve_hub(spec: str, error: type[Exception] = ValueError) -> HubModel:
     repo, revision = m["repo"], m["revision"] or "main"
     cache = hub_cache()
     folder = cache / f"models--{repo.replace('/', '--')}"
-    fetch = f"huggingface-cli download {repo}" + (f" --revision {revision}" if m["revision"] else "")
+    fetch = f"hf download {repo}" + (f" --revision {revision}" if m["revision"] else "")
     if not folder.is_dir():
         raise error(f"model {spec!r} is not a local folder, and {repo} is not in the Hugging Face cache ({str(folder)!r} "
                     f"not found; cache {str(cache)!r}, from HF_HUB_CACHE or HF_HOME). memclean never downloads: fetch "
