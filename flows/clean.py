@@ -136,12 +136,17 @@ def publish(manifest: dict[str, Any], out: str) -> None:
     create_markdown_artifact("\n".join(lines), key="memclean-summary", description="memclean clean run")
 
 
+def settings_of(params: dict[str, Any]) -> tuple[RunSettings, FlowSettings]:
+    """The run's settings and where its tasks run, built (and so validated) from flat parameters."""
+    flow_params = {o.name for o in options(FlowSettings)}
+    return (RunSettings.from_flat({k: v for k, v in params.items() if k not in flow_params}),
+            FlowSettings.from_flat({k: v for k, v in params.items() if k in flow_params}))
+
+
 def clean(**params: Any) -> dict[str, Any]:
     """memclean clean as a flow: the parameters mean what `memclean clean`'s options mean."""
     logger = get_run_logger()
-    flow_params = {o.name for o in options(FlowSettings)}
-    settings = RunSettings.from_flat({k: v for k, v in params.items() if k not in flow_params})
-    where = FlowSettings.from_flat({k: v for k, v in params.items() if k in flow_params})
+    settings, where = settings_of(params)
     runner = task_runner_for(where)
     with start_task(settings) as ctx:  # the same three steps as lifecycle.run_clean
         manifest = finish_task(ctx, score_sources(ctx, mapped(runner)))

@@ -30,7 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.clean import PARAMETERS as CLEAN_PARAMETERS
-from flows.clean import clean
+from flows.clean import clean, settings_of
 from pipeline.fields import REQUIRED, Option, signature
 from pipeline.io.outputs import CATALOG, read_catalog
 from pipeline.io.store import OutputLock, write_json_atomic
@@ -87,6 +87,10 @@ def clean_drops(**params: Any) -> dict[str, Any]:
     logger = get_run_logger()
     root = Path(params.pop("dataset"))
     drops = find_drops(params.pop("drops"))
+    try:  # a bad parameter is one clear error now, not the same failure once per drop
+        settings_of({**params, "data": str(root), "out": str(root / "parts" / "_"), "overwrite": True})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"clean-drops parameters: {e}") from e
     root.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(root)  # one drops run per dataset: a second would rewrite the catalog from a stale copy
     try:

@@ -120,3 +120,16 @@ def test_a_second_drops_run_on_a_dataset_waits_its_turn(tmp_path, harness):
     finally:
         held.release()
     assert not (dataset / "dataset.json").exists() and not (dataset / "parts").exists()
+
+
+def test_a_bad_parameter_fails_the_run_once_before_any_drop(tmp_path, harness):
+    """A value no run accepts is the flow's one error, raised before the dataset is touched,
+    not the same failure logged for every drop."""
+    from flows.drops import clean_drops
+
+    drops, dataset = tmp_path / "drops", tmp_path / "dataset"
+    make_drops(drops)
+    with pytest.raises(Exception, match="clean-drops parameters: --flag-fpr must be"):
+        clean_drops(drops=str(drops), dataset=str(dataset), model=str(tmp_path / "no-model"), flag_fpr=2.0,
+                    **FAST)
+    assert not dataset.exists()
