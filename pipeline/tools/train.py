@@ -43,6 +43,9 @@ class TrainSettings:
     seed: int = setting(0, "seed for initialisation, batches and noise")
     device: str = setting("cpu", f"training: {DEVICE_HELP} (batches and noise are drawn on the CPU from the seed, "
                           "so a device changes only the arithmetic's rounding)")
+    init_from: str | None = setting(None, "continue from this memclean-trained checkpoint's UNet weights (its "
+                                    "unet/*.safetensors; the architecture settings must match it); the new "
+                                    "training.json keeps the earlier one's recipe under init_from")
 
     def __post_init__(self) -> None:
         for name in ("sample_size", "steps", "batch_size", "num_train_timesteps"):
@@ -63,6 +66,27 @@ def build_unet(s: TrainSettings) -> torch.nn.Module:
                        block_out_channels=s.block_out_channels, layers_per_block=s.layers_per_block,
                        down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
                        norm_num_groups=min(8, s.block_out_channels[0]))
+
+
+def init_weights(unet: torch.nn.Module, checkpoint: str | os.PathLike) -> dict:
+    """Load a memclean-trained checkpoint's UNet weights into `unet` (safetensors only, every
+    tensor matched by name and shape) and return the checkpoint's training.json (or {})."""
+    from safetensors.torch import load_file
+
+    root = Path(checkpoint)
+    weights = sorted((root / "unet").glob("*.safetensors"))
+    if len(weights) != 1:
+        raise ValueError(f"--init-from {root}: expected one unet/*.safetensors, found {len(weights)}")
+    state = load_file(str(weights[0]))
+    own = unet.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or extra or shapes:
+        raise ValueError(f"--init-from {root}: its UNet does not match these architecture settings "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}, other shapes {sorted(shapes)[:3]})")
+    unet.load_state_dict(state)
+    recipe = root / "training.json"
+    return json.loads(recipe.read_text()) if recipe.exists() else {}
 
 
 def load_images(items: Iterable[Item], spec: ImageSpec) -> torch.Tensor:
@@ -88,7 +112,9 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {settings.device}: this torch has no CUDA device")
-    unet = build_unet(settings).to(device).train()
+    unet = build_unet(settings)
+    earlier = init_weights(unet, settings.init_from) if settings.init_from else None
+    unet = unet.to(device).train()
     images = images.to(device)
     scheduler = DDPMScheduler(num_train_timesteps=settings.num_train_timesteps,
                               beta_start=settings.beta_start, beta_end=settings.beta_end,
@@ -112,8 +138,11 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     DDPMPipeline(unet=unet.cpu().eval(), scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training.json").write_text(json.dumps({"settings": asdict(settings), "images": len(images),
-                                                   **(recipe or {})}, indent=2))
+    record = {"settings": asdict(settings), "images": len(images), **(recipe or {})}
+    if earlier is not None:
+        record["init_from"] = earlier
+        record["total_steps"] = settings.steps + int(earlier.get("total_steps", earlier.get("settings", {}).get("steps", 0)))
+    (tmp / "training.json").write_text(json.dumps(record, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
