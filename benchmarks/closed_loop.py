@@ -31,7 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.evidence import flat, load_pipeline, planted  # noqa: E402
+from benchmarks.evidence import flat, load_pipeline, planted_groups  # noqa: E402
 from benchmarks.results import hardware, publish  # noqa: E402
 from memclean.cli import demo_parameters  # noqa: E402
 from pipeline.io.data import ImageSpec, discover  # noqa: E402
@@ -67,8 +67,7 @@ def main() -> None:
     failed = [r for r in rows if r["augment_tries"] is not None and r["action"] != "augmented"
               and r["dup_cluster"] is not None and r["dup_of"] is None]  # keepers that found no variant
     ids, x_train = flat(str(data), spec)
-    plant = planted(data)
-    group = np.array([f"g{plant[i]['group']}" if i in plant else i for i in ids])
+    group = planted_groups(data, ids)
     at = {i: k for k, i in enumerate(ids)}
     failed_groups = {group[at[r["id"]]] for r in failed}
     in_failed = sum(1 for r in rows if r["dup_cluster"] in {f["dup_cluster"] for f in failed})

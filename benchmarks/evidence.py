@@ -62,6 +62,14 @@ def planted(data: Path) -> dict[str, dict]:
                 for r in csv.DictReader(f)}
 
 
+def planted_groups(train: Path, ids: list[str]) -> np.ndarray:
+    """Each training id's picture for `memorized`: its planted group for a planted copy (exact
+    or near copies of one picture are one picture, so a copy beside it excuses no generation),
+    else the id itself."""
+    plant = planted(train)
+    return np.array([f"g{plant[i]['group']}" if i in plant else i for i in ids])
+
+
 def row(cells: list) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -100,7 +108,7 @@ def main() -> None:
     plant = planted(data)
     copies = np.array([plant[i]["copies"] if i in plant else 1 for i in member_ids])
     kind = np.array([plant[i]["kind"] if i in plant else "unique" for i in member_ids])
-    group = np.array([f"g{plant[i]['group']}" if i in plant else i for i in member_ids])
+    group = planted_groups(Path(data), member_ids)
     dup = copies > 1
 
     # 3 (first: step 2 compares against what the generations copy): memorized generations of

@@ -28,6 +28,7 @@ import csv
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.evidence import planted, planted_groups  # noqa: E402
 from benchmarks.results import hardware, write_section  # noqa: E402
 from pipeline.decide.flagging import FlagSettings  # noqa: E402
 from pipeline.decide.scores import JUDGED, calibrate, judged  # noqa: E402
@@ -136,12 +138,17 @@ def measure(name: str, model_dir: Path, data: Path, samples: int) -> dict:
                        float(spearmanr(s[ev], runs[0]["complexity"][ev])[0])))
     speed = throughput(model, x[:128])
     unet = model.score_fn.unet
+    groups = planted_groups(data / "train", member_ids)
     mem = memorized(generate(unet, dict(json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())),
-                             samples, seed=0).flatten(1).numpy(), xm.flatten(1).numpy())
+                             samples, seed=0).flatten(1).numpy(), xm.flatten(1).numpy(), groups=groups)
+    plant = planted(data / "train")
+    kinds = {f"g{p['group']}": f"{p['kind']} x{p['copies']}" for p in plant.values()}
+    hits = Counter(groups[mem["nearest"][mem["mask"]]])
+    copied = ", ".join(f"{n} of {kinds.get(g, 'a unique image')}" for g, n in hits.most_common())
     training = json.loads((model_dir / "training.json").read_text())
     return {"name": name, "members": n_m, "duplicated": int(dup.sum()), "heldout": len(held_ids),
             "reference": len(ref), "evaluation": len(ev), "table": table, "windows": windows, "losses": losses,
-            "speed": speed, "score_s": score_s, "memorized": mem["count"], "samples": samples,
+            "speed": speed, "score_s": score_s, "memorized": mem["count"], "samples": samples, "copied": copied,
             "copied_images": mem["copied_images"], "training": training, "calibration": cal.to_dict(),
             "model": str(model_dir), "dims": int(x[0].numel())}
 
@@ -186,7 +193,8 @@ def report(results: list[dict], extras: dict[str, dict], seconds: float) -> str:
         lines += [f"### {r['name']}: {r['members']} members ({r['duplicated']} planted copies), {r['heldout']} held-out "
                   f"({r['reference']} as the reference, {r['evaluation']} to evaluate), {r['dims']} dimensions", "",
                   f"Model `{r['model']}`: `{tr.get('command', '')}`; {r['memorized']} of {r['samples']} generations "
-                  f"memorized ({r['copied_images']} distinct training images copied).", "",
+                  f"memorized ({r['copied_images']} distinct pictures copied; a planted group is one picture"
+                  + (f": {r['copied']}" if r.get("copied") else "") + ").", "",
                   "| score | AUC members vs held-out | TPR@1%FPR | AUC duplicated vs unique | TPR@1%FPR | worst AUC "
                   "| Spearman with complexity (held-out) | Spearman seed 0 vs 1 | standard error (rms) | sd between seeds "
                   "| flagged members in the plainest quartile |",
