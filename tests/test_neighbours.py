@@ -69,3 +69,12 @@ def test_near_matches_against_an_earlier_output(tmp_path):
     new_ids = [i for i, p in zip(ids, previous) if not p]
     for i, m in zip(new_ids, match):
         assert (m >= 0) == i.startswith("g"), i
+    # each match is the most similar reference row of all (every pair scored by the embedder)
+    q, ref = v[~previous], v[previous]
+    for r in range(len(q)):
+        s = np.asarray(emb.similarity(np.repeat(q[r:r + 1], len(ref), 0), ref, floor=0.95))
+        best = int(np.argmax(s))
+        if s[best] >= 0.95:
+            assert match[r] >= 0 and s[match[r]] == s[best] and sim[r] == np.float32(s[best]), r
+        else:
+            assert match[r] == -1 and sim[r] == 0, r

@@ -82,10 +82,16 @@ def near_matches(queries: np.ndarray, reference: np.ndarray, threshold: float, e
     for rows, cols, _ in range_pairs(index, query_views, embedder.candidate_threshold(threshold)):
         if not len(rows):
             continue
-        s = embedder.similarity(queries[rows], reference[cols], floor=threshold)
-        for r, c, v in zip(rows, cols, s):
-            if v >= threshold and v > sim[r]:
-                match[r], sim[r] = c, v
+        s = np.asarray(embedder.similarity(queries[rows], reference[cols], floor=threshold))
+        keep = s >= threshold
+        r, c, v = np.asarray(rows)[keep], np.asarray(cols)[keep], s[keep]
+        # each row's most similar pair in this batch (the first of equals, as the pairs came)
+        order = np.lexsort((np.arange(len(v)), -v, r))
+        r, c, v = r[order], c[order], v[order]
+        first = np.r_[True, r[1:] != r[:-1]] if len(r) else np.zeros(0, bool)
+        r, c, v = r[first], c[first], v[first]
+        better = v > sim[r]
+        match[r[better]], sim[r[better]] = c[better], v[better]
     return match, sim
 
 
