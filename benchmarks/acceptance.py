@@ -22,6 +22,7 @@ takes about ten minutes on 2 cores). Writes its section of benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import subprocess
@@ -54,6 +55,9 @@ def second_digits(cache: Path, wheels: Path) -> tuple[Path, Path, dict[str, int]
         shutil.rmtree(root, ignore_errors=True)  # a set left by an interrupted run
         truth_file.parent.mkdir(parents=True, exist_ok=True)
         truth_file.write_text(json.dumps(digits_second(root, load_digits(wheels))))
+    truth = json.loads(truth_file.read_text())
+    if not (root / "planted.csv").exists():  # the evidence sets' listing, for benchmarks/scores.py
+        write_planted(root / "planted.csv", truth, exact=range(10))
     seconds = None
     if not (model / "model_index.json").exists():
         recipe = json.loads((REPO / "examples/model/training.json").read_text())["settings"]
@@ -64,7 +68,18 @@ def second_digits(cache: Path, wheels: Path) -> tuple[Path, Path, dict[str, int]
                         "--batch-size", str(recipe["batch_size"]), "--lr", str(recipe["lr"]), "--seed", str(recipe["seed"])],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
-    return root, model, json.loads(truth_file.read_text()), seconds
+    return root, model, truth, seconds
+
+
+def write_planted(path: Path, truth: dict[str, int], exact) -> None:
+    """planted.csv as examples/make_*.py write it: each planted member's file, group, kind and copies."""
+    sizes = Counter(g for g in truth.values() if g != -1)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "group", "kind", "copies"])
+        for name, g in sorted(truth.items(), key=lambda kv: (kv[1], kv[0])):
+            if g != -1:
+                w.writerow([f"train/{name}", g, "exact" if g in exact else "near", sizes[g]])
 
 
 def clean(data: Path, model: Path, out: Path) -> tuple[dict, list[dict], float]:
