@@ -1,6 +1,11 @@
-"""Evidence that the score finds memorized images, on the bundled demo; writes RESULTS.md.
+"""Evidence that the score finds memorized images, on the bundled demo or the photo set; writes RESULTS.md.
 
-    .venv/bin/python benchmarks/evidence.py [--samples 1000] [--retrain-steps N] [--retrain-seeds 0 1 2]
+    .venv/bin/python benchmarks/evidence.py [--set demo|photos] [--samples 1000] [--retrain-steps N]
+                                            [--retrain-seeds 0 1 2]
+
+--set demo (the default): examples/digits with examples/model, `memclean demo`'s settings;
+--set photos: examples/photos with examples/photo-model, the same settings otherwise. Each
+writes its own section (evidence, evidence-photos).
 
 1. cleans the demo's training set with `memclean demo`'s settings (held-out split as the
    reference), which scores members (train/) and held-out images (heldout/);
@@ -11,9 +16,12 @@
    held-out and copied vs not copied members, for log_volume_growth and logp, next to two
    baselines: the denoising loss at a fixed step (loss-based membership inference) and the
    distance to the nearest other training image; and the scores by number of copies;
-4. retrains with the recipe in examples/model/training.json on the cleaned set (once per
+4. retrains with the recipe in the model's training.json on the cleaned set (once per
    --retrain-seeds, to show what another seed alone changes), and counts memorized samples
-   again, next to the shipped model (the same recipe on the original set).
+   again, next to the shipped model (the same recipe on the original set). The photo set is
+   not retrained unless --retrain-seeds is given: its recipe is 7,500 steps, about two hours on
+   2 cores (a continued model is retrained as one run of its total steps at the last run's
+   settings).
 """
 from __future__ import annotations
 
@@ -55,6 +63,12 @@ def flat(source: str, spec: ImageSpec) -> tuple[list[str], torch.Tensor]:
     return [d.item.id for d in ds], torch.stack([d.pixels for d in ds])
 
 
+def shown(path: Path) -> str:
+    """A path as the README writes it: relative to the repository when it is inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def planted(data: Path) -> dict[str, dict]:
     """{training id: {group, kind, copies}} from the demo's planted.csv."""
     with open(data.parent / "planted.csv", newline="") as f:
@@ -81,15 +95,21 @@ def sep_row(cmp: str, score: str, s: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=("demo", "photos"), default="demo")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--retrain-steps", type=int, default=None, help="default: the shipped recipe's")
-    ap.add_argument("--retrain-seeds", type=int, nargs="+", default=None,
-                    help="seeds of the retraining on the cleaned set (default: the shipped recipe's)")
+    ap.add_argument("--retrain-seeds", type=int, nargs="*", default=None,
+                    help="seeds of the retraining on the cleaned set (default: the shipped recipe's for the demo, "
+                         "none for photos); none given: no retraining")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
     demo = demo_parameters(REPO)  # prefect.yaml's clean/demo: what memclean demo runs
+    if args.set == "photos":
+        demo = {**demo, "model": str(REPO / "examples" / "photo-model"), "data": str(REPO / "examples" / "photos" / "train"),
+                "reference": str(REPO / "examples" / "photos" / "heldout")}
+    what = {"demo": ("digits", "Demo"), "photos": ("pictures", "Photo set")}[args.set]
     model_dir, data = Path(demo["model"]), Path(demo["data"])
     unet, scheduler = load_pipeline(model_dir)
     spec = ImageSpec(unet.config.in_channels, (unet.config.sample_size,) * 2)
@@ -157,11 +177,14 @@ def main() -> None:
     recipe = json.loads((model_dir / "training.json").read_text())
     ts = dict(recipe["settings"])
     ts["block_out_channels"] = tuple(ts["block_out_channels"])
-    if args.retrain_steps:
-        ts["steps"] = args.retrain_steps
+    ts.pop("init_from", None)
+    ts["steps"] = args.retrain_steps or recipe.get("total_steps", ts["steps"])
     cleaned = load_images(discover(str(work / "clean" / "cleaned")), spec)
     retrains = []  # (seed, seconds, memorized)
-    for seed in args.retrain_seeds or [ts["seed"]]:
+    shipped_seeds = (f"seed {recipe['init_from']['settings']['seed']}, then {ts['seed']}"
+                     if recipe.get("init_from", {}).get("settings") else f"seed {ts['seed']}")
+    seeds = args.retrain_seeds if args.retrain_seeds is not None else ([ts["seed"]] if args.set == "demo" else [])
+    for seed in seeds:
         t1 = time.time()
         retrained = train(cleaned, work / f"retrained-{seed}", TrainSettings(**{**ts, "seed": seed}))
         retrain_s = time.time() - t1
@@ -175,17 +198,22 @@ def main() -> None:
     c = manifest["counts"]
     t = manifest["threshold"]
     out = [
-        "## Evidence on the bundled demo: `benchmarks/evidence.py`",
+        "## Evidence on the bundled demo: `benchmarks/evidence.py`" if args.set == "demo" else
+        "## Evidence on the photo set: `benchmarks/evidence.py --set photos`",
         "",
-        f"Regenerate: `.venv/bin/python benchmarks/evidence.py` ({time.time() - t0:.0f} s on "
+        f"Regenerate: `.venv/bin/python benchmarks/evidence.py{'' if args.set == 'demo' else ' --set photos'}` "
+        f"({time.time() - t0:.0f} s on "
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d')}).",
         "",
-        f"Demo: {len(member_ids)} training images, {int((~dup).sum())} of them unique and {int(dup.sum())} planted "
-        f"copies ({len(set(group[dup]))} digits, exact or near copies, {', '.join(map(str, sorted(set(copies[dup]))))} "
-        f"copies each: `examples/digits/planted.csv`), {len(held)} held-out images. Model: the shipped "
-        f"`examples/model`, trained with `{recipe['command']}`. Scores: {scorer.solver} with {scorer.steps} steps, "
-        f"{scorer.divergence} divergence, {scorer.probes} {scorer.probe_mode} probe per evaluation, as `memclean demo`.",
+        f"{what[1]}: {len(member_ids)} training images, {int((~dup).sum())} of them unique and {int(dup.sum())} planted "
+        f"copies ({len(set(group[dup]))} {what[0]}, exact or near copies, {', '.join(map(str, sorted(set(copies[dup]))))} "
+        f"copies each: `{shown(Path(data).parent / 'planted.csv')}`), {len(held)} held-out images. "
+        f"Model: the shipped `{shown(model_dir)}`, "
+        f"trained with " + (f"`{recipe['init_from']['command']}`, then " if recipe.get("init_from") else "")
+        + f"`{recipe['command']}`. Scores: {scorer.solver} with {scorer.steps} steps, "
+        f"{scorer.divergence} divergence, {scorer.probes} {scorer.probe_mode} probe per evaluation, the loss over "
+        f"{scorer.loss_noises} noises, as `memclean demo`.",
         "",
         "### Separation (higher = member, or duplicated)",
         "",
@@ -219,7 +247,7 @@ def main() -> None:
                             f"{flagged[sel].mean():.0%}",
                             f"{removed[sel].mean():.0%}", str(int(hits_per_row[sel].sum()))]))
     copied_line = (
-        f"Of the {int(copied.sum())} training images whose digit the shipped model's generations copy, "
+        f"Of the {int(copied.sum())} training images whose {what[0][:-1]} the shipped model's generations copy, "
         f"{flagged[copied].mean():.0%} are flagged by memclean and {removed[copied].mean():.0%} are dropped or "
         f"augmented, against a flag rate of {flagged.mean():.0%} over all training images. AUC, copied vs not "
         f"copied training images: {default} (judged) "
@@ -231,12 +259,12 @@ def main() -> None:
         "### Memorized generations",
         "",
         f"A generation is memorized when its nearest training image (L2) is closer than 1/3 of the nearest "
-        f"*distinct* one (copies of one digit count as one image). {args.samples} DDIM samples (50 steps, seed 0) "
-        "from each model.",
+        f"*distinct* one (copies of one {what[0][:-1]} count as one image). {args.samples} DDIM samples (50 steps, "
+        "seed 0) from each model." + ("" if retrains else " Not retrained on the cleaned output (`--retrain-seeds`)."),
         "",
-        "| model | memorized generations | distinct digits copied |",
+        f"| model | memorized generations | distinct {what[0]} copied |",
         "|---|---|---|",
-        f"| shipped: the recipe on the original {len(member_ids)} images (seed {ts['seed']}) | {mem['count']} | "
+        f"| shipped: the recipe on the original {len(member_ids)} images ({shipped_seeds}) | {mem['count']} | "
         f"{mem['copied_images']} |",
         *[f"| the same recipe ({ts['steps']} steps, {s:.0f} s) on memclean's cleaned output ({len(cleaned)} images), "
           f"seed {seed} | {m2['count']} | {m2['copied_images']} |" for seed, s, m2 in retrains],
@@ -247,7 +275,7 @@ def main() -> None:
         f"dropped ({manifest['dedup']['clusters']} duplicate clusters), {c['flagged']} flagged.",
         "",
     ]
-    write_section("evidence", "\n".join(out), args.out)
+    write_section("evidence" if args.set == "demo" else "evidence-photos", "\n".join(out), args.out)
     print("\n".join(out))
 
 
