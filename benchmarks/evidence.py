@@ -18,10 +18,10 @@ writes its own section (evidence, evidence-photos).
    distance to the nearest other training image; and the scores by number of copies;
 4. retrains with the recipe in the model's training.json on the cleaned set (once per
    --retrain-seeds, to show what another seed alone changes), and counts memorized samples
-   again, next to the shipped model (the same recipe on the original set). The photo set is
-   not retrained unless --retrain-seeds is given: its recipe is 7,500 steps, about two hours on
-   2 cores (a continued model is retrained as one run of its total steps at the last run's
-   settings).
+   again, next to the shipped model (the same recipe on the original set). A continued model's
+   runs are replayed in turn (each continuing the one before, as training.json records them).
+   The photo set is not retrained unless --retrain-seeds is given: its recipe is 4,000 + 3,500
+   steps, about two hours on 2 cores.
 """
 from __future__ import annotations
 
@@ -69,6 +69,36 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def runs_of(training: dict) -> list[dict]:
+    """A model's training runs, first to last, from its training.json: `memclean train --init-from`
+    keeps the record of the model it continued under init_from (which may itself continue one)."""
+    earlier = training.get("init_from")
+    return (runs_of(earlier) if isinstance(earlier, dict) else []) + [training]
+
+
+def training_recipe(training: dict) -> str:
+    """How a model was trained, as RESULTS.md says it: each run's command, a continued model's in order."""
+    runs = runs_of(training)
+    text = ", then ".join(f"`{r.get('command', '')}`" for r in runs)
+    return text if len(runs) == 1 else f"{text} ({training.get('total_steps')} steps in all)"
+
+
+def retrain(images: torch.Tensor, out: Path, runs: list[dict], seed: int, last_steps: int | None = None) -> Path:
+    """A model's recipe replayed on other images: its runs in turn, each later one continuing the one
+    before (init_from), as they were trained. `seed` replaces the first run's seed (a continuing run
+    keeps its own); `last_steps`, when given, the last run's steps."""
+    model = None
+    for i, run in enumerate(runs):
+        ts = {**run["settings"], "block_out_channels": tuple(run["settings"]["block_out_channels"]),
+              "init_from": None if model is None else str(model)}
+        if i == 0:
+            ts["seed"] = seed
+        if i == len(runs) - 1 and last_steps:
+            ts["steps"] = last_steps
+        model = train(images, out / f"run-{i}", TrainSettings(**ts))
+    return model
+
+
 def planted(data: Path) -> dict[str, dict]:
     """{training id: {group, kind, copies}} from the demo's planted.csv."""
     with open(data.parent / "planted.csv", newline="") as f:
@@ -97,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", choices=("demo", "photos"), default="demo")
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--retrain-steps", type=int, default=None, help="default: the shipped recipe's")
+    ap.add_argument("--retrain-steps", type=int, default=None, help="the last training run's steps (default: the recipe's)")
     ap.add_argument("--retrain-seeds", type=int, nargs="*", default=None,
                     help="seeds of the retraining on the cleaned set (default: the shipped recipe's for the demo, "
                          "none for photos); none given: no retraining")
@@ -175,18 +205,16 @@ def main() -> None:
 
     # 4: retrain on the cleaned set with the same recipe, count memorized generations again
     recipe = json.loads((model_dir / "training.json").read_text())
-    ts = dict(recipe["settings"])
-    ts["block_out_channels"] = tuple(ts["block_out_channels"])
-    ts.pop("init_from", None)
-    ts["steps"] = args.retrain_steps or recipe.get("total_steps", ts["steps"])
+    runs = runs_of(recipe)
+    retrain_steps = sum(r["settings"]["steps"] for r in runs[:-1]) + (args.retrain_steps or runs[-1]["settings"]["steps"])
     cleaned = load_images(discover(str(work / "clean" / "cleaned")), spec)
     retrains = []  # (seed, seconds, memorized)
-    shipped_seeds = (f"seed {recipe['init_from']['settings']['seed']}, then {ts['seed']}"
-                     if recipe.get("init_from", {}).get("settings") else f"seed {ts['seed']}")
-    seeds = args.retrain_seeds if args.retrain_seeds is not None else ([ts["seed"]] if args.set == "demo" else [])
+    shipped_seeds = ", then ".join(f"seed {r['settings']['seed']}" for r in runs)
+    first_seed = runs[0]["settings"]["seed"]
+    seeds = args.retrain_seeds if args.retrain_seeds is not None else ([first_seed] if args.set == "demo" else [])
     for seed in seeds:
         t1 = time.time()
-        retrained = train(cleaned, work / f"retrained-{seed}", TrainSettings(**{**ts, "seed": seed}))
+        retrained = retrain(cleaned, work / f"retrained-{seed}", runs, seed, args.retrain_steps)
         retrain_s = time.time() - t1
         unet2, sched2 = load_pipeline(retrained)
         retrains.append((seed, retrain_s, memorized(generate(unet2, dict(sched2.config), args.samples, seed=0)
@@ -210,8 +238,7 @@ def main() -> None:
         f"copies ({len(set(group[dup]))} {what[0]}, exact or near copies, {', '.join(map(str, sorted(set(copies[dup]))))} "
         f"copies each: `{shown(Path(data).parent / 'planted.csv')}`), {len(held)} held-out images. "
         f"Model: the shipped `{shown(model_dir)}`, "
-        f"trained with " + (f"`{recipe['init_from']['command']}`, then " if recipe.get("init_from") else "")
-        + f"`{recipe['command']}`. Scores: {scorer.solver} with {scorer.steps} steps, "
+        f"trained with {training_recipe(recipe)}. Scores: {scorer.solver} with {scorer.steps} steps, "
         f"{scorer.divergence} divergence, {scorer.probes} {scorer.probe_mode} probe per evaluation, the loss over "
         f"{scorer.loss_noises} noises, as `memclean demo`.",
         "",
@@ -266,7 +293,7 @@ def main() -> None:
         "|---|---|---|",
         f"| shipped: the recipe on the original {len(member_ids)} images ({shipped_seeds}) | {mem['count']} | "
         f"{mem['copied_images']} |",
-        *[f"| the same recipe ({ts['steps']} steps, {s:.0f} s) on memclean's cleaned output ({len(cleaned)} images), "
+        *[f"| the same recipe ({retrain_steps} steps, {s:.0f} s) on memclean's cleaned output ({len(cleaned)} images), "
           f"seed {seed} | {m2['count']} | {m2['copied_images']} |" for seed, s, m2 in retrains],
         "",
         copied_line,

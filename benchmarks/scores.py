@@ -40,7 +40,7 @@ from scipy.stats import spearmanr
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.acceptance import second_digits  # noqa: E402
-from benchmarks.evidence import planted, planted_groups  # noqa: E402
+from benchmarks.evidence import planted, planted_groups, training_recipe  # noqa: E402
 from benchmarks.results import hardware, write_section  # noqa: E402
 from pipeline.decide.flagging import FlagSettings  # noqa: E402
 from pipeline.decide.scores import JUDGED, calibrate, judged  # noqa: E402
@@ -204,14 +204,13 @@ def bootstrap_margin(results: list[dict], a: str, b: str, resamples: int = 2000)
     for r in results:
         p = r["per_image"]
         dup = np.array(p["duplicated"])
-        sets.append(({s: (np.array(p[s]["members"]), np.array(p[s]["heldout"])) for s in (a, b)}, dup))
+        sets.append(({s: (np.array(p[s]["members"]), np.array(p[s]["heldout"])) for s in (a, b)}, dup,
+                     np.flatnonzero(dup), np.flatnonzero(~dup), len(p[a]["heldout"])))
     out = np.empty(resamples)
     for i in range(resamples):
         worst = {a: 1.0, b: 1.0}
-        for scores, dup in sets:
-            d, u = np.flatnonzero(dup), np.flatnonzero(~dup)
+        for scores, dup, d, u, n_h in sets:
             rows = np.concatenate([rng.choice(d, len(d)), rng.choice(u, len(u))])
-            n_h = len(scores[a][1])
             held = rng.integers(0, n_h, n_h)
             for s in (a, b):
                 m, h = scores[s]
@@ -220,18 +219,11 @@ def bootstrap_margin(results: list[dict], a: str, b: str, resamples: int = 2000)
     return out
 
 
-def recipe(training: dict) -> str:
-    """How a model was trained, from its training.json: a continued model names both runs."""
-    run = f"`{training.get('command', '')}`"
-    earlier = training.get("init_from")
-    if isinstance(earlier, dict) and earlier.get("command"):
-        return f"`{earlier['command']}`, then {run} ({training.get('total_steps')} steps in all)"
-    return run
-
-
 def report(results: list[dict], extras: dict[str, dict], seconds: float) -> str:
+    command = " ".join(["benchmarks/scores.py", *(f"--extra {' '.join(sp['args'])}" for sp in extras.values())])
+    command = command.replace(str(Path.home()), "~")
     lines = ["## Which score to judge: `benchmarks/scores.py`", "",
-             f"Regenerate: `.venv/bin/python benchmarks/scores.py` ({seconds:.0f} s; {hardware()}; "
+             f"Regenerate: `.venv/bin/python {command}` ({seconds:.0f} s; {hardware()}; "
              f"{time.strftime('%Y-%m-%d')}). Scorer: memclean's defaults ({ScorerSettings().solver}-"
              f"{ScorerSettings().steps}, 1 fresh Rademacher probe; the loss at t = {DEFAULT_LOSS_T} over "
              f"{ScorerSettings().loss_noises} noises). AUCs against held-out images and the Spearman with complexity "
@@ -240,7 +232,7 @@ def report(results: list[dict], extras: dict[str, dict], seconds: float) -> str:
         tr = r["training"]
         lines += [f"### {r['name']}: {r['members']} members ({r['duplicated']} planted copies), {r['heldout']} held-out "
                   f"({r['reference']} as the reference, {r['evaluation']} to evaluate), {r['dims']} dimensions", "",
-                  f"Model `{r['model']}`: {recipe(tr)}; {r['memorized']} of {r['samples']} generations "
+                  f"Model `{r['model']}`: {training_recipe(tr)}; {r['memorized']} of {r['samples']} generations "
                   f"memorized ({r['copied_images']} distinct pictures copied; a planted group is one picture"
                   + (f": {r['copied']}" if r.get("copied") else "") + ").", "",
                   "| score | AUC members vs held-out | TPR@1%FPR | AUC duplicated vs unique | TPR@1%FPR | worst AUC "
@@ -263,7 +255,7 @@ def report(results: list[dict], extras: dict[str, dict], seconds: float) -> str:
                   + f" ({r['speed']['V alone'] / r['speed']['V and the loss']:.2f}x the time).", ""]
     for name, sp in extras.items():
         lines += [f"Run-to-run Spearman on `{name}` ({sp['n']} images, not an evidence set): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in sp.items() if k != "n") + ".", ""]
+                  + ", ".join(f"{k} {v:.3f}" for k, v in sp.items() if k not in ("n", "args")) + ".", ""]
     if results:
         worst = {s: min(r["table"][s]["worst"] for r in results) for s in JUDGED}
         best, default = max(worst, key=worst.get), FlagSettings().score
@@ -314,7 +306,7 @@ def main() -> None:
         results.append(measure(name, model, data, args.samples))
         shown = {k: v for k, v in results[-1].items() if k not in ("training", "per_image")}
         print(json.dumps(shown, indent=1, default=str), flush=True)
-    extras = {e[0]: extra_spearman(Path(e[1]), [Path(f) for f in e[2:]]) for e in args.extra}
+    extras = {e[0]: extra_spearman(Path(e[1]), [Path(f) for f in e[2:]]) | {"args": e} for e in args.extra}
     seconds = time.time() - t0 + (json.loads(args.from_json.read_text()).get("seconds", 0) if args.from_json else 0)
     text = report(results, extras, seconds)
     if args.json:
