@@ -17,6 +17,12 @@ half the reference the calibration is fitted on, the second the held-out side of
    --window-start): from the same solve (the window column, free) against a solve of its own from x_t0 (one seeded noise, the default 8 Heun
    steps over [t0, 1]: as many passes again as V), AUCs, Spearman with complexity among the
    evaluation half of the held-out images, and between seeds.
+3. Ways to need fewer noises (the loss's 16 forward passes are what puts the default above V
+   alone; issue 24's cost bound): at 8, 12 and 16 noises, the default noises (independent per
+   image) against noises shared by every image of the run (common random numbers: the
+   differences between images, which are all a ranking reads, lose what the noises have in
+   common), antithetic pairs (e, -e) and the loss at other times, each judged as
+   calibrated_denoising_score; the noise counts are prefixes of one draw of 16.
 Writes its section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -38,14 +44,17 @@ from benchmarks.results import hardware, publish  # noqa: E402
 from benchmarks.scores import images, planted_ids  # noqa: E402
 from pipeline.decide.scores import calibrate, judged  # noqa: E402
 from pipeline.score.complexity import complexity  # noqa: E402
-from pipeline.score.loss import denoising_loss  # noqa: E402
+from pipeline.score.loss import LOSS_SALT, denoising_loss, loss_noises, per_noise_losses  # noqa: E402
 from pipeline.score.models import load_model  # noqa: E402
-from pipeline.score.probes import image_key  # noqa: E402
+from pipeline.score.probes import MASK64, ProbeStream, image_key, splitmix64  # noqa: E402
 from pipeline.score.scoring import image_spec  # noqa: E402
 from pipeline.score.volume import ScorerSettings, log_volume_growth, time_grid  # noqa: E402
 from pipeline.tools.evaluate import roc_auc  # noqa: E402
 
 NOISES = (4, 8, 16, 32)
+DESIGN_NOISES = (8, 12, 16)  # prefixes of one draw of DESIGNS_DRAWN
+DESIGNS_DRAWN = 16
+OTHER_TIMES = (0.05, 0.2)
 BATCH = 64
 
 
@@ -72,6 +81,37 @@ def loss_scores(model, z: torch.Tensor, noises: int, seed: int) -> np.ndarray:
     return np.concatenate([denoising_loss(model.score_fn, zb, settings.loss_t, noises, seed,
                                           [image_key(seed, im) for im in zb]).denoising_loss.numpy()
                            for zb in batches(z)])
+
+
+def design_noises(design: str, zb: torch.Tensor, seed: int) -> torch.Tensor:
+    """DESIGNS_DRAWN noises for a batch [n, B or 1, ...]: independent per image (the library's),
+    shared by every image (one key from the seed alone), or antithetic pairs e, -e of the first half."""
+    if design == "shared":
+        return ProbeStream(zb[:1], seed, DESIGNS_DRAWN, "gaussian", fresh=False,
+                           keys=[splitmix64((seed ^ LOSS_SALT) & MASK64)])(0)
+    keys = [image_key(seed, im) for im in zb]
+    if design == "antithetic":
+        half = loss_noises(zb, DESIGNS_DRAWN // 2, seed, keys)
+        return torch.stack([half, -half], 1).flatten(0, 1)  # e0, -e0, e1, -e1, ...: a prefix keeps whole pairs
+    return loss_noises(zb, DESIGNS_DRAWN, seed, keys)
+
+
+def design_rows(name: str, model, z: torch.Tensor, judge, aucs, comp: np.ndarray, ev: np.ndarray) -> list[list[str]]:
+    """Table 3: each noise design (and other times) at DESIGN_NOISES noises."""
+    t_default = ScorerSettings().loss_t
+    arms = [("independent per image (default)", "independent", t_default), ("shared by every image", "shared", t_default),
+            ("antithetic pairs", "antithetic", t_default)] + [(f"independent, t = {t}", "independent", t)
+                                                               for t in OTHER_TIMES]
+    rows = []
+    for label, design, t in arms:
+        per = [np.concatenate([per_noise_losses(model.score_fn, zb, t, design_noises(design, zb, seed)).numpy()
+                               for zb in batches(z)], axis=1) for seed in (0, 1)]  # [n, images] each
+        for n in DESIGN_NOISES:
+            a, b = (judge(p[:n].mean(0)) for p in per)
+            rows.append([name, label, str(n), *aucs(a), f"{spearmanr(a, b)[0]:.3f}",
+                         f"{spearmanr(a[ev], comp[ev])[0]:+.2f}"])
+            print(rows[-1], flush=True)
+    return rows
 
 
 def noised_window(model, z: torch.Tensor, t0: float, seed: int) -> np.ndarray:
@@ -108,15 +148,16 @@ def measure(name: str, model_dir: Path, data: Path, dup_names: set[str]) -> list
     def aucs(s: np.ndarray) -> list[str]:
         return [f"{roc_auc(s[members], s[ev]):.3f}", f"{roc_auc(s[members][dup], s[members][~dup]):.3f}"]
 
+    def judge(loss: np.ndarray) -> np.ndarray:
+        """calibrated_denoising_score of a loss column (the fit on the reference half)."""
+        cols = {"log_volume_growth": nan, "denoising_loss": loss, "denoising_loss_se": nan, "complexity": comp}
+        return judged(cols, "calibrated_denoising_score", calibrate({k: v[ref] for k, v in cols.items()},
+                                                                    "reference"))[0]
+
     rows_loss = []
     for n in NOISES:
         t0 = time.perf_counter()
-        runs = []
-        for seed in (0, 1):
-            cols = {"log_volume_growth": nan, "denoising_loss": loss_scores(model, z, n, seed),
-                    "denoising_loss_se": nan, "complexity": comp}
-            cal = calibrate({k: v[ref] for k, v in cols.items()}, "reference")
-            runs.append(judged(cols, "calibrated_denoising_score", cal)[0])
+        runs = [judge(loss_scores(model, z, n, seed)) for seed in (0, 1)]
         per_s = 2 * len(x) / (time.perf_counter() - t0)
         rows_loss.append([name, str(n), *aucs(runs[0]), f"{spearmanr(runs[0], runs[1])[0]:.3f}", str(n),
                           f"{per_s:.1f}"])
@@ -140,7 +181,7 @@ def measure(name: str, model_dir: Path, data: Path, dup_names: set[str]) -> list
         rows_win.append([name, f"{t0:.4g}", "own solve from x_t0", *aucs(a), f"{spearmanr(a[ev], comp[ev])[0]:+.2f}",
                          f"{spearmanr(a, b)[0]:.3f}", f"{2 * settings.steps} forward + backward ({per_s:.1f} images/s)"])
         print(rows_win[-1], flush=True)
-    return [rows_loss, rows_win]
+    return [rows_loss, rows_win, design_rows(name, model, z, judge, aucs, comp, ev)]
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
@@ -156,15 +197,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
-    loss_rows, win_rows, skipped = [], [], []
+    loss_rows, win_rows, design, skipped = [], [], [], []
     for name in args.sets:
         found = evidence_set(name, args.cache)
         if found is None:
             skipped.append(name)
             continue
-        a, b = measure(name, *found)
+        a, b, c = measure(name, *found)
         loss_rows += a
         win_rows += b
+        design += c
     text = (f"Regenerate: `.venv/bin/python benchmarks/score_budget.py` ({time.time() - t0:.0f} s; {hardware()}). "
             "Seeds 0 and 1; the reference half of the held-out images fits the calibration, the other half is the "
             "held-out side of the AUCs." + (f" Not run (no model under --cache): {', '.join(skipped)}." if skipped
@@ -175,7 +217,11 @@ def main() -> None:
             + "\n\n### V over [t0, 1]: the same solve, or a solve of its own from the noised image\n\n"
             + table(["set", "t0", "how", "AUC members vs held-out", "AUC duplicated vs unique",
                      "Spearman with complexity (held-out)", "Spearman seed 0 vs 1", "extra passes per image"],
-                    win_rows))
+                    win_rows)
+            + f"\n\n### Fewer noises: shared or antithetic noises, other times (calibrated_denoising_score; the "
+            f"counts are prefixes of one draw of {DESIGNS_DRAWN})\n\n"
+            + table(["set", "noises", "count", "AUC members vs held-out", "AUC duplicated vs unique",
+                     "Spearman seed 0 vs 1", "Spearman with complexity (held-out)"], design))
     publish("score-budget", "The loss's noises and V's window: `benchmarks/score_budget.py`", text,
             write=not args.no_write)
 

@@ -36,16 +36,19 @@ def loss_keys(keys: list[int]) -> list[int]:
     return [splitmix64((k ^ LOSS_SALT) & MASK64) for k in keys]
 
 
-@torch.no_grad()
-def denoising_loss(score_fn: ScoreFunction, x: torch.Tensor, t: float, noises: int, seed: int = 0,
-                   keys: list[int] | None = None) -> LossResult:
-    """L(x) and its standard error at time t over `noises` seeded noises: x [B, C, H, W] in the
-    model's data range (or its latent) -> LossResult. keys: one per image (a latent pipeline's
-    images' keys); by default the hash of (seed, x)."""
+def loss_noises(x: torch.Tensor, noises: int, seed: int = 0, keys: list[int] | None = None) -> torch.Tensor:
+    """The loss's seeded noises for a batch: x [B, C, H, W] -> [noises, B, C, H, W] float64 (keys:
+    one per image, a latent pipeline's images' keys; by default the hash of (seed, x))."""
     from pipeline.score.probes import image_key
 
     keys = [image_key(seed, image) for image in x] if keys is None else keys
-    eps = ProbeStream(x, seed, noises, "gaussian", fresh=False, keys=loss_keys(keys))(0)  # [n, B, ...] float64
+    return ProbeStream(x, seed, noises, "gaussian", fresh=False, keys=loss_keys(keys))(0)
+
+
+@torch.no_grad()
+def per_noise_losses(score_fn: ScoreFunction, x: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
+    """||eps_hat(alpha x + sigma e, t) - e||^2 / D for each noise e of eps [n, B (or 1), ...]:
+    x [B, ...] -> [n, B] float64."""
     tt = torch.tensor(t, dtype=torch.float64)
     alpha = float(torch.exp(score_fn.schedule.log_alpha(tt)))
     sigma = float(score_fn.schedule.sigma(tt))
@@ -54,6 +57,14 @@ def denoising_loss(score_fn: ScoreFunction, x: torch.Tensor, t: float, noises: i
         e = e.to(x.dtype)
         eps_hat = -sigma * score_fn.score(alpha * x + sigma * e, tt.to(x.device))
         per_noise.append(((eps_hat - e).to(torch.float64) ** 2).flatten(1).mean(1))
-    losses = torch.stack(per_noise)  # [n, B]
+    return torch.stack(per_noise)
+
+
+def denoising_loss(score_fn: ScoreFunction, x: torch.Tensor, t: float, noises: int, seed: int = 0,
+                   keys: list[int] | None = None) -> LossResult:
+    """L(x) and its standard error at time t over `noises` seeded noises: x [B, C, H, W] in the
+    model's data range (or its latent) -> LossResult. keys: one per image (a latent pipeline's
+    images' keys); by default the hash of (seed, x)."""
+    losses = per_noise_losses(score_fn, x, t, loss_noises(x, noises, seed, keys))  # [n, B]
     se = losses.std(0, unbiased=True) / noises**0.5 if noises > 1 else torch.full_like(losses[0], float("nan"))
     return LossResult(losses.mean(0), se)
