@@ -44,9 +44,9 @@ from benchmarks.results import hardware, publish  # noqa: E402
 from benchmarks.scores import images, planted_ids  # noqa: E402
 from pipeline.decide.scores import calibrate, judged  # noqa: E402
 from pipeline.score.complexity import complexity  # noqa: E402
-from pipeline.score.loss import LOSS_SALT, denoising_loss, loss_noises, per_noise_losses  # noqa: E402
+from pipeline.score.loss import denoising_loss, loss_noises, per_noise_losses  # noqa: E402
 from pipeline.score.models import load_model  # noqa: E402
-from pipeline.score.probes import MASK64, ProbeStream, image_key, splitmix64  # noqa: E402
+from pipeline.score.probes import image_key  # noqa: E402
 from pipeline.score.scoring import image_spec  # noqa: E402
 from pipeline.score.volume import ScorerSettings, log_volume_growth, time_grid  # noqa: E402
 from pipeline.tools.evaluate import roc_auc  # noqa: E402
@@ -87,8 +87,7 @@ def design_noises(design: str, zb: torch.Tensor, seed: int) -> torch.Tensor:
     """DESIGNS_DRAWN noises for a batch [n, B or 1, ...]: independent per image (the library's),
     shared by every image (one key from the seed alone), or antithetic pairs e, -e of the first half."""
     if design == "shared":
-        return ProbeStream(zb[:1], seed, DESIGNS_DRAWN, "gaussian", fresh=False,
-                           keys=[splitmix64((seed ^ LOSS_SALT) & MASK64)])(0)
+        return loss_noises(zb[:1], DESIGNS_DRAWN, seed, keys=[seed])  # the loss's own keying, of the seed alone
     keys = [image_key(seed, im) for im in zb]
     if design == "antithetic":
         half = loss_noises(zb, DESIGNS_DRAWN // 2, seed, keys)
