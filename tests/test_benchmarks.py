@@ -1,10 +1,12 @@
 """The benchmarks' own helpers, whose figures RESULTS.md reports: a continued model's recipe, the
-planted listing, the paired bootstrap and the loss's noise designs. Exact answers only (no
-tolerance: these are bookkeeping and exact sign flips or copies of float64 noises)."""
+planted listing, the paired bootstrap, the loss's noise designs and the cost benchmark's ratios.
+Exact answers only (no tolerance: these are bookkeeping, exact sign flips or copies of float64
+noises, and quotients of exact binary times, which IEEE division rounds alike on any machine)."""
 import numpy as np
 import torch
 
 from benchmarks.acceptance import write_planted
+from benchmarks.cost import ARMS, passes, round_orders, summarize
 from benchmarks.evidence import planted, planted_groups, runs_of, training_recipe
 from benchmarks.score_budget import DESIGNS_DRAWN, design_noises
 from benchmarks.scores import bootstrap_margin
@@ -60,3 +62,15 @@ def test_the_loss_noise_designs():
     anti = design_noises("antithetic", z, 0)
     assert anti.shape == ind.shape and torch.equal(anti[1::2], -anti[::2])
     assert torch.equal(anti[::2], loss_noises(z, DESIGNS_DRAWN // 2, 0))
+
+
+def test_the_cost_benchmark_takes_each_rounds_own_ratio_and_counts_the_defaults_passes():
+    # per-round ratios 1.5, 2.0, 1.2 (the rounds' V alone times differ: a machine that drifts)
+    seconds = {"V alone": [2.0, 4.0, 5.0], "the loss alone": [1.0, 2.0, 1.0], "V and the loss": [3.0, 8.0, 6.0]}
+    got = summarize(seconds, 128)
+    assert got["ratio_median"] == 1.5 and got["ratio_min"] == 1.2 and got["ratio_max"] == 2.0
+    assert got["loss_over_v"] == 0.5 and got["rounds"] == 3
+    assert got["images_s"] == {"V alone": 32.0, "the loss alone": 128.0, "V and the loss": 21.333333333333332}
+    assert round_orders(3) == [ARMS, ARMS[::-1], ARMS]
+    # heun over 8 steps: 16 drift evaluations, each a forward and a backward; the loss: 16 forwards
+    assert passes() == {"V alone": 32, "the loss alone": 16, "V and the loss": 48}
