@@ -223,3 +223,18 @@ def test_an_input_with_no_images_fails_every_verb_naming_what_it_holds(tmp_path,
         rc = main([verb, "--data", str(data), "--out", str(out), *model])
         assert rc == 2 and words in capsys.readouterr().err, (verb, data)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("verb", ["score", "clean", "dedup", "train"])
+def test_a_gpu_this_torch_cannot_see_fails_every_verb_cleanly(tmp_path, zero_model, write_images, verb,
+                                                               monkeypatch, capsys):
+    """--device cuda where torch sees no CUDA device (stubbed, so that it runs on any machine) is
+    one line on stderr and exit 2 from every verb, never a traceback, and no output is left."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_images(n=2)
+    out = tmp_path / ("o.parquet" if verb == "score" else "out")
+    model = [] if verb in ("dedup", "train") else ["--model", str(zero_model)]
+    extra = ["--sample-size", "8", "--channels", "1", "--steps", "1"] if verb == "train" else []
+    rc = main([verb, "--data", str(data), "--out", str(out), *model, *extra, "--device", "cuda"])
+    assert rc == 2 and "sees no CUDA device" in capsys.readouterr().err
+    assert not out.exists()

@@ -7,7 +7,7 @@ import torch
 from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, PNDMScheduler, ScoreSdeVeScheduler, UNet2DConditionModel)
 
-from pipeline.score.models import CheckpointError, DiffusersScore, load_model, resolve_checkpoint
+from pipeline.score.models import CheckpointError, DiffusersScore, load_model, resolve_checkpoint, usable_device
 from pipeline.score.schedules import InterpolatedVP, LinearVP, VESchedule
 from pipeline.score.volume import ScorerSettings, log_volume_growth
 from tests.conftest import save_checkpoint
@@ -277,3 +277,21 @@ def test_unsupported_autoencoders_are_refused(tmp_path):
     index = json.loads((path / "model_index.json").read_text())
     (path / "model_index.json").write_text(json.dumps({**index, "vqvae": ["diffusers", "AutoencoderTiny"]}))
     refuse(path, "not one memclean scores through")
+
+
+def test_a_device_this_torch_cannot_use_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Scoring and training share one check: cpu passes; cuda without a CUDA device, or cuda:N
+    past the devices torch sees, is a clear error (the CUDA queries are stubbed so that every
+    branch runs on any machine); load_model says so before it reads the checkpoint."""
+    assert usable_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        usable_device("cuda")
+    with pytest.raises(CheckpointError, match="sees no CUDA device"):
+        load_model(tmp_path / "no-such-model", device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert usable_device("cuda:1") == torch.device("cuda:1")
+    assert usable_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="sees 2 CUDA device"):
+        usable_device("cuda:2", option="--embed-device")

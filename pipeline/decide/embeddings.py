@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.score.models import usable_device
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -289,4 +291,5 @@ def make_embedder(spec: str, model=None, size: int = 224, device: str | torch.de
         raise ValueError(f"embedder {spec!r} is not one of pixel, unet, torchscript:PATH")
     if name == "torchscript" and not path:
         raise ValueError("the torchscript embedder needs a file: --embedder torchscript:PATH")
+    device = usable_device(device)
     return EMBEDDERS[name](model=model, path=path, size=size, device=device, image_side=image_side)

@@ -445,11 +445,26 @@ def resolve_data_range(choice: str, schedule: VPSchedule | VESchedule) -> tuple[
     return DATA_RANGES[choice]
 
 
+def usable_device(value: str | torch.device, option: str = "--device") -> torch.device:
+    """The torch device a setting names, once this torch can run on it: a clear error for cuda
+    without a CUDA device, or cuda:N past the devices it sees (scoring and training alike)."""
+    device = torch.device(value)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {str(value)!r}: this torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {str(value)!r}: this torch sees {torch.cuda.device_count()} "
+                             f"CUDA device(s), numbered from 0")
+    return device
+
+
 def load_model(path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu",
                variant: str | None = None, data_range: str = "auto") -> LoadedModel:
     """Load a local checkpoint (any layout diffusers loads) as a score function on `device`."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was asked for, but torch sees no CUDA device")
+    try:
+        device = usable_device(device)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     ckpt = resolve_checkpoint(path, allow_pickle, variant)
     scheduler = load_scheduler(ckpt)
     schedule = schedule_from_scheduler(scheduler)

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.fields import DEVICE_HELP, check_choices, check_device, setting
 from pipeline.io.data import ImageSpec, Item, batched
+from pipeline.score.models import usable_device
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,7 @@ def train(images: torch.Tensor, out: str | os.PathLike, settings: TrainSettings,
 
     g = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {settings.device}: this torch has no CUDA device")
+    device = usable_device(settings.device)
     unet = build_unet(settings)
     earlier = init_weights(unet, settings.init_from) if settings.init_from else None
     unet = unet.to(device).train()
