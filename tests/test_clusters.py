@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.decide.clusters import UnionFind, duplicate_columns, find_clusters
+from pipeline.decide.clusters import UnionFind, duplicate_columns, find_clusters, keeper_of
 from pipeline.decide.embeddings import CosineSimilarity
 from tests.planted import embed_folder, planted_set
 
@@ -37,6 +37,19 @@ def test_keeper_ties_broken_by_id_and_exact_hashes_join():
     c = find_clusters(v, ["h", "x", "h", "h"], np.zeros(4), ["d", "c", "b", "a"], 0.95, CosineSimilarity())
     assert c.cluster.tolist()[1] == -1 and len(set(c.cluster[[0, 2, 3]])) == 1
     assert c.keeper[0] == 3  # id "a"
+
+
+def test_a_missing_risk_never_makes_a_keeper_while_a_member_has_one():
+    """NaN or None ranks after every number whatever the rows' order (a NaN compared in a tuple
+    is neither less nor greater, so min() would keep whichever row came first)."""
+    names = ["a", "b", "c", "d"]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]):
+        assert keeper_of(order, [float("nan"), 2.0, 1.0, None], names) == 2
+        assert keeper_of(order, [float("nan"), None, float("nan"), None], names) == 0  # none known: by id
+        assert keeper_of(order, np.array([np.nan, 5.0, 5.0, np.nan]), names) == 1  # a tie: by id
+    v = np.eye(3, dtype=np.float32)
+    c = find_clusters(v, ["h", "h", "h"], np.array([np.nan, 3.0, np.nan]), ["a", "b", "c"], 0.95, CosineSimilarity())
+    assert c.keeper.tolist() == [1, 1, 1]
 
 
 def test_duplicate_columns_name_keepers_by_row_with_and_without_rejected_rows():

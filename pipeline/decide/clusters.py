@@ -271,6 +271,17 @@ def _join_near(uf: UnionFind, best: np.ndarray, index, queries: np.ndarray, q_vi
     return joined
 
 
+def keeper_of(rows: Sequence[int], risk, names) -> int:
+    """The row among `rows` that a cluster keeps: the lowest risk, ties by id (names[row]); a
+    missing or NaN risk ranks after every number. Clusters and reject_changed's new keepers
+    choose by this one rule."""
+    def rank(r: int) -> tuple:
+        value = risk[r]
+        known = value is not None and value == value
+        return (not known, float(value) if known else 0.0, names[r])
+    return min(rows, key=rank)
+
+
 def _label(uf: UnionFind, risk: np.ndarray, ids: Sequence[str], best: np.ndarray, pairs: int) -> Clusters:
     """Number the clusters (sets of more than one row) in the order of their keepers' ids."""
     n = len(best)
@@ -282,7 +293,7 @@ def _label(uf: UnionFind, risk: np.ndarray, ids: Sequence[str], best: np.ndarray
     members: dict[int, list[int]] = {}
     for r in rows:
         members.setdefault(int(roots[r]), []).append(int(r))
-    keepers = [min(m, key=lambda i: (risk[i], names[i])) for m in members.values()]
+    keepers = [keeper_of(m, risk, names) for m in members.values()]
     for number, (m, k) in enumerate(sorted(zip(members.values(), keepers), key=lambda g: names[g[1]])):
         cluster[m] = number
         keeper[m] = k

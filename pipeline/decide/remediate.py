@@ -37,6 +37,7 @@ import transforms
 from pipeline.fields import check_choices, setting
 from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
 from pipeline.io.outputs import against_outputs
+from pipeline.decide.clusters import keeper_of
 from pipeline.decide.flagging import Threshold, accept, flag
 from pipeline.score.complexity import complexity
 from pipeline.score.scoring import fresh_scores
@@ -279,7 +280,7 @@ def _new_keeper(c: dict[str, list], ids: list[str], risk: list, rows: list[int],
                 settings: RemediationSettings) -> None:
     """Rows that were copies of `old` (now rejected) take their lowest-risk member as keeper; it
     inherits `old`'s own duplicate of an earlier output, if any, and its action is planned again."""
-    keeper = min(rows, key=lambda r: (risk[r] if risk[r] is not None else float("inf"), ids[r]))
+    keeper = keeper_of(rows, risk, ids)
     for r in rows:
         c["dup_of"][r] = ids[keeper] if r != keeper else inherited
         if r != keeper and c["action"][r] == "dropped":
