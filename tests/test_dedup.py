@@ -95,6 +95,30 @@ def test_against_an_earlier_output_and_refusals(drop, capsys):
     assert not out.exists()
 
 
+def test_a_catalog_that_grows_mid_run_is_read_once(drop, tmp_path, monkeypatch):
+    """--against a catalog is resolved when the run starts: a part accepted while it embeds (a
+    concurrent drop) is in none of its steps: not in the earlier survivors, not in the losses,
+    not in the manifest's against_outputs."""
+    import pipeline.run.dedup as dedup_run
+
+    root, _ = drop
+    first, late = dedup(root, "cat-first")[1]["out"], dedup(root, "cat-late")[1]["out"]
+    catalog = tmp_path / "dataset.json"
+    catalog.write_text(json.dumps({"parts": [{"drop": "first", "out": first}]}))
+    embed = dedup_run.embed_source
+
+    def embed_then_grow(*args, **kwargs):
+        catalog.write_text(json.dumps({"parts": [{"drop": "first", "out": first}, {"drop": "late", "out": late}]}))
+        return embed(*args, **kwargs)
+    monkeypatch.setattr(dedup_run, "embed_source", embed_then_grow)
+    rows, m = dedup(root, "cat-second", "--against", str(catalog))
+    assert m["dedup"]["against"] == str(catalog) and m["dedup"]["against_outputs"] == [first]
+    assert not any((r["dup_of"] or "").startswith(late + ":") for r in rows.values())
+    earlier = [r for r in rows.values() if (r["dup_of"] or "").startswith(first + ":")]
+    assert earlier
+    assert m["losses"]["in_earlier_output"] == sum(r["action"] == "dropped" for r in earlier)
+
+
 def test_a_run_that_would_empty_the_dataset_is_refused_and_its_plan_set_aside(drop, tmp_path, capsys):
     """At --dup-threshold -1 every image joins one cluster: the run would remove all but one
     picture. It fails (exit 2) saying how many and why, commits nothing, and leaves its plan

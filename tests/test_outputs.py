@@ -103,8 +103,12 @@ def test_an_earlier_output_must_match_the_embedder(tmp_path):
                    prev / EMBEDDINGS)
     with pytest.raises(ValueError, match="cannot be compared"):
         check_against(str(prev), "unet")
-    ids, vecs = earlier_survivors(str(prev), "pixel")
+    outputs = check_against(str(prev), "pixel")
+    assert outputs == [str(prev)]
+    ids, vecs = earlier_survivors(outputs)
     assert ids == [f"{prev}:a"] and vecs.tolist() == [[1.0, 0.0]]
+    with pytest.raises(TypeError, match="list of outputs"):  # a string would be read a character at a time
+        earlier_survivors(str(prev))
 
 
 def test_against_names_several_outputs_or_a_catalog(tmp_path):
@@ -123,8 +127,8 @@ def test_against_names_several_outputs_or_a_catalog(tmp_path):
     (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"parts": [{"drop": "p1", "out": "parts/p1"},
                                                                         {"drop": "p2", "out": "parts/p2"}]}))
     for against in (f"{p1},{p2}", str(tmp_path / "ds" / "dataset.json"), str(tmp_path / "ds")):
-        assert against_outputs(against) == [str(p1), str(p2)]
-        ids, vecs = earlier_survivors(against, "pixel")
+        assert against_outputs(against) == check_against(against, "pixel") == [str(p1), str(p2)]
+        ids, vecs = earlier_survivors(check_against(against, "pixel"))
         assert ids == [f"{p1}:x", f"{p2}:x"] and vecs.tolist() == [[1.0, 0.0], [0.0, 1.0]]
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="not a memclean dataset catalog"):

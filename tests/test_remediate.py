@@ -257,8 +257,10 @@ def test_losses_count_the_pictures_that_leave_the_dataset():
     assert lost == {"near_duplicate": 2, "failed_augmentation": 1, "flagged": 1, "other": 0, "removed": 4, "scored": 7,
                     "in_earlier_output": 0}
     earlier = t.append_column("dup_of", pa.array([None, "a", "prev:z", None, None, "e", None, None]))
-    assert losses(earlier, "prev")["removed"] == 3  # p2 is in the earlier output already
-    assert losses(earlier, "prev")["in_earlier_output"] == 1
+    assert losses(earlier, ["prev"])["removed"] == 3  # p2 is in the earlier output already
+    assert losses(earlier, ["prev"])["in_earlier_output"] == 1
+    with pytest.raises(TypeError, match="list of outputs"):
+        losses(earlier, "prev")
     assert GuardSettings(max_loss_fraction=0.6).refusal(lost) is None  # 4 / 7 = 57%
     message = GuardSettings(max_loss_fraction=0.5).refusal(lost)
     assert "remove 4 of its 7 scored pictures (57%)" in message and "2 joined as near duplicates" in message

@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,6 @@ import transforms
 
 from pipeline.fields import check_choices, setting
 from pipeline.io.data import ImageSpec, center_crop_resize, to_tensor
-from pipeline.io.outputs import against_outputs
 from pipeline.decide.clusters import keeper_of
 from pipeline.decide.flagging import Threshold, accept, flag
 from pipeline.score.complexity import complexity
@@ -333,13 +332,13 @@ class GuardSettings:
 LOSS_REASONS = {"near_duplicate": "duplicate of", "failed_augmentation": "no augmentation", "flagged": "flagged"}
 
 
-def losses(decided: pa.Table, against: str | None = None) -> dict[str, int]:
+def losses(decided: pa.Table, against: Sequence[str] = ()) -> dict[str, int]:
     """The pictures a run's decisions would take out of the dataset, by reason (near_duplicate,
     failed_augmentation, flagged, other) and in all (`removed`), out of the inputs scored
     (`scored`). A dropped row removes nothing when a kept or augmented row has its decoded
-    pixels (an exact copy beside its twin), or when it duplicates an image of the earlier output
-    it was cleaned against (`against`: that picture is in the dataset already; counted as
-    `in_earlier_output`); any other drop removes a picture. Arrow only."""
+    pixels (an exact copy beside its twin), or when it duplicates an image of an earlier output
+    it was cleaned against (`against`: check_against's list; that picture is in the dataset
+    already; counted as `in_earlier_output`); any other drop removes a picture. Arrow only."""
     import pyarrow.compute as pc
 
     action = decided.column("action")
@@ -347,7 +346,9 @@ def losses(decided: pa.Table, against: str | None = None) -> dict[str, int]:
     dropped = decided.filter(pc.fill_null(pc.equal(action, "dropped"), False))
     twin = pc.fill_null(pc.is_in(dropped.column("pixel_sha256"), kept.column("pixel_sha256").combine_chunks()), False)
     earlier = pc.is_null(dropped.column("action"))  # all False
-    for prev in against_outputs(against) if against else ():
+    if isinstance(against, str):
+        raise TypeError("losses takes check_against's list of outputs, not --against's text")
+    for prev in against:
         earlier = pc.or_(earlier, pc.fill_null(pc.starts_with(dropped.column("dup_of"), f"{prev}:"), False))
     gone = dropped.filter(pc.invert(pc.or_(twin, earlier)))
     reason = pc.fill_null(gone.column("action_reason"), "")

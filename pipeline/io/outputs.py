@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -276,11 +276,13 @@ def read_catalog(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"catalog {str(p)!r} is not a memclean dataset catalog: {e}") from e
 
 
-def check_against(against: str, embedder_name: str) -> list[dict[str, Any]]:
-    """The manifests of the earlier outputs (--against), checked before any work: each must be
-    a memclean output with embeddings from the same embedder."""
-    manifests = []
-    for prev in map(Path, against_outputs(against)):
+def check_against(against: str, embedder_name: str) -> list[str]:
+    """The earlier outputs --against names (against_outputs), resolved once and checked before
+    any work: each must be a memclean output with embeddings from the same embedder. A run uses
+    this list from then on (earlier_survivors, losses, the manifest), so that a catalog a
+    concurrent drop grows mid-run cannot make its steps see different outputs."""
+    outputs = against_outputs(against)
+    for prev in map(Path, outputs):
         try:
             manifest = json.loads((prev / "manifest.json").read_text())
             pq.read_schema(prev / EMBEDDINGS)
@@ -289,16 +291,16 @@ def check_against(against: str, embedder_name: str) -> list[dict[str, Any]]:
         if manifest.get("dedup", {}).get("embedder") != embedder_name:
             raise ValueError(f"--against {str(prev)!r} was embedded with {manifest.get('dedup', {}).get('embedder')!r}, "
                              f"this run with {embedder_name!r}: they cannot be compared")
-        manifests.append(manifest)
-    return manifests
+    return outputs
 
 
-def earlier_survivors(against: str, embedder_name: str) -> tuple[list[str], np.ndarray]:
+def earlier_survivors(outputs: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Names (`output:id`, the output as --against or the catalog names it) and embeddings of the
-    kept and augmented images of the earlier outputs (--against)."""
-    check_against(against, embedder_name)
+    kept and augmented images of the earlier outputs (check_against's list)."""
+    if isinstance(outputs, str):
+        raise TypeError("earlier_survivors takes check_against's list of outputs, not --against's text")
     names, parts = [], []
-    for prev in against_outputs(against):
+    for prev in outputs:
         table = pq.read_table(Path(prev) / EMBEDDINGS)
         kept = table.filter(pc.is_in(table.column("action"), pa.array(KEPT)))
         if not kept.num_rows:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -70,13 +70,14 @@ def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder,
 
 def dedup_columns(table: pa.Table, vectors: np.ndarray | None, flipped: np.ndarray | None,
                   settings: DedupRunSettings, embedder: Embedder,
-                  index_path: Path) -> tuple[dict[str, list], Any, ChanceThreshold]:
+                  index_path: Path, against: Sequence[str] = ()) -> tuple[dict[str, list], Any, ChanceThreshold]:
     """The decision columns: duplicates dropped (keeper: first by id, no risk), the rest kept
-    (remediate.plan with --action dedup and nothing flagged); the index goes to index_path.
+    (remediate.plan with --action dedup and nothing flagged); the index goes to index_path;
+    `against`: check_against's list of earlier outputs.
     Also returns the threshold used (auto: measured on the dataset's own nearest neighbours)."""
     n, ok = table.num_rows, ok_mask(table)
     dup, index, threshold = search_duplicates(vectors, flipped, table, ok, np.zeros(n), embedder, settings.dedup,
-                                              settings.decode.device, index_path)
+                                              settings.decode.device, index_path, against=against)
     cols, _ = decision_columns(table, dup, np.zeros(n, bool), [None] * n, DEDUP_ONLY)
     return cols, index, threshold
 
@@ -89,14 +90,14 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         embedder = make_embedder(settings.dedup.embedder, None, settings.dedup.embed_size, settings.decode.device,
                                  image_side=settings.decode.image_size)
         check_faiss()  # before any embedding: the index is searched memory-mapped
-        if settings.dedup.against:
-            check_against(settings.dedup.against, embedder.name)
+        against = check_against(settings.dedup.against, embedder.name) if settings.dedup.against else []
         scratch = run.staging / "shards"
         scratch.mkdir()
         with run.stage("embed"):
             table, vectors, flipped = embed_source(source, settings, embedder, scratch, progress)
         with run.stage("dedup"):
-            cols, index, threshold = dedup_columns(table, vectors, flipped, settings, embedder, run.staging / INDEX)
+            cols, index, threshold = dedup_columns(table, vectors, flipped, settings, embedder, run.staging / INDEX,
+                                                   against)
         decided, _, cleaned_bytes = write_dataset(run, source, decided_table(table, cols), set(), SCORE, DEDUP_ONLY,
                                                   settings.output, spool=False)
         with run.stage("write_tables"):
@@ -108,9 +109,9 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
 
         def result() -> dict[str, Any]:
             m = manifest(decided, kind="dedup", run=run.record(), threshold=None, score=SCORE,
-                         dedup=dedup_record(embedder, threshold, settings.dedup, index), reference=None,
+                         dedup=dedup_record(embedder, threshold, settings.dedup, index, against), reference=None,
                          reference_path=None, model=None, data={"path": source.path, "kind": source.kind},
                          settings=settings.flat(), scoring={}, cache_dir=None, out=str(run.out),
                          image_bytes={"cleaned": cleaned_bytes})
             return {**m, "decode": {"channels": spec.channels, "sample_size": list(spec.size)}}
-        return commit_with_report(run, source, spec, decided, SCORE, result, settings.guard, settings.dedup.against)
+        return commit_with_report(run, source, spec, decided, SCORE, result, settings.guard, against)

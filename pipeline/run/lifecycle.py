@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +66,7 @@ class RunContext:
     changed: set[str] = field(default_factory=set)  # inputs whose bytes changed since scoring (read_verified)
     precision: list[float] = field(default_factory=list)  # the judged score's noise ratio after each pass
     dup_threshold: ChanceThreshold | None = None  # the duplicate threshold decide used, and how it was set
+    against: list[str] = field(default_factory=list)  # the earlier outputs --against names, resolved once
 
     @property
     def staging(self) -> Path:
@@ -98,9 +99,8 @@ def start_run(settings: RunSettings) -> RunContext:
             discover(settings.flag.reference, settings.input.image_column)
         embedder = resources().embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
         check_faiss()  # before any scoring: the index is searched memory-mapped
-        if settings.dedup.against:
-            check_against(settings.dedup.against, embedder.name)
-        return RunContext(settings, source, model, embedder, run)
+        against = check_against(settings.dedup.against, embedder.name) if settings.dedup.against else []
+        return RunContext(settings, source, model, embedder, run, against=against)
     except BaseException:
         run.abort()
         raise
@@ -192,9 +192,10 @@ def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference:
 
 def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
                       risk: np.ndarray, embedder: Embedder, dedup: DedupSettings, device: str, index_path: Path,
-                      reference: Scored | None = None) -> tuple[dict[str, list], Any, ChanceThreshold]:
+                      reference: Scored | None = None,
+                      against: Sequence[str] = ()) -> tuple[dict[str, list], Any, ChanceThreshold]:
     """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then an
-    earlier output's with --against), the index over the ok rows' vectors, written to
+    earlier output's with --against: `against`, check_against's list), the index over the ok rows' vectors, written to
     index_path (the output's index.faiss) and memory-mapped from it, and the threshold used:
     --dup-threshold, or with auto the chance level measured on the reference's embedded rows
     (else on the dataset's own) and the threshold above it (decide/chance.py)."""
@@ -218,18 +219,20 @@ def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa
     threshold = given.value
     cols = duplicate_columns(vectors, flipped, table.column("id"), table.column("pixel_sha256"), risk, ok,
                              threshold, embedder, index, views)
-    if dedup.against:
-        earlier_ids, earlier = earlier_survivors(dedup.against, embedder.name)
+    if against:
+        earlier_ids, earlier = earlier_survivors(against)
         mark_earlier_duplicates(cols, ok, vectors, earlier_ids, earlier, threshold, embedder, device, views)
     return cols, index, given
 
 
-def dedup_record(embedder: Embedder, threshold: ChanceThreshold, dedup: DedupSettings, index) -> dict[str, Any]:
-    """The manifest's `dedup` section, less the cluster counts (manifest.dedup_section adds them)."""
+def dedup_record(embedder: Embedder, threshold: ChanceThreshold, dedup: DedupSettings, index,
+                 against: Sequence[str] = ()) -> dict[str, Any]:
+    """The manifest's `dedup` section, less the cluster counts (manifest.dedup_section adds them):
+    `against` as given, `against_outputs` the earlier outputs it resolved to (check_against)."""
     return {"embedder": embedder.name, "threshold": threshold.value, "threshold_chosen": threshold.to_dict(),
             "flip": dedup.dedup_flip, "index": type(index).__name__ if index is not None else None,
             "index_on_gpu": bool(index is not None and on_gpu(index)),
-            "threshold_meaning": THRESHOLD_MEANING, "against": dedup.against}
+            "threshold_meaning": THRESHOLD_MEANING, "against": dedup.against, "against_outputs": list(against)}
 
 
 def decision_columns(table: pa.Table, dup: dict[str, list], flagged: np.ndarray, flag_reason: list[str | None],
@@ -268,7 +271,8 @@ def decide(ctx: RunContext, scored: Scored, reference: Scored | None) -> tuple[d
     uncertain = [bool(u) if o and np.isfinite(e) else None for u, o, e in zip(near, ok, j.se)]
     vectors = scored.vectors if s.remediation.dedups else None
     dup, index, ctx.dup_threshold = search_duplicates(vectors, scored.flipped, table, ok, j.values, ctx.embedder,
-                                                      s.dedup, s.model.device, ctx.staging / INDEX, reference)
+                                                      s.dedup, s.model.device, ctx.staging / INDEX, reference,
+                                                      ctx.against)
     reasons = [threshold.reason(v, s.flag.score) if f else None for v, f in zip(j.values, flagged)]
     cols, augment = decision_columns(table, dup, flagged, reasons, s.remediation, j.columns, uncertain)
     return cols, threshold, augment, index, j
@@ -343,7 +347,7 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
 def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, reference: pa.Table | None,
                  index) -> dict[str, Any]:
     s = ctx.settings
-    dedup = dedup_record(ctx.embedder, ctx.dup_threshold, s.dedup, index)
+    dedup = dedup_record(ctx.embedder, ctx.dup_threshold, s.dedup, index, ctx.against)
     precision = {"passes": len(ctx.precision), "noise_ratio_after_each": ctx.precision,
                  "target": s.flag.precision_target}
     return manifest(decided, kind="clean", run=ctx.run.record(), threshold=threshold.to_dict(), score=s.flag.score,
@@ -360,7 +364,7 @@ class PlanRefused(ValueError):
 
 def commit_with_report(run: StagedRun, source: Source, spec: ImageSpec, decided: pa.Table, score: str,
                        result: Callable[[], dict[str, Any]], guard: GuardSettings,
-                       against: str | None = None) -> dict[str, Any]:
+                       against: Sequence[str] = ()) -> dict[str, Any]:
     """manifest.json (from `result`, with the pictures the decisions remove, once before the
     report, which reads it, and once after, with the report's timing), the report, scratch
     removed, and the commit; or, past the guard, the plan set aside in OUT.plan and PlanRefused."""
@@ -400,7 +404,7 @@ def finish_run(ctx: RunContext, scored: dict[str, Scored]) -> dict[str, Any]:
                             index)
     return commit_with_report(ctx.run, ctx.source, ctx.spec, decided, ctx.settings.flag.score,
                               lambda: run_manifest(ctx, decided, threshold, ref_table, index), ctx.settings.guard,
-                              ctx.settings.dedup.against)
+                              ctx.against)
 
 
 def run_clean(settings: RunSettings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
