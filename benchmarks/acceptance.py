@@ -41,9 +41,9 @@ from benchmarks.dup_threshold import digits_second, load_digits, planted_truth  
 from benchmarks.near_duplicates import pair_stats  # noqa: E402
 from benchmarks.results import hardware, publish  # noqa: E402
 
-SETS = {"digits": (REPO / "examples/digits", REPO / "examples/model"),
+SETS = {"digits": (REPO / "examples/digits", REPO / "examples/model"),  # (data folder, model): the evidence sets
         "digits2": (None, None),  # made under --cache by second_digits
-        "photos": (REPO / "examples/photos", REPO / "examples/photo-model")}
+        "photos": (REPO / "examples/photos", REPO / "examples/photo-model")}  # every benchmark reads them here
 MEMCLEAN = str(REPO / ".venv/bin/memclean")
 
 
@@ -69,6 +69,15 @@ def second_digits(cache: Path, wheels: Path) -> tuple[Path, Path, dict[str, int]
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
     return root, model, truth, seconds
+
+
+def set_paths(name: str, cache: Path, wheels: Path) -> tuple[Path, Path]:
+    """(data folder with train/ and heldout/, model) of an evidence set; digits2 is made (and
+    its model trained) once under `cache`, from scikit-learn or its wheel in `wheels`."""
+    if name == "digits2":
+        data, model, _, _ = second_digits(cache, wheels)
+        return data, model
+    return SETS[name]
 
 
 def write_planted(path: Path, truth: dict[str, int], exact) -> None:

@@ -28,9 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.acceptance import second_digits  # noqa: E402
+from benchmarks.acceptance import SETS, set_paths  # noqa: E402
 from benchmarks.results import hardware, publish  # noqa: E402
-from benchmarks.scores import BATCH, SETS, images  # noqa: E402
+from benchmarks.scores import BATCH, images  # noqa: E402
 from pipeline.score.models import load_model  # noqa: E402
 from pipeline.score.scoring import image_spec, loss_images, score_images  # noqa: E402
 from pipeline.score.volume import STAGES, ScorerSettings  # noqa: E402
@@ -116,11 +116,8 @@ def main() -> None:
     t0 = time.time()
     results = []
     for name in args.sets:
-        if name == "digits2":
-            data, model, _, _ = second_digits(args.cache, args.wheels)
-        else:
-            model, data = REPO / SETS[name][0], REPO / SETS[name][1]
-        results.append(measure(name, Path(model), Path(data), args.rounds))
+        data, model = set_paths(name, args.cache, args.wheels)
+        results.append(measure(name, model, data, args.rounds))
         print(results[-1], flush=True)
     publish("cost", "The default score's cost against V alone: `benchmarks/cost.py`",
             report(results, time.time() - t0), write=not args.no_write)

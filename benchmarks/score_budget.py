@@ -40,6 +40,7 @@ from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.acceptance import SETS  # noqa: E402
 from benchmarks.results import hardware, publish  # noqa: E402
 from benchmarks.scores import images, planted_ids  # noqa: E402
 from pipeline.decide.scores import calibrate, judged  # noqa: E402
@@ -66,9 +67,8 @@ def evidence_set(name: str, cache: Path) -> tuple[Path, Path, set[str]] | None:
             return None
         return cache / "digits2-model", cache / "digits2", {k for k, g in json.loads(truth.read_text()).items()
                                                              if g != -1}
-    model, data = {"digits": ("examples/model", "examples/digits"), "photos": ("examples/photo-model",
-                                                                              "examples/photos")}[name]
-    return REPO / model, REPO / data, planted_ids(REPO / data)
+    data, model = SETS[name]
+    return model, data, planted_ids(data)
 
 
 def batches(x: torch.Tensor):
@@ -190,7 +190,7 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="+", default=["digits", "digits2", "photos"])
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/memclean-bench")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.acceptance import second_digits  # noqa: E402
+from benchmarks.acceptance import SETS, set_paths  # noqa: E402
 from benchmarks.evidence import planted, planted_groups, training_recipe  # noqa: E402
 from benchmarks.results import hardware, write_section  # noqa: E402
 from pipeline.decide.flagging import FlagSettings  # noqa: E402
@@ -53,8 +53,6 @@ from pipeline.score.scoring import image_spec, loss_images, score_images  # noqa
 from pipeline.score.volume import DEFAULT_LOSS_T, ScorerSettings  # noqa: E402
 from pipeline.tools.evaluate import generate, memorized, roc_auc, tpr_at_fpr  # noqa: E402
 
-SETS = {"digits": ("examples/model", "examples/digits"), "digits2": (None, None),  # made under --cache
-        "photos": ("examples/photo-model", "examples/photos")}
 LOSS_TIMES = (0.02, 0.05, 0.1, 0.2, 0.4)  # the loss's time, swept
 BATCH = 64
 
@@ -299,10 +297,7 @@ def main() -> None:
     t0 = time.time()
     results = json.loads(args.from_json.read_text())["results"] if args.from_json else []
     for name in args.sets:
-        if name == "digits2":
-            data, model, _, _ = second_digits(args.cache, args.wheels)
-        else:
-            model, data = REPO / SETS[name][0], REPO / SETS[name][1]
+        data, model = set_paths(name, args.cache, args.wheels)
         results.append(measure(name, model, data, args.samples))
         shown = {k: v for k, v in results[-1].items() if k not in ("training", "per_image")}
         print(json.dumps(shown, indent=1, default=str), flush=True)

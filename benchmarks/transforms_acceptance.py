@@ -24,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.acceptance import SETS as EVIDENCE_SETS  # noqa: E402
 from benchmarks.results import hardware, publish  # noqa: E402
 from pipeline.decide.flagging import Threshold, accept  # noqa: E402
 from pipeline.decide.remediate import rescore, to_array, to_image  # noqa: E402
@@ -35,7 +36,7 @@ from pipeline.run.resources import resources  # noqa: E402
 from pipeline.run.settings import RunSettings  # noqa: E402
 from pipeline.score.scoring import image_spec  # noqa: E402
 
-SETS = {"digits": ("examples/digits", "examples/model"), "photos": ("examples/photos", "examples/photo-model")}
+SETS = {name: paths for name, paths in EVIDENCE_SETS.items() if name != "digits2"}  # the shipped sets
 
 
 def single_transforms():
@@ -66,8 +67,8 @@ def apply(op, arr: np.ndarray, seed: int) -> np.ndarray:
 
 def measure(name: str, seeds: int, work: Path) -> list[str]:
     data, model_dir = SETS[name]
-    settings = RunSettings.from_flat({"data": str(REPO / data / "train"), "reference": str(REPO / data / "heldout"),
-                                      "model": str(REPO / model_dir), "out": str(work / name), "no_cache": True})
+    settings = RunSettings.from_flat({"data": str(data / "train"), "reference": str(data / "heldout"),
+                                      "model": str(model_dir), "out": str(work / name), "no_cache": True})
     manifest = run_clean(settings)
     table = pq.read_table(work / name / "scores.parquet")
     reference = pq.read_table(work / name / "reference_scores.parquet")
@@ -80,7 +81,7 @@ def measure(name: str, seeds: int, work: Path) -> list[str]:
     model = resources().model(settings.model)
     spec = image_spec(model, settings.input.max_pixels, settings.input.min_size)
     tried = set(r["id"] for r in table.select(["id", "augment_tries"]).to_pylist() if r["augment_tries"] is not None)
-    images = {item.id: to_array(open_image(item.read(), spec)) for item in discover(str(REPO / data / "train"))
+    images = {item.id: to_array(open_image(item.read(), spec)) for item in discover(str(data / "train"))
               if item.id in tried}
     lines = []
     for label, op in single_transforms().items():

@@ -1,14 +1,14 @@
 """The benchmarks' own helpers, whose figures RESULTS.md reports: a continued model's recipe, the
-planted listing, the paired bootstrap, the loss's noise designs and the cost benchmark's ratios.
+planted listing, the evidence sets' one table, the paired bootstrap, the loss's noise designs and the cost benchmark's ratios.
 Exact answers only (no tolerance: these are bookkeeping, exact sign flips or copies of float64
 noises, and quotients of exact binary times, which IEEE division rounds alike on any machine)."""
 import numpy as np
 import torch
 
-from benchmarks.acceptance import write_planted
+from benchmarks.acceptance import SETS, set_paths, write_planted
 from benchmarks.cost import ARMS, passes, round_orders, summarize
 from benchmarks.evidence import planted, planted_groups, runs_of, training_recipe
-from benchmarks.score_budget import DESIGNS_DRAWN, design_noises
+from benchmarks.score_budget import DESIGNS_DRAWN, design_noises, evidence_set
 from benchmarks.scores import bootstrap_margin
 from pipeline.score.loss import loss_noises
 
@@ -74,3 +74,18 @@ def test_the_cost_benchmark_takes_each_rounds_own_ratio_and_counts_the_defaults_
     assert round_orders(3) == [ARMS, ARMS[::-1], ARMS]
     # heun over 8 steps: 16 drift evaluations, each a forward and a backward; the loss: 16 forwards
     assert passes() == {"V alone": 32, "the loss alone": 16, "V and the loss": 48}
+
+
+def test_every_benchmark_reads_the_evidence_sets_from_one_table(tmp_path):
+    """acceptance.SETS is the one list: the shipped sets resolve to folders with train/ and
+    heldout/ beside a diffusers checkpoint, whichever benchmark asks (digits2 is made under the
+    cache, so only its absence is checked here: score_budget skips a set not made)."""
+    from benchmarks import transforms_acceptance
+
+    for name in ("digits", "photos"):
+        data, model = set_paths(name, tmp_path, tmp_path)
+        assert (data, model) == SETS[name] == transforms_acceptance.SETS[name]
+        assert (data / "train").is_dir() and (data / "heldout").is_dir() and (model / "model_index.json").is_file()
+        found = evidence_set(name, tmp_path)
+        assert found[:2] == (model, data) and found[2] == set(planted(data / "train"))
+    assert "digits2" in SETS and evidence_set("digits2", tmp_path) is None
