@@ -108,6 +108,22 @@ def test_folder_discovery_is_recursive_sorted_and_filters_suffixes(tmp_path):
         discover(tmp_path / "missing")
 
 
+
+@pytest.mark.parametrize("files,named", [
+    (["a.png", "shards/00000.tar"], "both image files and WebDataset .tar shards"),
+    (["a.png", "cache/data.arrow"], "both image files and Arrow files"),
+    (["part.parquet", "00000.tar"], "both Parquet files and WebDataset .tar shards"),
+    (["a.png", "t.parquet", "x.arrow", "y.tar"], "image files, Parquet files, Arrow files and WebDataset .tar shards")])
+def test_a_folder_of_two_kinds_is_refused_not_read_as_one(tmp_path, files, named):
+    """A folder holding images beside .tar shards (or any two kinds) read as one kind would leave
+    the other's images out of the run without a word: it is refused, naming what it holds."""
+    for name in files:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(ValueError, match=f"holds {named}: memclean reads one kind per source"):
+        discover(tmp_path)
+
+
 # ---- sources and a hostile corpus ----------------------------------------------------------
 
 def hostile_folder(root):

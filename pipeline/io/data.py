@@ -33,6 +33,8 @@ from pipeline.io import webdataset
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+FOLDER_KINDS = {"folder": "image files", "parquet": "Parquet files", "arrow": "Arrow files",
+                "webdataset": "WebDataset .tar shards"}  # what a folder may hold, one kind per source
 
 
 class Rejected(Exception):
@@ -366,23 +368,23 @@ class Source:
     def _folder_kind(self) -> str:
         """What a folder holds, from one walk of its file names: a datasets folder (save_to_disk)
         or Arrow files, WebDataset shards, Parquet, or images (symlinked folders are followed for
-        images only when the walk saw none); or an error saying what it holds instead."""
+        images only when the walk saw none); or an error saying what it holds instead, and when it
+        holds more than one of these kinds (reading one would leave the others' images out)."""
         if is_datasets_folder(self.path):
             return "arrow"
         found = _suffixes(self.path)
-        has_images = bool(found & IMAGE_SUFFIXES) or any(self._images_in_folder())
-        has_parquet, others = ".parquet" in found, has_images or ".parquet" in found
-        if ".arrow" in found and not others:
-            return "arrow"  # a folder of Arrow files
-        if ".tar" in found and not others and ".arrow" not in found:
-            return "webdataset"  # a folder of shards
-        if has_parquet and has_images:
-            raise ValueError(f"data folder {self.path!r} holds both image files and Parquet files: memclean reads "
-                             "one kind per source; point --data at a folder of images or at the Parquet file(s)")
-        if not has_parquet and not has_images:
+        kinds = {"folder": bool(found & IMAGE_SUFFIXES) or any(self._images_in_folder()),
+                 "parquet": ".parquet" in found, "arrow": ".arrow" in found, "webdataset": ".tar" in found}
+        present = [kind for kind, held in kinds.items() if held]
+        if len(present) > 1:  # reading one kind would leave the others' images out, unsaid
+            named = [FOLDER_KINDS[kind] for kind in present]
+            listed = f"both {named[0]} and {named[1]}" if len(named) == 2 else ", ".join(named[:-1]) + f" and {named[-1]}"
+            raise ValueError(f"data folder {self.path!r} holds {listed}: memclean reads one kind per source and "
+                             "would leave the others out; point --data at the folder (or files) of one kind")
+        if not present:
             raise ValueError(f"data folder {self.path!r} holds no image (no {', '.join(sorted(IMAGE_SUFFIXES))} "
-                             f"file and no Parquet file): {holdings(self.path)}")
-        return "parquet" if has_parquet else "folder"
+                             f"file and no Parquet, Arrow or .tar file): {holdings(self.path)}")
+        return present[0]
 
     def _images_in_folder(self) -> Iterator[Item]:
         return folder_items(self.path)
