@@ -104,6 +104,11 @@ def test_folder_discovery_is_recursive_sorted_and_filters_suffixes(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert [i.id for i in discover(tmp_path)] == ["a.JPG", "b.png", "sub/c.webp"]
+    for name in ["sub/d.PPM", "sub/e.ppm", "README"]:  # Pillow reads .ppm, memclean's folders do not
+        (tmp_path / name).write_bytes(b"x")
+    record = discover(tmp_path).record()  # the manifest's `data`: what the run left, said
+    assert record == {"path": str(tmp_path), "kind": "folder",
+                      "skipped_files": {"(no extension)": 1, ".ppm": 2, ".txt": 1}}
     with pytest.raises(ValueError, match="does not exist"):
         discover(tmp_path / "missing")
 

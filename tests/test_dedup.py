@@ -84,6 +84,7 @@ def test_against_an_earlier_output_and_refusals(drop, capsys):
     dedup(root, "first")
     rows, m = dedup(root, "second", "--against", str(root / "first"))
     # the same drop again: every decodable image duplicates a kept image of the first output
+    assert m["data"] == {"path": str(root / "train"), "kind": "folder", "skipped_files": {}}
     assert m["counts"]["kept"] == 0 and all(r["dup_of"] for r in rows.values() if r["status"] == "ok")
     assert any(r["dup_of"].startswith(str(root / "first") + ":") for r in rows.values() if r["dup_of"])
     out = root / "third"

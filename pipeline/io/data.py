@@ -137,6 +137,24 @@ def folder_items(root: str | os.PathLike) -> Iterator[Item]:
     Symlinked folders are followed once each (a folder loop is logged and not re-entered).
     """
     root = os.fspath(root)
+    for path in _folder_files(root):
+        if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+            yield _file_item(display_path(os.path.relpath(path, root)).replace(os.sep, "/"), path)
+
+
+def folder_skipped(root: str | os.PathLike) -> dict[str, int]:
+    """The files below a folder source that are not read as images (captions, .ppm, ...), by
+    lower-case extension: the same walk as folder_items, for the manifest to say what it left."""
+    counts: dict[str, int] = {}
+    for path in _folder_files(os.fspath(root)):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in IMAGE_SUFFIXES:
+            counts[ext or "(no extension)"] = counts.get(ext or "(no extension)", 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _folder_files(root: str) -> Iterator[str]:
+    """Every file below `root`, sorted, symlinked folders followed once each (a loop is logged)."""
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -147,9 +165,7 @@ def folder_items(root: str | os.PathLike) -> Iterator[Item]:
         seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                path = os.path.join(dirpath, name)
-                yield _file_item(display_path(os.path.relpath(path, root)).replace(os.sep, "/"), path)
+            yield os.path.join(dirpath, name)
 
 
 def list_items(list_file: str | os.PathLike) -> Iterator[Item]:
@@ -388,6 +404,15 @@ class Source:
 
     def _images_in_folder(self) -> Iterator[Item]:
         return folder_items(self.path)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's `data`: path, kind and, for a folder, the files it holds that were not
+        read as images (`skipped_files`, by extension; logged when there are any)."""
+        skipped = folder_skipped(self.path) if self.kind == "folder" else {}
+        if skipped:
+            log.warning("data folder %s: %d files not read as images (not %s): %s", display_path(self.path),
+                        sum(skipped.values()), "/".join(sorted(IMAGE_SUFFIXES)), skipped)
+        return {"path": self.path, "kind": self.kind, "skipped_files": skipped}
 
     def __iter__(self) -> Iterator[Item]:
         if self.kind == "folder":

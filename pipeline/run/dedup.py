@@ -110,7 +110,7 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         def result() -> dict[str, Any]:
             m = manifest(decided, kind="dedup", run=run.record(), threshold=None, score=SCORE,
                          dedup=dedup_record(embedder, threshold, settings.dedup, index, against), reference=None,
-                         reference_path=None, model=None, data={"path": source.path, "kind": source.kind},
+                         reference_path=None, model=None, data=source.record(),
                          settings=settings.flat(), scoring={}, cache_dir=None, out=str(run.out),
                          image_bytes={"cleaned": cleaned_bytes})
             return {**m, "decode": {"channels": spec.channels, "sample_size": list(spec.size)}}

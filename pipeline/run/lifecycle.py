@@ -352,7 +352,7 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
                  "target": s.flag.precision_target}
     return manifest(decided, kind="clean", run=ctx.run.record(), threshold=threshold.to_dict(), score=s.flag.score,
                     dedup=dedup, reference=reference, reference_path=s.flag.reference, model=ctx.model.record(),
-                    data={"path": ctx.source.path, "kind": ctx.source.kind}, settings=s.flat(),
+                    data=ctx.source.record(), settings=s.flat(),
                     scoring=ctx.scoring, cache_dir=s.cache.root, out=str(ctx.run.out), image_bytes=ctx.image_bytes,
                     precision=precision)
 
