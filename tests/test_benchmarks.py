@@ -1,5 +1,6 @@
 """The benchmarks' own helpers, whose figures RESULTS.md reports: a continued model's recipe, the
-planted listing, the evidence sets' one table, the paired bootstrap, the loss's noise designs and the cost benchmark's ratios.
+planted listing, the evidence sets' one table, the paired bootstrap, the loss's noise designs and
+the cost benchmark's ratios.
 Exact answers only (no tolerance: these are bookkeeping, exact sign flips or copies of float64
 noises, and quotients of exact binary times, which IEEE division rounds alike on any machine)."""
 import numpy as np

@@ -17,7 +17,7 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -145,12 +145,17 @@ def folder_items(root: str | os.PathLike) -> Iterator[Item]:
 def folder_skipped(root: str | os.PathLike) -> dict[str, int]:
     """The files below a folder source that are not read as images (captions, .ppm, ...), by
     lower-case extension: the same walk as folder_items, for the manifest to say what it left."""
+    return dict(sorted(_extension_counts(p for p in _folder_files(os.fspath(root))
+                                         if os.path.splitext(p)[1].lower() not in IMAGE_SUFFIXES).items()))
+
+
+def _extension_counts(paths: Iterable[str]) -> dict[str, int]:
+    """How many of `paths` have each lower-case extension ('(no extension)' for none)."""
     counts: dict[str, int] = {}
-    for path in _folder_files(os.fspath(root)):
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in IMAGE_SUFFIXES:
-            counts[ext or "(no extension)"] = counts.get(ext or "(no extension)", 0) + 1
-    return dict(sorted(counts.items()))
+    for path in paths:
+        ext = os.path.splitext(path)[1].lower() or "(no extension)"
+        counts[ext] = counts.get(ext, 0) + 1
+    return counts
 
 
 def _folder_files(root: str) -> Iterator[str]:
@@ -405,14 +410,19 @@ class Source:
     def _images_in_folder(self) -> Iterator[Item]:
         return folder_items(self.path)
 
-    def record(self) -> dict[str, Any]:
-        """The manifest's `data`: path, kind and, for a folder, the files it holds that were not
-        read as images (`skipped_files`, by extension; logged when there are any)."""
+    @cached_property
+    def skipped(self) -> dict[str, int]:
+        """A folder's files that are not read as images, by extension (folder_skipped): walked
+        once, when a run first asks (at its start), and logged then when there are any."""
         skipped = folder_skipped(self.path) if self.kind == "folder" else {}
         if skipped:
             log.warning("data folder %s: %d files not read as images (not %s): %s", display_path(self.path),
                         sum(skipped.values()), "/".join(sorted(IMAGE_SUFFIXES)), skipped)
-        return {"path": self.path, "kind": self.kind, "skipped_files": skipped}
+        return skipped
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's `data`: path, kind and `skipped_files` (self.skipped)."""
+        return {"path": self.path, "kind": self.kind, "skipped_files": self.skipped}
 
     def __iter__(self) -> Iterator[Item]:
         if self.kind == "folder":
@@ -469,11 +479,7 @@ HINTS = {".npy": "NumPy arrays?", ".npz": "NumPy arrays?", ".csv": "a table of p
 
 def holdings(folder: str) -> str:
     """What a folder does hold, for an error: '12 .arrow files (a datasets folder ...?), 1 .json file'."""
-    counts: dict[str, int] = {}
-    for _, _, files in os.walk(folder):
-        for name in files:
-            ext = os.path.splitext(name)[1].lower() or "(no extension)"
-            counts[ext] = counts.get(ext, 0) + 1
+    counts = _extension_counts(name for _, _, files in os.walk(folder) for name in files)
     if not counts:
         return "it is empty"
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:6]

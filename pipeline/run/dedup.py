@@ -86,6 +86,7 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
     """The duplicate search into settings.output.out; returns the manifest."""
     with StagedRun(settings.output.out, settings.output.overwrite) as run:
         source = discover(settings.input.data, settings.input.image_column)
+        source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         spec = settings.decode.spec(settings.input)
         embedder = make_embedder(settings.dedup.embedder, None, settings.dedup.embed_size, settings.decode.device,
                                  image_side=settings.decode.image_size)

@@ -95,6 +95,7 @@ def start_run(settings: RunSettings) -> RunContext:
     try:
         model = resources().model(settings.model)  # first: a wrong --model fails before any input is counted
         source = discover(settings.input.data, settings.input.image_column)
+        source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         if settings.flag.reference:
             discover(settings.flag.reference, settings.input.image_column)
         embedder = resources().embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
@@ -194,9 +195,9 @@ def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa
                       risk: np.ndarray, embedder: Embedder, dedup: DedupSettings, device: str, index_path: Path,
                       reference: Scored | None = None,
                       against: Sequence[str] = ()) -> tuple[dict[str, list], Any, ChanceThreshold]:
-    """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then an
-    earlier output's with --against: `against`, check_against's list), the index over the ok rows' vectors, written to
-    index_path (the output's index.faiss) and memory-mapped from it, and the threshold used:
+    """dup_cluster, dup_of and dup_similarity of every row (this table's clusters, then the
+    earlier outputs' in `against`, check_against's list), the index over the ok rows' vectors,
+    written to index_path (the output's index.faiss) and memory-mapped from it, and the threshold used:
     --dup-threshold, or with auto the chance level measured on the reference's embedded rows
     (else on the dataset's own) and the threshold above it (decide/chance.py)."""
     n = table.num_rows
