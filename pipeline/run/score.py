@@ -3,6 +3,7 @@ one row per input (ok or rejected), written as a staged run (run/staged.py): loc
 moved into place whole; the run's timings and memory are in the file's metadata."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from pipeline import __version__
@@ -11,6 +12,7 @@ from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
 from pipeline.run.resources import resources
 from pipeline.run.settings import ScoreSettings
 from pipeline.run.staged import StagedRun
+from pipeline.score.ready import ready
 from pipeline.score.scoring import image_spec, score_items
 
 
@@ -20,6 +22,8 @@ def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | 
         model = resources().model(settings.model)  # first: a wrong --model fails before any input is counted
         source = discover(settings.input.data, settings.input.image_column)
         spec = image_spec(model, settings.input.max_pixels, settings.input.min_size)
+        with run.stage("compile"):  # the batch size resolved, the network compiled (score/ready.py)
+            settings = replace(settings, model=ready(model, settings.model, settings.scorer))
         metadata = {"settings": settings.flat(), "memclean_version": __version__, "model": model.record()}
         rejected = 0
         writer = AtomicParquetWriter(run.target, SCORE_SCHEMA, metadata)

@@ -20,6 +20,7 @@ from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
 from pipeline.score.cache import ScoreCache, namespace
 from pipeline.score.models import LoadedModel
+from pipeline.score.ready import ready
 from pipeline.score.scoring import image_spec, score_batch
 from pipeline.score.volume import SCORER_VERSION
 
@@ -42,9 +43,11 @@ class ScoreJob:
 
 
 def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreCache | None]:
-    """The model, embedder, input spec and cache of a job (loaded once per process)."""
+    """The model (ready at the job's batch: compiled once per process where --compile says so),
+    embedder, input spec and cache of a job (loaded once per process)."""
     s = job.settings
     model = resources().model(s.model)
+    ready(model, s.model, s.scorer)
     embedder = resources().embedder(s.dedup.embedder, model, s.dedup.embed_size, s.model.device)
     spec = image_spec(model, s.input.max_pixels, s.input.min_size)
     cache = None

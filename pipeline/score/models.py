@@ -43,6 +43,8 @@ AUTOENCODER_NAMES = ("vqvae", "vae")  # the component names pipelines give them
 CONDITIONING = ("text_encoder", "tokenizer", "text_encoder_2", "image_encoder", "feature_extractor")
 DATA_RANGES = {"signed": (-1.0, 1.0), "unit": (0.0, 1.0)}  # --data-range choices besides auto
 FAMILY_RANGE = {"vp": "signed", "ve": "unit"}  # DDPM-style models see [-1, 1]; score_sde's VE (NCSN++) [0, 1]
+CPU_BATCH = 16  # the CPU's default --batch-size
+COMPILE_CHOICES = ("auto", "on", "off")
 LIMITS = {"sample_size": 8192, "in_channels": 64, "out_channels": 128, "layers_per_block": 64, "block_out_channels": 16384}
 
 
@@ -58,12 +60,17 @@ class ModelSettings:
                               "[0, 1]), signed [-1, 1] or unit [0, 1]; V, log p and bits/dim are for the image in it",
                               choices=("auto", "signed", "unit"))
     device: str = setting("cpu", f"the model: {DEVICE_HELP}")
-    batch_size: int = setting(16, "images decoded and solved together (throughput grows with it)")
+    batch_size: int | None = setting(None, "images decoded and solved together (throughput grows with it); default: "
+                                     f"{CPU_BATCH} on the CPU, on CUDA the largest power of two that fits the device "
+                                     "(measured once per run, at most the shard size; the manifest records it)")
+    compile: str = setting("auto", "torch.compile the network (inductor), in batches of exactly --batch-size (the last "
+                           "padded) so that a run compiles once: auto (on for CUDA, off on the CPU, where it was "
+                           "measured no faster: RESULTS.md), on, off", choices=COMPILE_CHOICES)
 
     def __post_init__(self) -> None:
-        check_choices(self)  # data_range
+        check_choices(self)  # data_range, compile
         check_device(self.device)
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
@@ -369,15 +376,44 @@ class DiffusersScore(torch.nn.Module):
         self.data_range = data_range  # the range of the images the model was trained on
         # bits/dim's offset: 8-bit bins in the data range (bits_offset), or 0 for a continuous latent
         self.bits_offset = bits_offset(data_range) if bits_per_dim_offset is None else bits_per_dim_offset
+        self.compiled: torch.nn.Module | None = None  # torch.compile(unet), once `compile` is called
+        self.rows: int | None = None  # the compiled network's fixed batch
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def compile(self, rows: int) -> None:
+        """Run the network through torch.compile (inductor, static shapes) from now on, always on
+        exactly `rows` images at a time: a run compiles one graph with gradients (V's VJPs) and
+        one without (the loss), whatever its batches hold. Calling it again with other rows
+        recompiles once for the new shape."""
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, got {rows}")
+        if self.compiled is None:
+            self.compiled = torch.compile(self.unet, dynamic=False)
+        self.rows = rows
+
+    def network(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for x [N, C, H, W] at timesteps [N]: eagerly, or compiled in chunks of
+        exactly `rows` images, the last padded with copies of its last image and the padding's
+        outputs dropped (images are independent: the network normalises per sample)."""
+        if self.compiled is None:
+            return self.unet(x, timestep).sample
+        outs = []
+        for start in range(0, x.shape[0], self.rows):
+            xc, tc = x[start:start + self.rows], timestep[start:start + self.rows]
+            n = xc.shape[0]
+            if n < self.rows:
+                xc = torch.cat([xc, xc[-1:].expand(self.rows - n, *xc.shape[1:])])
+                tc = torch.cat([tc, tc[-1:].expand(self.rows - n)])
+            outs.append(self.compiled(xc, tc).sample[:n])
+        return torch.cat(outs)
+
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # float32 whatever the network's dtype: an fp16 timestep rounds to 0.5 near 999
         timestep = self.schedule.timestep(t).to(torch.float32).expand(x.shape[0]).to(x.device)
-        out = self.unet(x.to(self.dtype), timestep).sample.to(x.dtype)[:, :x.shape[1]]
+        out = self.network(x.to(self.dtype), timestep).to(x.dtype)[:, :x.shape[1]]
         if isinstance(self.schedule, VESchedule):
             return out
         sigma = self.schedule.sigma(t).to(x.dtype)
@@ -401,6 +437,7 @@ class LoadedModel:
     checkpoint: Checkpoint
     scheduler_class: str  # e.g. DDPMScheduler
     encoder: LatentEncoder | None = None  # latent pipelines: image -> the UNet's latent
+    warmed: tuple | None = None  # (batch, precision) the compiled network's graphs were built for (score/ready.py)
 
     @property
     def data_range(self) -> tuple[float, float]:
