@@ -62,11 +62,12 @@ def images(folder: Path, spec) -> tuple[list[str], torch.Tensor]:
     return [d.item.id for d in ds], torch.stack([d.pixels for d in ds])
 
 
-def score_all(model, x: torch.Tensor, settings: ScorerSettings) -> dict[str, np.ndarray]:
-    """Every column a clean run keeps (and V's profile over window starts), batch by batch."""
+def score_all(model, x: torch.Tensor, settings: ScorerSettings, device: str = "cpu",
+              batch: int = BATCH) -> dict[str, np.ndarray]:
+    """Every column a clean run keeps (and V's profile over window starts), batch by batch on `device`."""
     parts: dict[str, list] = {}
-    for start in range(0, len(x), BATCH):
-        xb = x[start:start + BATCH]
+    for start in range(0, len(x), batch):
+        xb = x[start:start + batch].to(device)
         v, loss = score_images(model, xb, settings), loss_images(model, xb, settings)
         cols = {"log_volume_growth": v.log_volume_growth, "log_volume_growth_se": v.log_volume_growth_se,
                 "logp": v.logp, "window_volume_growth": v.window_volume_growth,

@@ -103,6 +103,7 @@ class Decoded:
     reject_detail: str = ""
     pixel_sha256: str | None = None  # of the decoded full-size pixels in the model's mode
     original_size: tuple[int, int] | None = None  # (W, H) after EXIF orientation
+    complexity: float | None = None  # the lossless code length, when worked out ahead (score.scoring.prepared)
 
 
 def display_path(path: str | bytes) -> str:

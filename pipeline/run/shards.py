@@ -21,7 +21,7 @@ from pipeline.run.settings import RunSettings
 from pipeline.score.cache import ScoreCache, namespace
 from pipeline.score.models import LoadedModel
 from pipeline.score.ready import ready
-from pipeline.score.scoring import image_spec, score_batch
+from pipeline.score.scoring import image_spec, prepared, score_batch
 from pipeline.score.volume import SCORER_VERSION
 
 
@@ -70,7 +70,7 @@ def score_shard(job: ScoreJob, items: Iterable[Item], name: str, embed: bool,
     folder = Path(job.staging) / "shards"
     folder.mkdir(exist_ok=True)
     rows, vectors, flipped = [], [], []
-    for batch in batched(items, spec, s.model.batch_size):
+    for batch in prepared(model, batched(items, spec, s.model.batch_size)):
         batch_rows = score_batch(model, batch, s.scorer, s.model.device, progress, cache)
         rows += batch_rows
         # vectors for the rows that were scored (ok), in order: they pair with ok_mask later

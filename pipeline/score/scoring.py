@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from pipeline.io.data import Decoded, ImageSpec, Item, batched
+from pipeline.io.prefetch import prefetch
 from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
 from pipeline.score.complexity import codec, complexity
 from pipeline.score.loss import LossResult, denoising_loss
@@ -113,7 +114,8 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
                 progress(1)
         empty = {**dict.fromkeys(SCORE_COLUMNS), "reused": None}
         row = {**base_row(d), **scores.get(id(d), empty), **settings_cols, "passes": 1}
-        row["complexity"] = complexity(d.pixels, model.data_range) if row["status"] == "ok" else None
+        row["complexity"] = None if row["status"] != "ok" else \
+            d.complexity if d.complexity is not None else complexity(d.pixels, model.data_range)
         for c in OPTIONAL:  # not estimated (an adaptive solver's standard error; no loss): null, not NaN
             if row[c] is not None and math.isnan(row[c]):
                 row[c] = None
@@ -130,6 +132,17 @@ def score_items(model: LoadedModel, items: Iterable[Item], settings: ScorerSetti
                 spec: ImageSpec | None = None, batch_size: int = 16,
                 device: str | torch.device = "cpu",
                 progress: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
-    """Rows for every item, a batch at a time, in input order."""
-    for batch in batched(items, spec or image_spec(model), batch_size):
+    """Rows for every item, a batch at a time, in input order (decoded ahead: `prepared`)."""
+    for batch in prepared(model, batched(items, spec or image_spec(model), batch_size)):
         yield score_batch(model, batch, settings, device, progress)
+
+
+def prepared(model: LoadedModel, batches: Iterable[list[Decoded]], depth: int = 2) -> Iterator[list[Decoded]]:
+    """Decoded batches read `depth` ahead in a background thread, each decodable image's complexity
+    worked out there too, so that the CPU's part of a batch overlaps the network's."""
+    def work(batch: list[Decoded]) -> list[Decoded]:
+        for d in batch:
+            if d.pixels is not None and not d.reject_reason:
+                d.complexity = complexity(d.pixels, model.data_range)
+        return batch
+    return prefetch(batches, depth, work)
