@@ -39,7 +39,7 @@ from pipeline.io.store import JUDGED_SCHEMA, AtomicParquetWriter, OutputSettings
 from pipeline.run.passes import average
 from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
-from pipeline.score.ready import ready
+from pipeline.score.ready import ready, resolved_scorer
 from pipeline.run.shards import ScoreJob, Scored, gather, score_shard, shard_name
 from pipeline.run.staged import StagedRun
 from pipeline.score.models import LoadedModel
@@ -97,7 +97,9 @@ def start_run(settings: RunSettings) -> RunContext:
         model = resources().model(settings.model)  # first: a wrong --model fails before any input is counted
         source = discover(settings.input.data, settings.input.image_column)
         with run.stage("compile"):  # the batch size resolved, the network compiled (score/ready.py)
-            settings = replace(settings, model=ready(model, settings.model, settings.scorer, settings.cache.shard_size))
+            scorer = resolved_scorer(settings.scorer, settings.model)
+            settings = replace(settings, model=ready(model, settings.model, scorer, settings.cache.shard_size),
+                               scorer=scorer)
         source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         if settings.flag.reference:
             discover(settings.flag.reference, settings.input.image_column)

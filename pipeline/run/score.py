@@ -12,7 +12,7 @@ from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
 from pipeline.run.resources import resources
 from pipeline.run.settings import ScoreSettings
 from pipeline.run.staged import StagedRun
-from pipeline.score.ready import ready
+from pipeline.score.ready import ready, resolved_scorer
 from pipeline.score.scoring import image_spec, score_items
 
 
@@ -23,7 +23,8 @@ def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | 
         source = discover(settings.input.data, settings.input.image_column)
         spec = image_spec(model, settings.input.max_pixels, settings.input.min_size)
         with run.stage("compile"):  # the batch size resolved, the network compiled (score/ready.py)
-            settings = replace(settings, model=ready(model, settings.model, settings.scorer))
+            scorer = resolved_scorer(settings.scorer, settings.model)
+            settings = replace(settings, model=ready(model, settings.model, scorer), scorer=scorer)
         metadata = {"settings": settings.flat(), "memclean_version": __version__, "model": model.record()}
         rejected = 0
         writer = AtomicParquetWriter(run.target, SCORE_SCHEMA, metadata)

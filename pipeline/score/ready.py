@@ -6,6 +6,7 @@ a stage of its own rather than hidden in the first shard's.
            device's free memory holds, from the memory one scoring batch of 2 and of 4 images
            takes (peak above the start: fixed + b * per_image), at most `cap` (the shard size:
            a shard is then whole batches, none padded but the source's last)
+    precision: --precision unset is bf16 on CUDA and fp32 on the CPU (resolved_scorer)
     compile: --compile auto is on for CUDA and off on the CPU (benchmarks/gpu.py measured it:
            RESULTS.md); on, the network runs through torch.compile on exactly `batch` images at
            a time (DiffusersScore.compile), and one warm-up batch of seeded noise images compiles
@@ -20,7 +21,7 @@ import torch
 
 from pipeline.score.models import CPU_BATCH, LoadedModel, ModelSettings
 from pipeline.score.scoring import fresh_scores
-from pipeline.score.volume import ScorerSettings
+from pipeline.score.volume import ScorerSettings, precision_for
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def warm_up_settings(scorer: ScorerSettings) -> ScorerSettings:
                    probe_mode="fixed" if scorer.adaptive else scorer.probe_mode)
 
 
+def resolved_scorer(scorer: ScorerSettings, settings: ModelSettings) -> ScorerSettings:
+    """The scorer with --precision resolved for the device (volume.precision_for): what rows and
+    cache keys record."""
+    return replace(scorer, precision=precision_for(scorer.precision, settings.device))
+
+
 def ready(model: LoadedModel, settings: ModelSettings, scorer: ScorerSettings, cap: int = MAX_BATCH) -> ModelSettings:
     """Make `model` ready to score with `scorer`: settings with the batch size resolved (see the
     module docstring), and the network compiled at that batch when --compile says so, its
@@ -91,9 +98,9 @@ def ready(model: LoadedModel, settings: ModelSettings, scorer: ScorerSettings, c
     batch = settings.batch_size
     if batch is None:
         batch = measured_batch(model, scorer, device, cap) if device.type == "cuda" else min(CPU_BATCH, cap)
-    if use_compile(settings) and (model.score_fn.rows != batch or model.warmed != (batch, scorer.precision)):
+    if use_compile(settings) and (model.score_fn.rows != batch or model.warmed != (batch, precision_for(scorer.precision, device))):
         model.score_fn.compile(batch)
         # the graphs are built now: V's (forward with gradients and its backward) and the loss's
         fresh_scores(model, noise_images(model, batch, device), warm_up_settings(scorer))
-        model.warmed = (batch, scorer.precision)
+        model.warmed = (batch, precision_for(scorer.precision, device))
     return replace(settings, batch_size=batch)

@@ -66,8 +66,10 @@ class ScorerSettings:
     seed: int = setting(0, "probe seed, hashed with each image's content, the evaluation and the element")
     grid: str = setting("log_snr", "fixed-grid times: uniform in log-SNR (accurate on sharply peaked image data) "
                         "or in t", choices=GRIDS)
-    precision: str = setting("fp32", "the network's arithmetic: fp32, tf32 (CUDA matmuls and convolutions) or bf16 "
-                             "(autocast); V is float64 whatever it is", choices=PRECISIONS)
+    precision: str | None = setting(None, "the network's arithmetic: fp32, tf32 (CUDA matmuls and convolutions) or "
+                                    "bf16 (autocast); default: bf16 on CUDA (it kept the evidence sets' rankings within "
+                                    "fp32's seed-to-seed noise: RESULTS.md, GPU), fp32 on the CPU; V is float64 "
+                                    "whatever it is", choices=PRECISIONS)
     window_start: float = setting(DEFAULT_WINDOW_START, "window_volume_growth is V over [t0, 1] from the same solve, "
                                   "t0 the first grid time at or after this (dropping the stretch nearest the data)")
     loss_t: float = setting(DEFAULT_LOSS_T, "time of the denoising loss (the network's timestep t (N - 1))")
@@ -356,10 +358,20 @@ def time_grid(schedule, settings: ScorerSettings) -> torch.Tensor:
     return t
 
 
+def precision_for(precision: str | None, device: str | torch.device) -> str:
+    """--precision resolved: unset is bf16 on CUDA and fp32 elsewhere (benchmarks/gpu.py measured
+    bf16 within fp32's seed-to-seed noise on the evidence sets; bf16 autocast on a CPU is slow)."""
+    if precision is not None:
+        return precision
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 @contextlib.contextmanager
-def network_precision(precision: str, device: torch.device) -> Iterator[None]:
+def network_precision(precision: str | None, device: torch.device) -> Iterator[None]:
     """The network's arithmetic for one solve: fp32 (TF32 off, cuDNN's default included), tf32
-    (CUDA matmuls and convolutions in TF32) or bf16 (autocast). V stays float64 throughout."""
+    (CUDA matmuls and convolutions in TF32) or bf16 (autocast); None: precision_for the device.
+    V stays float64 throughout."""
+    precision = precision_for(precision, device)
     cuda = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = cuda[0].allow_tf32, cuda[1].allow_tf32
     cuda[0].allow_tf32 = cuda[1].allow_tf32 = precision == "tf32"
