@@ -20,8 +20,8 @@ def test_score_to_parquet(tmp_path, write_images):
     assert score_to_parquet(s) == (4, 1)
     assert pq.read_table(out).num_rows == 4
     meta = read_metadata(out)
-    # the settings as resolved: --batch-size defaults to 16 on the CPU (score/ready.py)
-    assert meta["settings"] == {**s.flat(), "batch_size": 16} and meta["model"]["layout"] == "flat"
+    # the settings as resolved: --batch-size 16 and --precision fp32 on the CPU (score/ready.py)
+    assert meta["settings"] == {**s.flat(), "batch_size": 16, "precision": "fp32"} and meta["model"]["layout"] == "flat"
     # the staged run's record, under the keys every verb's manifest has
     assert list(meta["timings_s"]) == list(meta["peak_rss_mb"]) == ["compile", "score"] and meta["timings_s"]["score"] > 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or lock left
