@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline.fields import options, signature
 from pipeline.io.data import Shard
 from pipeline.io.report import REPORT_COLUMNS, read_report_rows, shown_rows
+from pipeline.run.gpus import GPU_ENV, pinned, worker_gpus
 from pipeline.run.lifecycle import RunContext, finish_run, score_sources, start_run
 from pipeline.run.settings import FlowSettings, RunSettings
 from pipeline.run.shards import ScoreJob, score_shard, shard_name
@@ -37,7 +38,7 @@ def score_shard_task(job: ScoreJob, shard: Shard, name: str, embed: bool) -> dic
     threads = os.environ.get("MEMCLEAN_TORCH_THREADS")  # a Dask worker's share of the cores
     if threads and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))
-    return score_shard(job, shard, name, embed)
+    return score_shard(pinned(job, os.environ), shard, name, embed)
 
 
 @flow(name="score-shards")
@@ -55,10 +56,13 @@ def score_shards(job: ScoreJob, shards: list[Shard], names: list[str], embed: bo
     return sorted(done, key=lambda r: r["name"])
 
 
-def task_runner_for(s: FlowSettings):
-    """Threads (one shard at a time: each solve uses every core), or Dask: each LocalCluster
-    worker gets cores / workers torch threads, so workers do not fight over the cores."""
-    if s.task_runner == "threads":
+def task_runner_for(s: FlowSettings, device: str = "cpu"):
+    """Threads (one shard at a time: each solve uses every core); one Dask worker per GPU where
+    the run's device is cuda and several are visible or `devices` names them (run/gpus.py); or
+    Dask: each LocalCluster worker gets cores / workers torch threads, so workers do not fight
+    over the cores."""
+    gpus = [] if s.dask_address else worker_gpus(s.devices, device, visible_gpus())
+    if s.task_runner == "threads" and not gpus:
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
@@ -77,8 +81,28 @@ def task_runner_for(s: FlowSettings):
     api = api_url()
     if api:  # else each worker process would start an ephemeral Prefect server of its own
         env["PREFECT_API_URL"] = api
+    if gpus:
+        return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=gpu_cluster(gpus, env))
     return DaskTaskRunner(cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None, "env": env})
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this torch sees (0 on a CPU build)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_cluster(gpus: list[int], env: dict[str, str]) -> dict[str, Any]:
+    """SpecCluster arguments for one single-threaded worker process per GPU, each seeing only its
+    own (CUDA_VISIBLE_DEVICES) and told so (GPU_ENV), with the cores shared out as for a
+    LocalCluster."""
+    from distributed import Nanny, Scheduler
+
+    threads = str(max(1, (os.cpu_count() or 1) // len(gpus)))
+    share = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "MEMCLEAN_TORCH_THREADS": threads}
+    workers = {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {
+        **env, **share, "CUDA_VISIBLE_DEVICES": str(g), GPU_ENV: f"cuda:{g}"}}} for g in gpus}
+    return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}}}
 
 
 def api_url() -> str | None:
@@ -147,7 +171,7 @@ def clean(**params: Any) -> dict[str, Any]:
     """memclean clean as a flow: the parameters mean what `memclean clean`'s options mean."""
     logger = get_run_logger()
     settings, where = settings_of(params)
-    runner = task_runner_for(where)
+    runner = task_runner_for(where, settings.model.device)
     with start_task(settings) as ctx:  # the same three steps as lifecycle.run_clean
         manifest = finish_task(ctx, score_sources(ctx, mapped(runner)))
     publish(manifest, settings.output.out)

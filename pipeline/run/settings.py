@@ -36,6 +36,7 @@ from pipeline.decide.remediate import GuardSettings, RemediationSettings
 from pipeline.fields import build, check_choices, flatten, section, setting, unknown
 from pipeline.io.data import DecodeSettings, InputSettings
 from pipeline.io.store import OutputSettings
+from pipeline.run.gpus import parse_devices
 from pipeline.score.cache import CacheSettings
 from pipeline.score.models import ModelSettings
 from pipeline.score.volume import ScorerSettings
@@ -118,8 +119,13 @@ class FlowSettings(SettingsMixin):
                                choices=("threads", "dask"))
     dask_address: str | None = setting(None, "an existing Dask scheduler (tcp://host:8786)")
     dask_workers: int = setting(2, "LocalCluster worker processes (each gets cores / workers threads)")
+    devices: str | None = setting(None, "CUDA devices that score, one Dask worker pinned to each (cuda:0,cuda:1); "
+                                  "default: every visible one when --device is cuda and torch sees several "
+                                  "(not with dask_address, whose workers are the scheduler's)")
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.devices is not None:
+            parse_devices(self.devices)
         if self.dask_workers < 1:
             raise ValueError(f"dask_workers must be at least 1, got {self.dask_workers}")
