@@ -76,8 +76,7 @@ def task_runner_for(s: FlowSettings, device: str = "cpu"):
     # (5.2 s against 3.3 s for 64 demo digits, measured 2026-11-29). Unset it for the workers this
     # process starts (benchmarks/workers.py measures the aggregate).
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    threads = max(1, (os.cpu_count() or 1) // s.dask_workers)
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MEMCLEAN_TORCH_THREADS": str(threads)}
+    env = core_share(len(gpus) or s.dask_workers)
     api = api_url()
     if api:  # else each worker process would start an ephemeral Prefect server of its own
         env["PREFECT_API_URL"] = api
@@ -87,6 +86,12 @@ def task_runner_for(s: FlowSettings, device: str = "cpu"):
                                           "dashboard_address": None, "env": env})
 
 
+def core_share(workers: int) -> dict[str, str]:
+    """The environment that gives each of `workers` worker processes cores / workers threads."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "MEMCLEAN_TORCH_THREADS": threads}
+
+
 def visible_gpus() -> int:
     """How many CUDA devices this torch sees (0 on a CPU build)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -94,14 +99,11 @@ def visible_gpus() -> int:
 
 def gpu_cluster(gpus: list[int], env: dict[str, str]) -> dict[str, Any]:
     """SpecCluster arguments for one single-threaded worker process per GPU, each seeing only its
-    own (CUDA_VISIBLE_DEVICES) and told so (GPU_ENV), with the cores shared out as for a
-    LocalCluster."""
+    own (CUDA_VISIBLE_DEVICES) and told so (GPU_ENV); `env` shares the cores out among them."""
     from distributed import Nanny, Scheduler
 
-    threads = str(max(1, (os.cpu_count() or 1) // len(gpus)))
-    share = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "MEMCLEAN_TORCH_THREADS": threads}
     workers = {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {
-        **env, **share, "CUDA_VISIBLE_DEVICES": str(g), GPU_ENV: f"cuda:{g}"}}} for g in gpus}
+        **env, "CUDA_VISIBLE_DEVICES": str(g), GPU_ENV: f"cuda:{g}"}}} for g in gpus}
     return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}}}
 
 

@@ -98,9 +98,10 @@ def ready(model: LoadedModel, settings: ModelSettings, scorer: ScorerSettings, c
     batch = settings.batch_size
     if batch is None:
         batch = measured_batch(model, scorer, device, cap) if device.type == "cuda" else min(CPU_BATCH, cap)
-    if use_compile(settings) and (model.score_fn.rows != batch or model.warmed != (batch, precision_for(scorer.precision, device))):
+    built_for = (batch, precision_for(scorer.precision, device))
+    if use_compile(settings) and model.warmed != built_for:
         model.score_fn.compile(batch)
         # the graphs are built now: V's (forward with gradients and its backward) and the loss's
         fresh_scores(model, noise_images(model, batch, device), warm_up_settings(scorer))
-        model.warmed = (batch, precision_for(scorer.precision, device))
+        model.warmed = built_for
     return replace(settings, batch_size=batch)
