@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.results import write_section  # noqa: E402
 from memclean.cli import demo_parameters  # noqa: E402
-from pipeline.decide.flagging import SCORE_CHOICES, FlagSettings  # noqa: E402
+from pipeline.decide.flagging import SCORE_CHOICES  # noqa: E402
+from pipeline.decide.scores import JudgeSettings  # noqa: E402
 from pipeline.io.data import ImageSpec, decode_item, discover  # noqa: E402
 from pipeline.run.lifecycle import run_clean  # noqa: E402
 from pipeline.run.settings import RunSettings  # noqa: E402
@@ -222,7 +223,7 @@ def main() -> None:
         print(f"retrained with seed {seed} in {retrain_s:.0f} s: {retrains[-1][2]['count']} memorized", flush=True)
 
     best = max(auc, key=auc.get)
-    default = FlagSettings().score
+    default = JudgeSettings().score
     c = manifest["counts"]
     t = manifest["threshold"]
     out = [

@@ -42,8 +42,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.acceptance import SETS, set_paths  # noqa: E402
 from benchmarks.evidence import planted, planted_groups, training_recipe  # noqa: E402
 from benchmarks.results import hardware, write_section  # noqa: E402
-from pipeline.decide.flagging import FlagSettings  # noqa: E402
-from pipeline.decide.scores import JUDGED, calibrate, judged  # noqa: E402
+from pipeline.decide.scores import JUDGED, JudgeSettings, calibrate, judged  # noqa: E402
 from pipeline.io.data import decode_item, discover  # noqa: E402
 from pipeline.score.complexity import complexity  # noqa: E402
 from pipeline.score.loss import denoising_loss  # noqa: E402
@@ -257,7 +256,7 @@ def report(results: list[dict], extras: dict[str, dict], seconds: float) -> str:
                   + ", ".join(f"{k} {v:.3f}" for k, v in sp.items() if k not in ("n", "args")) + ".", ""]
     if results:
         worst = {s: min(r["table"][s]["worst"] for r in results) for s in JUDGED}
-        best, default = max(worst, key=worst.get), FlagSettings().score
+        best, default = max(worst, key=worst.get), JudgeSettings().score
         names = " and ".join(r["name"] for r in results)
         baseline = {s: all(r["table"][s][k] >= r["table"]["denoising_score"][k]
                            for r in results for k in ("members_vs_heldout", "dup_vs_unique")) for s in JUDGED}

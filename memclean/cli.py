@@ -43,6 +43,17 @@ def progress_bar(total: int, desc: str = "scoring"):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
 
 
+def each_pass(bar, per_pass: int):
+    """bar.update for a run that may score its inputs more than once (--precision-target): a
+    pass that starts beyond the bar's total adds another pass's worth to it."""
+    def update(n: int) -> None:
+        if per_pass and bar.n + n > bar.total:
+            bar.total += per_pass
+            bar.set_description(f"scoring (pass {-(-bar.total // per_pass)})")
+        bar.update(n)
+    return update
+
+
 def check_model(settings) -> None:
     """The checkpoint (a folder, or a Hub id in the local cache) found, before any input is
     counted or decoded: a wrong --model fails first, not after the progress bar starts."""
@@ -52,14 +63,19 @@ def check_model(settings) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.io.store import read_metadata
     from pipeline.run.score import count_inputs, score_to_parquet
     from pipeline.run.settings import ScoreSettings
 
     settings = from_args(ScoreSettings, args)
     check_model(settings.model)
-    with progress_bar(count_inputs(settings.input.data, settings.input.image_column)) as bar:
-        rows, rejected = score_to_parquet(settings, bar.update)
-    print(f"scored {rows - rejected} images ({rejected} rejected) -> {settings.output.out}")
+    total = count_inputs(settings.input.data, settings.input.image_column)
+    with progress_bar(total) as bar:
+        rows, rejected = score_to_parquet(settings, each_pass(bar, total))
+    precision = read_metadata(settings.output.out)["precision"]
+    ratios = ", ".join("-" if r is None else f"{r:.3g}" for r in precision["noise_ratio_after_each"])
+    print(f"scored {rows - rejected} images ({rejected} rejected) in {precision['passes']} pass(es); noise ratio "
+          f"of {precision['score']} after each: {ratios} (target {precision['target']}) -> {settings.output.out}")
     return 0
 
 
@@ -74,10 +90,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if settings.flag.reference is not None:
         total += count_inputs(settings.flag.reference, settings.input.image_column)
     with progress_bar(total) as bar:
-        result = run_clean(settings, bar.update)
+        result = run_clean(settings, each_pass(bar, total))
     c, sc, t = result["counts"], result["scoring"], result["threshold"]
     out = Path(settings.output.out)
-    print(f"scored {sc['scored_fresh']} images afresh, reused {sc['reused']} cached scores")
+    print(f"scored {sc['scored_fresh']} images afresh, reused {sc['reused']} cached scores, in "
+          f"{sc['precision']['passes']} pass(es) (noise ratio after each: {sc['precision']['noise_ratio_after_each']})")
     print(f"{c['input']} inputs: {c['kept']} kept, {c['augmented']} augmented, {c['dropped']} dropped, "
           f"{c['rejected']} rejected ({c['flagged']} flagged at {t['value']:.6g}, {t['policy']}) -> {out}")
     print(f"report: {out / 'report.html'}")

@@ -19,7 +19,7 @@ EXPECTED_COLUMNS = {"id", "path", "sha256", "status", "reject_reason", "log_volu
 
 
 @pytest.mark.parametrize("divergence", ["rademacher", "exact"])
-def test_zero_network_through_the_cli(tmp_path, zero_model, write_images, divergence):
+def test_zero_network_through_the_cli(tmp_path, zero_model, write_images, divergence, capsys):
     data = write_images(n=3, size=(12, 10), mode="RGB")
     (data / "empty.png").write_bytes(b"")
     (data / "sub").mkdir()
@@ -48,6 +48,9 @@ def test_zero_network_through_the_cli(tmp_path, zero_model, write_images, diverg
         assert len(r["sha256"]) == 64
     meta = read_metadata(out)
     assert meta["settings"]["divergence"] == divergence
+    # the passes spent (--precision-target), in every row and in what the command printed
+    passes = meta["precision"]["passes"]
+    assert {r["passes"] for r in table} == {passes} and f"in {passes} pass(es)" in capsys.readouterr().out
     assert meta["model"]["fingerprint"] == ok[0]["model_fingerprint"]
 
 

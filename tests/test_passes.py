@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.io.store import SCORE_SCHEMA
-from pipeline.run.passes import ERRORS, MEANS, average
+from pipeline.decide.scores import JudgeSettings
+from pipeline.run.passes import ERRORS, MEANS, average, precision_record, spend
 
 
 def table(values, se, status, nfe=16, reused=False):
@@ -40,3 +41,37 @@ def test_three_passes_average_to_the_mean_with_the_standard_error_of_a_mean():
         .column("reused").to_pylist() == [False]
     with pytest.raises(ValueError, match="different rows"):
         average(a, table([1.0], [1.0], ["ok"]), 1)
+
+
+def test_passes_are_spent_until_the_judged_score_is_precise_enough():
+    """V's values 0..4 (spread 1.4826 MAD = 1.4826) with standard error 0.5 a pass: the noise
+    ratio after n passes is 0.5 / sqrt(n) / 1.4826 (0.337, 0.238, 0.195, ...), so a target of
+    0.2 takes exactly three passes; the target 0 one; --max-passes caps them."""
+    one = table([0.0, 1.0, 2.0, 3.0, 4.0], [0.5] * 5, ["ok"] * 5)
+    calls = []
+
+    def score_pass(k):
+        calls.append(k)
+        return {"input": one}
+
+    for judge, passes in [(JudgeSettings("log_volume_growth", 0.2, 4), 3), (JudgeSettings("log_volume_growth", 0, 4), 1),
+                          (JudgeSettings("log_volume_growth", 0.2, 2), 2), (JudgeSettings("log_volume_growth", 0.5, 4), 1)]:
+        calls.clear()
+        ratios = []
+        out = spend(judge, {"input": one}, score_pass, ratios)
+        assert calls == list(range(1, passes)) and len(ratios) == passes
+        assert ratios == [round(0.5 / math.sqrt(n) / 1.4826, 4) for n in range(1, passes + 1)]
+        assert out["input"].column("passes").to_pylist() == [passes] * 5
+        assert precision_record(judge, ratios) == {"passes": passes, "noise_ratio_after_each": ratios,
+                                                   "score": "log_volume_growth", "target": judge.precision_target}
+    # no ok row: nothing to measure, one pass
+    ratios = []
+    spend(JudgeSettings("log_volume_growth", 0.2, 4), {"input": table([None], [None], ["rejected"])}, score_pass, ratios)
+    assert ratios == [None]
+
+
+def test_judge_settings_are_checked_when_built():
+    for bad in [{"precision_target": 1.0}, {"precision_target": -0.1}, {"max_passes": 0}, {"max_passes": 17},
+                {"score": "nonsense"}]:
+        with pytest.raises(ValueError):
+            JudgeSettings(**bad)

@@ -16,18 +16,12 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.decide.scores import JUDGED
-from pipeline.fields import check_choices, setting
+from pipeline.fields import setting
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 0.95  # the quantile policy's q when no policy is named
 DEFAULT_FPR = 0.05  # the reference policy's A when --flag-fpr is not given
-# the one judged score at least the 16-noise loss on both AUCs of every evidence set, and the best duplicated
-# vs unique on each (the demo: tied with the loss); combined_score's worst case is 0.011 higher, at the edge
-# of the noise (benchmarks/scores.py, RESULTS.md)
-DEFAULT_SCORE = "calibrated_denoising_score"
-# noise / spread at which two seeds' rankings still agree: corr = 1 / (1 + r^2) >= 0.96 for r <= 0.2
-DEFAULT_PRECISION = 0.2
 
 
 @dataclass(frozen=True)
@@ -149,8 +143,9 @@ SCORE_CHOICES = JUDGED  # the scores a threshold can judge (decide/scores.py)
 
 @dataclass(frozen=True)
 class FlagSettings:
-    """Which policy sets the threshold, and on which score: at most one policy may be named; none
-    means the quantile policy at DEFAULT_QUANTILE. Every value is checked when this is built."""
+    """Which policy sets the threshold (on the judged score: decide/scores.py JudgeSettings): at
+    most one policy may be named; none means the quantile policy at DEFAULT_QUANTILE. Every value
+    is checked when this is built."""
 
     reference: str | None = setting(None, "held-out images the model never saw: flag above their (1 - A) quantile")
     fpr: float | None = setting(None, f"A, the share of unmemorized images flagged, with --reference "
@@ -161,23 +156,12 @@ class FlagSettings:
                                    name="flag_zscore")
     threshold: float | None = setting(None, "flag above this absolute score (e.g. an earlier run's manifest "
                                       "threshold)", name="flag_threshold")
-    precision_target: float = setting(DEFAULT_PRECISION, "score again with new probes and noises (the next seed, "
-                                      "averaged in) while the judged score's rms standard error is above this share of "
-                                      "its spread (1.4826 MAD) over the dataset; 0: one pass")
-    max_passes: int = setting(4, "scoring passes at most (--precision-target)")
-    score: str = setting(DEFAULT_SCORE, "the score that flagging judges, higher = riskier (decide/scores.py): V, "
-                         "log p, V's window, V calibrated for complexity, the denoising score (-log loss), it "
-                         "calibrated, or their combination", choices=SCORE_CHOICES)
 
     def __post_init__(self) -> None:
         for p in POLICIES.values():
             value = getattr(self, p.option)
             if value is not None and not p.valid(value):
                 raise ValueError(f"--flag-{p.option} must be {p.allowed}, got {value}")
-        check_choices(self)
-        if not 0 <= self.precision_target < 1 or not 1 <= self.max_passes <= 16:
-            raise ValueError(f"--precision-target must lie in [0, 1) and --max-passes in [1, 16], got "
-                             f"{self.precision_target}, {self.max_passes}")
         self.policy()
 
     def policy(self) -> str:

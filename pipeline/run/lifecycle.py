@@ -29,14 +29,14 @@ from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.index import build_index, check_faiss, on_gpu, search_views
 from pipeline.decide.remediate import GuardSettings, RemediationSettings, augment_and_rescore, losses, plan, \
     record_json, reject_changed, settle
-from pipeline.decide.scores import Judged, judge_scores, noise_ratio
+from pipeline.decide.scores import Judged, judge_scores
 from pipeline.io.data import ImageSpec, Shard, Source, discover, open_image, read_verified
 from pipeline.io.manifest import manifest, tally
 from pipeline.io.outputs import (EMBEDDINGS, INDEX, ImageSpool, check_against, decided_table, earlier_survivors, embed_png,
                                  write_cleaned, write_embeddings, write_flagged, write_tables)
 from pipeline.io.report import write_report, write_report_assets
 from pipeline.io.store import JUDGED_SCHEMA, AtomicParquetWriter, OutputSettings, ok_mask, write_json_atomic
-from pipeline.run.passes import average
+from pipeline.run.passes import precision_record, spend
 from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
 from pipeline.score.ready import ready, resolved_scorer
@@ -141,18 +141,10 @@ def score_sources(ctx: RunContext, score_shards: ShardScorer) -> dict[str, Score
     above --precision-target (at most --max-passes)."""
     s = ctx.settings
     scored = score_pass(ctx, score_shards, 0)
-    while True:  # the noise ratio after each pass; another pass while it is above the target
-        ok = ok_mask(scored["input"].table)
-        ref = scored["reference"].table if "reference" in scored else None
-        ratio = noise_ratio(judge_scores(scored["input"].table, ok, ref, s.flag.score), ok) if ok.any() else None
-        ctx.precision.append(None if ratio is None else round(ratio, 4))
-        if ratio is None or not ratio > s.flag.precision_target or s.flag.precision_target == 0 \
-                or len(ctx.precision) == s.flag.max_passes:
-            break
-        more = score_pass(ctx, score_shards, len(ctx.precision))
-        n = len(ctx.precision)
-        scored = {k: replace(v, table=average(v.table, more[k].table, n)) for k, v in scored.items()}
-    log.info("%d scoring passes; noise ratio of %s after each: %s", len(ctx.precision), s.flag.score, ctx.precision)
+    tables = spend(s.judge, {k: v.table for k, v in scored.items()},
+                   lambda k: {p: v.table for p, v in score_pass(ctx, score_shards, k).items()}, ctx.precision)
+    scored = {k: replace(v, table=tables[k]) for k, v in scored.items()}
+    log.info("%d scoring passes; noise ratio of %s after each: %s", len(ctx.precision), s.judge.score, ctx.precision)
     return scored
 
 
@@ -269,7 +261,7 @@ def decide(ctx: RunContext, scored: Scored, reference: Scored | None) -> tuple[d
         reasons = tally(table.column("reject_reason"))
         raise ValueError(f"none of the {table.num_rows} inputs of {ctx.source.path!r} could be scored, so nothing can be "
                          f"judged: rejected as {dict(sorted(reasons.items()))}")
-    j = judge_scores(table, ok, reference.table if reference is not None else None, s.flag.score)
+    j = judge_scores(table, ok, reference.table if reference is not None else None, s.judge.score)
     threshold = threshold_of(ctx, j.values, ok, j.reference_values)
     threshold = replace(threshold, details={**threshold.details, "calibration": j.calibration.to_dict()})
     flagged = flag(j.values, threshold) & ok
@@ -279,7 +271,7 @@ def decide(ctx: RunContext, scored: Scored, reference: Scored | None) -> tuple[d
     dup, index, ctx.dup_threshold = search_duplicates(vectors, scored.flipped, table, ok, j.values, ctx.embedder,
                                                       s.dedup, s.model.device, ctx.staging / INDEX, reference,
                                                       ctx.against)
-    reasons = [threshold.reason(v, s.flag.score) if f else None for v, f in zip(j.values, flagged)]
+    reasons = [threshold.reason(v, s.judge.score) if f else None for v, f in zip(j.values, flagged)]
     cols, augment = decision_columns(table, dup, flagged, reasons, s.remediation, j.columns, uncertain)
     return cols, threshold, augment, index, j
 
@@ -299,7 +291,7 @@ def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: 
               for item, data in read_verified(ctx.source, sha, ctx.changed)}
     low = threshold.details["accept_band"][0]
     results = augment_and_rescore(images, ctx.model, ctx.spec, s.scorer, threshold, low,
-                                  partial(j.judge, name=s.flag.score), s.remediation, folder, s.model.batch_size,
+                                  partial(j.judge, name=s.judge.score), s.remediation, folder, s.model.batch_size,
                                   s.model.device)
     for id_, row in rows.items():
         a = results.get(id_)
@@ -333,11 +325,11 @@ def write_outputs(ctx: RunContext, scored: Scored, decided: pa.Table, threshold:
     images, the reference scores, the embeddings and the index."""
     s = ctx.settings
     decided, spool, ctx.image_bytes["cleaned"] = write_dataset(ctx.run, ctx.source, decided, ctx.changed,
-                                                               s.flag.score, s.remediation, s.output, spool=True)
+                                                               s.judge.score, s.remediation, s.output, spool=True)
     with ctx.run.stage("write_tables"):
         meta = {"settings": s.flat(), "threshold": threshold.to_dict(), "model_fingerprint": ctx.model.fingerprint}
         write_tables(ctx.staging, decided, meta)
-        ctx.image_bytes["flagged"] = write_flagged(ctx.staging, spool, decided, s.flag.score, meta,
+        ctx.image_bytes["flagged"] = write_flagged(ctx.staging, spool, decided, s.judge.score, meta,
                                                    s.output.row_group_rows)
         if reference is not None:
             with AtomicParquetWriter(ctx.staging / "reference_scores.parquet", reference.schema, meta) as w:
@@ -354,9 +346,8 @@ def run_manifest(ctx: RunContext, decided: pa.Table, threshold: Threshold, refer
                  index) -> dict[str, Any]:
     s = ctx.settings
     dedup = dedup_record(ctx.embedder, ctx.dup_threshold, s.dedup, index, ctx.against)
-    precision = {"passes": len(ctx.precision), "noise_ratio_after_each": ctx.precision,
-                 "target": s.flag.precision_target}
-    return manifest(decided, kind="clean", run=ctx.run.record(), threshold=threshold.to_dict(), score=s.flag.score,
+    precision = precision_record(s.judge, ctx.precision)
+    return manifest(decided, kind="clean", run=ctx.run.record(), threshold=threshold.to_dict(), score=s.judge.score,
                     dedup=dedup, reference=reference, reference_path=s.flag.reference, model=ctx.model.record(),
                     data=ctx.source.record(), settings=s.flat(),
                     scoring=ctx.scoring, cache_dir=s.cache.root, out=str(ctx.run.out), image_bytes=ctx.image_bytes,
@@ -408,7 +399,7 @@ def finish_run(ctx: RunContext, scored: dict[str, Scored]) -> dict[str, Any]:
         remediate(ctx, scored["input"].table, cols, augment, threshold, j)
     decided = write_outputs(ctx, scored["input"], decided_table(scored["input"].table, cols), threshold, ref_table,
                             index)
-    return commit_with_report(ctx.run, ctx.source, ctx.spec, decided, ctx.settings.flag.score,
+    return commit_with_report(ctx.run, ctx.source, ctx.spec, decided, ctx.settings.judge.score,
                               lambda: run_manifest(ctx, decided, threshold, ref_table, index), ctx.settings.guard,
                               ctx.against)
 

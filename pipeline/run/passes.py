@@ -9,8 +9,13 @@ them reproducibly, and one like the demo's gets no more than one.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.decide.scores import JudgeSettings, judge_scores, noise_ratio
+from pipeline.io.store import ok_mask
 
 MEANS = ("log_volume_growth", "prior_logp", "logp", "bits_per_dim", "window_volume_growth", "denoising_loss")
 ERRORS = ("log_volume_growth_se", "window_volume_growth_se", "denoising_loss_se")
@@ -40,3 +45,32 @@ def average(mean: pa.Table, more: pa.Table, n: int) -> pa.Table:
     for c in ("status", "reject_reason"):
         out = out.set_column(out.schema.get_field_index(c), c, pc.if_else(lost, more.column(c), out.column(c)))
     return out
+
+
+def judged_noise(table: pa.Table, reference: pa.Table | None, score: str) -> float | None:
+    """The judged score's noise ratio over the table's ok rows (decide/scores.py noise_ratio),
+    calibrated as flagging calibrates it; None when no row is ok."""
+    ok = ok_mask(table)
+    return round(noise_ratio(judge_scores(table, ok, reference, score), ok), 4) if ok.any() else None
+
+
+def precision_record(judge: JudgeSettings, ratios: list[float | None]) -> dict[str, Any]:
+    """What the passes spent, as outputs record it (clean's manifest scoring.precision, the score
+    file's metadata precision)."""
+    return {"passes": len(ratios), "noise_ratio_after_each": ratios, "score": judge.score,
+            "target": judge.precision_target}
+
+
+def spend(judge: JudgeSettings, first: dict[str, pa.Table], score_pass: Callable[[int], dict[str, pa.Table]],
+          ratios: list[float | None]) -> dict[str, pa.Table]:
+    """Passes until the judged score is precise enough: `first` is pass 0's tables by source
+    ("input" and, for clean, "reference"), score_pass(k) scores pass k (seed + k) into tables of
+    the same rows; each is averaged in while judge.another_pass says so. `ratios` gets the noise
+    ratio after each pass (the manifest's scoring.precision)."""
+    tables = first
+    while True:
+        ratios.append(judged_noise(tables["input"], tables.get("reference"), judge.score))
+        if not judge.another_pass(ratios):
+            return tables
+        more, n = score_pass(len(ratios)), len(ratios)
+        tables = {k: average(v, more[k], n) for k, v in tables.items()}

@@ -8,6 +8,7 @@ built (pipeline/fields.py); this module assembles them into each verb's model:
     output       OutputSettings       io/store.py          --out, --overwrite
     scorer       ScorerSettings       score/volume.py      --solver, --steps, --probes, ...
     cache        CacheSettings        score/cache.py       --cache-dir, --no-cache, --shard-size
+    judge        JudgeSettings        decide/scores.py     --score, --precision-target, --max-passes
     flag         FlagSettings         decide/flagging.py   --reference, --flag-fpr, --flag-quantile, ...
     dedup        DedupSettings        decide/clusters.py   --embedder, --dup-threshold, --against, ...
     remediation  RemediationSettings  decide/remediate.py  --action, --augment-tries, --accept-band, ...
@@ -15,7 +16,7 @@ built (pipeline/fields.py); this module assembles them into each verb's model:
     decode       DecodeSettings       io/data.py           --image-size, --batch-size, --device (no model)
     train        TrainSettings        tools/train.py       --sample-size, --channels, --steps, ...
 
-    ScoreSettings     memclean score           input, model, output, scorer
+    ScoreSettings     memclean score           input, model, output, scorer, judge
     RunSettings       memclean clean, flow     ScoreSettings + cache, flag, dedup, remediation, guard
     DedupRunSettings  memclean dedup           input, output, decode, dedup, guard
     TrainRunSettings  memclean train           input, output, train
@@ -32,6 +33,7 @@ from typing import Any, Mapping
 
 from pipeline.decide.clusters import DedupSettings
 from pipeline.decide.flagging import FlagSettings
+from pipeline.decide.scores import JudgeSettings
 from pipeline.decide.remediate import GuardSettings, RemediationSettings
 from pipeline.fields import build, check_choices, flatten, section, setting, unknown
 from pipeline.io.data import DecodeSettings, InputSettings
@@ -67,6 +69,7 @@ class ScoreSettings(SettingsMixin):
     model: ModelSettings = section()
     output: OutputSettings = section()
     scorer: ScorerSettings = section(ScorerSettings)
+    judge: JudgeSettings = section(JudgeSettings)
 
 
 @dataclass(frozen=True)
