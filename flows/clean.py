@@ -26,7 +26,7 @@ from pipeline.io.report import REPORT_COLUMNS, read_report_rows, shown_rows
 from pipeline.run.gpus import GPU_ENV, pinned, worker_gpus
 from pipeline.run.lifecycle import RunContext, finish_run, score_sources, start_run
 from pipeline.run.settings import FlowSettings, RunSettings
-from pipeline.run.shards import ScoreJob, score_shard, shard_name
+from pipeline.run.shards import ScoreJob, score_shard, shard_name, shard_threads
 
 PARAMETERS = options(RunSettings) + options(FlowSettings)  # the flow's parameters, in order
 
@@ -57,13 +57,14 @@ def score_shards(job: ScoreJob, shards: list[Shard], names: list[str], embed: bo
 
 
 def task_runner_for(s: FlowSettings, device: str = "cpu"):
-    """Threads (one shard at a time: each solve uses every core); one Dask worker per GPU where
+    """Threads (one shard at a time on the CPU, where each solve uses every core; two on CUDA, so
+    that shard boundaries overlap the network: run/shards.py); one Dask worker per GPU where
     the run's device is cuda and several are visible or `devices` names them (run/gpus.py); or
     Dask: each LocalCluster worker gets cores / workers torch threads, so workers do not fight
     over the cores."""
     gpus = [] if s.dask_address else worker_gpus(s.devices, device, visible_gpus())
     if s.task_runner == "threads" and not gpus:
-        return ThreadPoolTaskRunner(max_workers=1)
+        return ThreadPoolTaskRunner(max_workers=shard_threads(device))
     from prefect_dask import DaskTaskRunner
 
     if s.dask_address:
@@ -98,11 +99,12 @@ def visible_gpus() -> int:
 
 
 def gpu_cluster(gpus: list[int], env: dict[str, str]) -> dict[str, Any]:
-    """SpecCluster arguments for one single-threaded worker process per GPU, each seeing only its
-    own (CUDA_VISIBLE_DEVICES) and told so (GPU_ENV); `env` shares the cores out among them."""
+    """SpecCluster arguments for one worker process per GPU, each seeing only its own
+    (CUDA_VISIBLE_DEVICES) and told so (GPU_ENV), with two threads so that it scores two shards at
+    once (run/shards.py: their networks take turns); `env` shares the cores out among them."""
     from distributed import Nanny, Scheduler
 
-    workers = {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {
+    workers = {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": shard_threads("cuda"), "env": {
         **env, "CUDA_VISIBLE_DEVICES": str(g), GPU_ENV: f"cuda:{g}"}}} for g in gpus}
     return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}}}
 

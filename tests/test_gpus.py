@@ -65,7 +65,7 @@ def test_the_flow_runs_one_worker_per_gpu(two_gpus):
     workers = runner.cluster_kwargs["workers"]
     assert runner.cluster_class == "distributed.SpecCluster" and list(workers) == ["gpu0", "gpu1"]
     assert [w["options"]["env"]["CUDA_VISIBLE_DEVICES"] for w in workers.values()] == ["0", "1"]
-    assert all(w["options"]["nthreads"] == 1 for w in workers.values())
+    assert all(w["options"]["nthreads"] == 2 for w in workers.values())  # two shards at once (run/shards.py)
     assert list(task_runner_for(FlowSettings(devices="cuda:1"), "cuda").cluster_kwargs["workers"]) == ["gpu1"]
     assert type(task_runner_for(FlowSettings(), "cpu")).__name__ == "ThreadPoolTaskRunner"
     assert task_runner_for(FlowSettings(task_runner="dask", dask_address="tcp://127.0.0.1:8786"), "cuda").address

@@ -56,3 +56,52 @@ def test_shards_cover_the_source_in_order_and_gather_whole(tmp_path, write_image
     assert (staging / "shards" / "input.arrow").is_file()  # gathered into one Arrow IPC file, memory-mapped
     buffers = [b for chunk in scored.table.column("id").chunks for b in chunk.buffers() if b is not None]
     assert buffers and all(not b.is_mutable for b in buffers)  # views of the read-only map, not copies
+
+
+def test_two_shards_at_once_take_turns_on_the_network_and_give_the_same_rows(tmp_path, write_images, monkeypatch):
+    """What CUDA runs (two shard threads, run/shards.py), on the CPU: two shards are in flight at
+    once (a barrier that only two concurrent shards pass), yet no two batches are ever scored at
+    the same time (the device lock), and the rows equal one thread's exactly (the same batches)."""
+    import threading
+
+    import pipeline.run.shards as shards_module
+    from pipeline.run.shards import score_shards, shard_threads
+
+    assert shard_threads("cpu") == 1 and shard_threads("cuda") == shard_threads("cuda:1") == 2
+    data = write_images(n=7, size=(8, 8))
+    s = settings(tmp_path, data, no_cache=True)
+    shards = list(discover(data).shards(3))
+    one = ScoreJob(s, str(tmp_path / "one"))
+    (tmp_path / "one").mkdir()
+    expected = gather(one, [r["name"] for r in score_shards(one, "input", shards, True, threads=1)])
+
+    both = threading.Barrier(2, timeout=60)  # broken (an error) unless two shards run together
+    active, most = [0], [0]
+    lock = threading.Lock()
+    real_shard, real_batch = shards_module.score_shard, shards_module.score_batch
+
+    def shard(job, items, name, embed, progress=None):
+        if name.endswith(("-000000", "-000001")):
+            both.wait()
+        return real_shard(job, items, name, embed, progress)
+
+    def batch(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return real_batch(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(shards_module, "score_shard", shard)
+    monkeypatch.setattr(shards_module, "score_batch", batch)
+    two = ScoreJob(s, str(tmp_path / "two"))
+    (tmp_path / "two").mkdir()
+    results = score_shards(two, "input", shards, True, threads=2)
+    assert [r["name"] for r in results] == [shard_name("input", k) for k in range(3)] and most[0] == 1
+    got = gather(two, [r["name"] for r in results])
+    cols = ["id", "status", "log_volume_growth", "denoising_loss"]
+    assert got.table.select(cols).equals(expected.table.select(cols))
+    assert np.array_equal(got.vectors, expected.vectors)

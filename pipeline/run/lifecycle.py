@@ -40,7 +40,7 @@ from pipeline.run.passes import precision_record, spend
 from pipeline.run.resources import resources
 from pipeline.run.settings import RunSettings
 from pipeline.score.ready import ready, resolved_scorer
-from pipeline.run.shards import ScoreJob, Scored, gather, score_shard, shard_name
+from pipeline.run.shards import ScoreJob, Scored, gather, score_shards
 from pipeline.run.staged import StagedRun
 from pipeline.score.models import LoadedModel
 from pipeline.score.scoring import image_spec
@@ -128,9 +128,9 @@ def stage_name(prefix: str) -> str:
 
 
 def in_process(progress: Callable[[int], None] | None = None) -> ShardScorer:
-    """A ShardScorer that scores the shards one after another in this process."""
+    """A ShardScorer that scores the shards in this process (two at once on CUDA: run/shards.py)."""
     def score(job: ScoreJob, prefix: str, shards: Iterable[Shard], embed: bool) -> list[dict[str, Any]]:
-        return [score_shard(job, shard, shard_name(prefix, k), embed, progress) for k, shard in enumerate(shards)]
+        return score_shards(job, prefix, shards, embed, progress)
     return score
 
 

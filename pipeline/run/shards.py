@@ -1,9 +1,17 @@
 """Sharded scoring: a source is cut into shards of --shard-size items; each shard is scored (or
 its scores reused from the cache) into the run's staging folder by whichever worker runs it (a
 thread, a process, a Dask worker), and the shards are gathered back in order.
+
+On CUDA a process scores two shards at once (shard_threads): one shard's start (its first
+batches decoded), its last batches' embeddings and its Parquet write overlap the other's network,
+so a shard boundary does not leave the GPU idle. A lock per device keeps the network to one batch
+at a time, so the two never compete for the GPU's memory; the batches stay exactly those of one
+shard at a time. On the CPU one shard at a time: every solve already uses every core.
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -42,12 +50,28 @@ class ScoreJob:
     staging: str  # the run's staging folder (shard files go to staging/shards/)
 
 
+_READY = threading.Lock()  # one thread of a process loads and compiles a model; the others wait for it
+_DEVICES: dict[str, threading.Lock] = {}  # one network at a time per device (device_lock)
+
+
+def shard_threads(device: str) -> int:
+    """Shards a process scores at once on `device`: 2 on CUDA (see the module docstring), else 1."""
+    return 2 if torch.device(device).type == "cuda" else 1
+
+
+def device_lock(device: str) -> threading.Lock:
+    """The lock that keeps this process's scoring on `device` to one batch at a time."""
+    with _READY:
+        return _DEVICES.setdefault(str(torch.device(device)), threading.Lock())
+
+
 def job_context(job: ScoreJob) -> tuple[LoadedModel, Embedder, ImageSpec, ScoreCache | None]:
     """The model (ready at the job's batch: compiled once per process where --compile says so),
     embedder, input spec and cache of a job (loaded once per process)."""
     s = job.settings
-    model = resources().model(s.model)
-    ready(model, s.model, s.scorer)
+    with _READY:
+        model = resources().model(s.model)
+        ready(model, s.model, s.scorer)
     embedder = resources().embedder(s.dedup.embedder, model, s.dedup.embed_size, s.model.device)
     spec = image_spec(model, s.input.max_pixels, s.input.min_size)
     cache = None
@@ -70,16 +94,19 @@ def score_shard(job: ScoreJob, items: Iterable[Item], name: str, embed: bool,
     folder = Path(job.staging) / "shards"
     folder.mkdir(exist_ok=True)
     rows, vectors, flipped = [], [], []
+    network = device_lock(s.model.device)
     for batch in prepared(model, batched(items, spec, s.model.batch_size)):
-        batch_rows = score_batch(model, batch, s.scorer, s.model.device, progress, cache)
+        with network:
+            batch_rows = score_batch(model, batch, s.scorer, s.model.device, progress, cache)
         rows += batch_rows
         # vectors for the rows that were scored (ok), in order: they pair with ok_mask later
         pixels = [d.pixels for d, r in zip(batch, batch_rows) if r["status"] == "ok"]
         if embed and pixels:
-            x = torch.stack(pixels).to(s.model.device)
-            vectors.append(embedder(x).cpu().numpy())
-            if s.dedup.dedup_flip:
-                flipped.append(embedder(x, flip=True).cpu().numpy())
+            with network:
+                x = torch.stack(pixels).to(s.model.device)
+                vectors.append(embedder(x).cpu().numpy())
+                if s.dedup.dedup_flip:
+                    flipped.append(embedder(x, flip=True).cpu().numpy())
     with AtomicParquetWriter(folder / f"{name}.parquet", SCORE_SCHEMA, {}) as w:
         w.write(rows)
     for suffix, parts in (("npy", vectors), ("flip.npy", flipped)):
@@ -124,9 +151,20 @@ def gather(job: ScoreJob, names: list[str]) -> Scored:
     return Scored(table, stack("npy"), stack("flip.npy"))
 
 
+def score_shards(job: ScoreJob, prefix: str, shards: Iterable[Iterable[Item]], embed: bool,
+                 progress: Callable[[int], None] | None = None, threads: int | None = None) -> list[dict[str, Any]]:
+    """Score shards in this process, `threads` at once (default shard_threads of the job's
+    device); the results in shard order."""
+    threads = threads or shard_threads(job.settings.model.device)
+    if threads == 1:
+        return [score_shard(job, shard, shard_name(prefix, k), embed, progress) for k, shard in enumerate(shards)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="memclean-shard") as pool:
+        return list(pool.map(lambda k_shard: score_shard(job, k_shard[1], shard_name(prefix, k_shard[0]), embed,
+                                                         progress), enumerate(shards)))
+
+
 def score_source(job: ScoreJob, source: Source, prefix: str, embed: bool,
                  progress: Callable[[int], None] | None = None) -> tuple[Scored, list[dict[str, Any]]]:
     """Score a whole source shard by shard in this process (the flow maps shards instead)."""
-    results = [score_shard(job, shard, shard_name(prefix, k), embed, progress)
-               for k, shard in enumerate(source.shards(job.settings.cache.shard_size))]
+    results = score_shards(job, prefix, source.shards(job.settings.cache.shard_size), embed, progress)
     return gather(job, [r["name"] for r in results]), results
