@@ -46,7 +46,7 @@ RATE = DedupSettings().dup_false_join_rate  # the default
 
 def embed(root: Path, side: int, channels: int) -> tuple[list[str], np.ndarray, list[str], PixelEmbedder]:
     decoded = [d for b in batched(discover(str(root)), ImageSpec(channels, (side, side)), 256) for d in b]
-    emb = PixelEmbedder(image_side=side)
+    emb = PixelEmbedder(image_side=side, channels=channels)
     v = emb(torch.stack([d.pixels for d in decoded])).numpy()
     return [Path(d.item.id).name for d in decoded], v, [d.pixel_sha256 for d in decoded], emb
 

@@ -162,7 +162,7 @@ def memclean_clusters(root: Path, image_size: int = 64, channels: int = 3, thres
 
     t0 = time.perf_counter()
     decoded = [d for b in batched(discover(root), ImageSpec(channels, (image_size, image_size)), 256) for d in b]
-    emb = previous_embedder(image_size) if previous else PixelEmbedder(image_side=image_size)
+    emb = previous_embedder(image_size) if previous else PixelEmbedder(image_side=image_size, channels=channels)
     v = emb(torch.stack([d.pixels for d in decoded])).numpy()
     ids = [d.item.id for d in decoded]
     c = find_clusters(v, [d.pixel_sha256 for d in decoded], np.zeros(len(ids)), ids, threshold, emb)

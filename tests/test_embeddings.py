@@ -128,3 +128,112 @@ def test_blur_is_the_reflect_padded_separable_convolution(shape, sigma):
     assert (_gaussian_blur(x, sigma).double() - ref).abs().max().item() <= bound
     flat = torch.full((2, 1, *shape), 0.3)  # the weights of every output sum to 1
     assert (_gaussian_blur(flat, sigma) - 0.3).abs().max().item() <= bound
+
+
+def rgb_tensor(img) -> torch.Tensor:
+    """A PIL RGB image as the model sees it: [1, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def test_colour_difference_is_exact_for_a_gain_and_a_hue_turn():
+    """The relative chroma difference has closed forms: a gain of 1 + k gives k / (2 + k), a
+    rotation of every chroma vector by theta gives sin(theta / 2) (float32 rounding of sums of
+    128 terms: 1e-6 absolute)."""
+    from pipeline.decide.embeddings import colour_difference
+
+    rng = np.random.default_rng(0)
+    c = rng.uniform(-0.5, 0.5, (4, 2, 64)).astype(np.float32)
+    flat = c.reshape(4, -1)
+    assert colour_difference(flat, 1.12 * flat, 8 / 255) == pytest.approx([0.12 / 2.12] * 4, abs=1e-6)
+    theta = np.deg2rad(60)
+    turned = np.stack([np.cos(theta) * c[:, 0] - np.sin(theta) * c[:, 1],
+                       np.sin(theta) * c[:, 0] + np.cos(theta) * c[:, 1]], 1).reshape(4, -1)
+    assert colour_difference(flat, turned, 8 / 255) == pytest.approx([np.sin(theta / 2)] * 4, abs=1e-6)
+
+
+def test_a_hue_turned_twin_is_not_a_duplicate_but_a_brighter_copy_is():
+    """Issue 39: two images that differ only by a hue rotation share every grey layout (grey
+    similarity 1) and were joined; the colour check now vetoes them (far below any threshold),
+    while a +12% brightness copy still stands at or above the default threshold."""
+    from PIL import Image, ImageEnhance
+
+    from tests.planted import scene
+
+    img = scene(np.random.default_rng(3))
+    h, s, v = img.convert("HSV").split()
+    twin = Image.merge("HSV", (h.point(lambda p: (p + 85) % 256), s, v)).convert("RGB")  # 120 degrees
+    bright = ImageEnhance.Brightness(img).enhance(1.12)
+    emb = PixelEmbedder(image_side=64, channels=3)
+    assert emb.name == "pixel+colour"
+    x = emb(torch.cat([rgb_tensor(img), rgb_tensor(twin), rgb_tensor(bright)])).numpy()
+    g = emb.grey_dims
+    grey = emb.grey_similarity(x[[0, 0], :g], x[[1, 2], :g])
+    sim = emb.similarity(x[[0, 0]], x[[1, 2]])
+    assert grey[0] > 0.95  # the grey layout alone cannot tell the twin apart
+    assert sim[0] < 0.5 and sim[1] >= emb.default_threshold
+    # the index's view keeps the copy a candidate at the lowest threshold a run may use
+    views = emb.search_view(x)
+    assert float(views[0] @ views[2]) >= emb.candidate_threshold(emb.threshold_floor)
+
+
+def test_grey_images_take_the_grey_path_unchanged():
+    """Grey datasets keep today's behaviour exactly: a one-channel embedder's vectors are the
+    grey thumbnail alone and its similarity the grey one; RGB without the colour check is that
+    same embedder on the images' mean, and a colour embedder refuses grey input."""
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.uniform(-1, 1, (3, 1, 16, 16)).astype(np.float32))
+    grey = PixelEmbedder(image_side=16)
+    v = grey(x).numpy()
+    assert grey.name == "pixel" and v.shape == (3, grey.grey_dims)
+    assert np.array_equal(grey.similarity(v[[0, 1]], v[[1, 2]]), grey.grey_similarity(v[[0, 1]], v[[1, 2]]))
+    assert make_embedder("pixel", image_side=16).name == "pixel"
+    assert make_embedder("pixel", image_side=16, channels=3).name == "pixel+colour"
+    rgb = x.expand(-1, 3, -1, -1)
+    # the mean of three equal channels is the channel up to float32 rounding of the sum (2 ulp)
+    assert torch.allclose(PixelEmbedder(image_side=16, channels=3, colour=False)(rgb), grey(x), rtol=0, atol=4 * 2.0**-23)
+    with pytest.raises(ValueError, match="RGB"):
+        PixelEmbedder(image_side=16, channels=3)(x)
+
+
+def test_faint_rgb_images_are_compared_on_an_absolute_scale():
+    """Flat and nearly flat RGB fields have no grey structure to correlate (the grey path joins
+    them only as exact copies): a flat field and its JPEG copy, or the same field 12% brighter,
+    stand at or above the default threshold; a field 30 grey levels darker, or of another hue,
+    does not."""
+    from PIL import Image, ImageEnhance
+
+    from tests.planted import jpeg
+
+    rng = np.random.default_rng(2)
+    base = np.clip(np.array([150, 90, 60]) + rng.normal(0, 1.0, (64, 64, 3)), 0, 255).astype(np.uint8)
+    field = Image.fromarray(base)
+    darker = Image.fromarray(np.clip(base.astype(int) - 30, 0, 255).astype(np.uint8))
+    other_hue = Image.fromarray(base[..., ::-1].copy())
+    imgs = [field, jpeg(field, 70), ImageEnhance.Brightness(field).enhance(1.12), darker, other_hue]
+    emb = PixelEmbedder(image_side=64, channels=3)
+    x = emb(torch.cat([rgb_tensor(i) for i in imgs])).numpy()
+    sim = emb.similarity(np.repeat(x[:1], 4, 0), x[1:])
+    assert (sim[:2] >= emb.default_threshold).all() and (sim[2:] < emb.threshold_floor).all()
+
+
+def test_chance_draws_of_vetoed_pairs_are_their_grey_similarity():
+    """decide/chance.py's draws with the colour check: an agreeing pair's draw is its
+    similarity, a vetoed pair's its grey similarity (for_chance, chance_draws); grey embedders
+    are their own judge."""
+    from PIL import Image, ImageEnhance
+
+    from tests.planted import scene
+
+    img = scene(np.random.default_rng(4))
+    h, s, v = img.convert("HSV").split()
+    twin = Image.merge("HSV", (h.point(lambda p: (p + 85) % 256), s, v)).convert("RGB")
+    emb = PixelEmbedder(image_side=64, channels=3)
+    x = emb(torch.cat([rgb_tensor(img), rgb_tensor(twin), rgb_tensor(ImageEnhance.Contrast(img).enhance(1.1))])).numpy()
+    judge = emb.for_chance()
+    drawn = judge.chance_draws(judge.similarity(x[[0, 0]], x[[1, 2]]))
+    g = emb.grey_dims
+    grey = emb.grey_similarity(x[[0, 0], :g], x[[1, 2], :g])
+    assert drawn[0] == pytest.approx(grey[0], abs=1e-6)  # vetoed: its grey similarity
+    assert drawn[1] == pytest.approx(emb.similarity(x[[0]], x[[2]])[0], abs=1e-6)
+    grey_only = PixelEmbedder(image_side=64)
+    assert grey_only.for_chance() is grey_only

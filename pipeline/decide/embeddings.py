@@ -3,7 +3,8 @@
 Embedders take images as the model sees them (x: [B, C, H, W] in the model's data range: [-1, 1]
 for VP/DDPM models, [0, 1] for VE; without a model, [-1, 1]) and return [B, d] float32 unit
 vectors. They are chosen by name from EMBEDDERS:
-    pixel             model-free: grey, resized to 32x32, blurred (sigma 1 px), mean removed.
+    pixel             model-free: grey, resized to 32x32, blurred (sigma 1 px), mean removed;
+                      for RGB images also their colours and tone (recorded as pixel+colour).
                       Its similarity is the correlation of two thumbnails and of their detail,
                       aligned over zooms of +-5% and shifts of up to 1/32 of the image or one
                       image pixel, whichever is larger: invariant to brightness and contrast,
@@ -15,6 +16,7 @@ vectors. They are chosen by name from EMBEDDERS:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -29,6 +31,7 @@ from pipeline.score.models import usable_device
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+VETOED = 4.0  # for_chance: a vetoed pair's similarity is its grey one less this (below any agreed pair's)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -99,7 +102,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class PixelEmbedder:
-    """A blurred, mean-removed 32x32 grey thumbnail, compared by aligned correlation at two scales.
+    """A blurred, mean-removed 32x32 grey thumbnail, compared by aligned correlation at two scales,
+    and for RGB images their colours and tone beside it.
 
     The index holds a blurrier view (sigma 2) that finds candidates robustly; each candidate
     pair is then compared over zooms of 1/0.95, 1 and 0.95 (crops of up to 5%) and shifts of up
@@ -110,18 +114,45 @@ class PixelEmbedder:
     correlate as thumbnails but not in detail. An image whose thumbnail varies by less than
     min_levels grey levels (std) has no structure to compare: its vector is shorter than 1 in
     proportion, and it joins others only as an exact copy (equal pixels).
+
+    RGB images (channels=3) carry more: an 8x8 thumbnail of their opponent colours (R - G and
+    (R + G) / 2 - B, blurred by one of its pixels) and the grey thumbnail's mean and standard
+    deviation, the tone that normalising takes away. A pair's similarity is then at most its
+    colour and tone check (colour_similarity): chroma that differ by more than colour_tolerance
+    of their size, means more than mean_tolerance of the range apart, or contrasts more than a
+    factor contrast_tolerance apart veto it, whatever its grey layout. Two RGB images
+    with almost no grey structure (flat, or nearly) are compared on an absolute scale
+    (faint_similarity) instead of by normalised correlation, which magnifies their noise. The index's view holds the colours too, so that candidates are look-alikes in colour
+    as well as in layout. Grey images (channels=1) are compared exactly as they always were.
     """
 
-    name = "pixel"
     default_threshold = 0.95
     threshold_floor = 0.9  # near copies on photos reach 0.9-0.95 (benchmarks/dup_threshold.py)
     zooms = (1.0, 0.95, 1 / 0.95)  # scales tried about the centre: crops of up to 5% per side total
     detail_weight = 0.5  # similarity = min(correlation, 1 - (1 - detail correlation) * weight)
+    # the colour check (RGB): tolerances of the edits a near copy may carry, measured on planted
+    # copies (benchmarks/colour_duplicates.py: JPEG, brightness +12%, blur, rescale, shift, crop
+    # reach a chroma difference of 0.16 at most, a gain of 1.25 gives 0.11, a hue turned by 25 degrees 0.22)
+    colour_size = 8  # side of the colour thumbnail
+    colour_tolerance = 0.2  # relative chroma difference a near copy may have (colour_difference)
+    chroma_floor = 8 / 255  # chroma differences are relative to the colours' size, at least this (8 levels)
+    mean_tolerance = 0.25  # difference of mean grey level a near copy may have (share of the range)
+    contrast_tolerance = 2.0  # factor of grey standard deviation a near copy may have
+    contrast_floor = 2 / 255  # standard deviations below this count as this (two levels)
+    faint_contrast = 3 / 255  # RGB images whose grey std is under this (3 levels) are compared absolutely
+    faint_levels = 1.5 / 255  # faint images this far apart (rms, grey structure) stand at the default threshold
+    faint_gain = 1.2  # and so do faint images one this much brighter than the other
+    colour_share = 0.25  # the colours' share of the index view's inner product (search_view)
+    chance = False  # similarities as chance's draws (for_chance)
 
     def __init__(self, size: int = 32, sigma: float = 1.0, search_sigma: float = 2.0,
                  image_side: int | None = None, data_range: tuple[float, float] = (-1.0, 1.0),
-                 min_levels: float = 1.0):
+                 min_levels: float = 1.0, channels: int = 1, colour: bool = True):
         self.size = size  # thumbnail side
+        self.data_range = data_range
+        self.colour = colour and channels == 3  # RGB images get the colour check; grey ones never
+        # recorded in the manifest; --against requires the same one (the vectors differ)
+        self.name = "pixel+colour" if self.colour else "pixel"
         self.sigma = sigma  # blur of the stored thumbnail, in thumbnail pixels
         self.search_sigma = search_sigma  # blur of the indexed view
         # largest shift tried, in thumbnail pixels: one image pixel for images under `size`
@@ -131,26 +162,70 @@ class PixelEmbedder:
         # thumbnail std below which an image counts as flat: min_levels 8-bit grey levels
         self.flat_std = min_levels * (data_range[1] - data_range[0]) / 255
 
+    @property
+    def grey_dims(self) -> int:
+        """The thumbnail's share of a vector: the rest, when there is a rest, is the colour."""
+        return self.size * self.size
+
     def search_view(self, v: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """The stored thumbnails blurred further to search_sigma and sampled at every second
         pixel (16x16, 256 values), in chunks (bounded memory). At sigma 2 the blur passes
         exp(-2 pi^2 sigma^2 f^2) < 1% of the amplitude at the new Nyquist frequency f = 1/4, so
-        the samples keep the view's inner products and the index holds a quarter of the data."""
+        the samples keep the view's inner products and the index holds a quarter of the data.
+        RGB vectors add their colours (colour_view), weighted so that they make colour_share of
+        the inner product."""
         extra = math.sqrt(self.search_sigma**2 - self.sigma**2)
         step = 2 if self.search_sigma >= 2 else 1
-        out = np.empty((len(v), (self.size // step) ** 2), np.float32)
+        grey = (self.size // step) ** 2
+        out = np.empty((len(v), grey + (self.colour_view_dims if self.colour else 0)), np.float32)
         for s in range(0, len(v), chunk):
             # a copy of the chunk: v may be a read-only memory map
-            t = torch.from_numpy(np.array(v[s:s + chunk], dtype=np.float32)).view(-1, 1, self.size, self.size)
+            part = np.array(v[s:s + chunk], dtype=np.float32)
+            t = torch.from_numpy(part[:, :self.grey_dims].copy()).view(-1, 1, self.size, self.size)
             blurred = _gaussian_blur(t, extra)
             # the centre of each 2x2 block (bilinear at half-pixel offsets: the 2x2 mean)
-            out[s:s + chunk] = _unit(F.avg_pool2d(blurred, step) if step > 1 else blurred).numpy()
+            out[s:s + chunk, :grey] = _unit(F.avg_pool2d(blurred, step) if step > 1 else blurred).numpy()
+            if self.colour:
+                layout = self.faint_view(out[s:s + chunk, :grey], part[:, -2], part[:, -1])
+                out[s:s + chunk, :grey + 2] = math.sqrt(1 - self.colour_share) * layout
+                out[s:s + chunk, grey + 2:] = math.sqrt(self.colour_share) * self.colour_view(part[:, self.grey_dims:-2])
         return out
+
+    @property
+    def colour_view_dims(self) -> int:
+        return 2 + 2 * (self.colour_size // 2) ** 2 + 1
+
+    def faint_view(self, grey: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """RGB images' grey views with their faintness: the unit view scaled by s = std /
+        faint_contrast (at most 1), and the rest of the unit length in two components at the
+        angle pi * mean level. An image with structure keeps its view (s = 1); faint images,
+        whose views are mostly noise, point at the tone they share instead, so they find each
+        other as candidates, those of like grey level first."""
+        s = np.clip(std / self.faint_contrast, 0, 1)[:, None]
+        rest, angle = np.sqrt(1 - s**2), np.pi * mean[:, None]
+        return np.concatenate([grey * s, rest * np.cos(angle), rest * np.sin(angle)], 1)
+
+    def colour_view(self, chroma: np.ndarray) -> np.ndarray:
+        """Unit vectors of chroma thumbnails, 2x2-pooled (already blurred by one pixel), as a
+        share of their size or the floor, whichever is larger, and the rest of the unit length
+        in one more component: colours of like hue and size point alike, and nearly grey images
+        all point at that last component."""
+        c = torch.from_numpy(chroma).view(-1, 2, self.colour_size, self.colour_size)
+        c = F.avg_pool2d(c, 2).flatten(1).numpy()
+        size = np.maximum(np.linalg.norm(c, axis=1, keepdims=True), self.chroma_floor * math.sqrt(c.shape[1]))
+        c = c / size
+        return np.concatenate([c, np.sqrt(np.clip(1 - (c**2).sum(1, keepdims=True), 0, 1))], 1)
 
     def candidate_threshold(self, threshold: float) -> float:
         # the sigma-2 views of pairs at or above threshold correlate at >= 1 - 2 * max_shift * (1 - t)
         # on photos, scenes and the demo digits (benchmarks/near_duplicates.py); 3x leaves a margin
-        return 1 - 3 * self.max_shift * (1 - threshold)
+        grey = 1 - 3 * self.max_shift * (1 - threshold)
+        if not self.colour:
+            return grey
+        # colour views of a pair within colour_tolerance d have cosine >= 1 - 2 d^2 (equal sizes
+        # are the worst case); the bound is taken at 1.5 d, a margin as the grey one's
+        colour = 1 - 2 * (1.5 * self.colour_tolerance) ** 2
+        return (1 - self.colour_share) * grey + self.colour_share * colour
 
     def _shifted_correlation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """max over shifts of the correlation of a and b over their overlap: [n, s, s] -> [n]."""
@@ -167,9 +242,64 @@ class PixelEmbedder:
         return best
 
     def similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        sim = self.grey_similarity(a[:, :self.grey_dims], b[:, :self.grey_dims], floor)
+        if self.colour:  # RGB: faint images compared on an absolute scale, then the colour check
+            ca, cb = a[:, self.grey_dims:], b[:, self.grey_dims:]
+            faint = (ca[:, -1] < self.faint_contrast) & (cb[:, -1] < self.faint_contrast)
+            if faint.any():
+                sim = np.where(faint, self.faint_similarity(a, b), sim)
+            colour = self.colour_similarity(ca, cb)
+            # chance's draws are the pairs whose colours agree (for_chance); others are no draws
+            # as chance's draws (for_chance): a vetoed pair's grey similarity, less VETOED
+            sim = np.where(colour >= sim, sim, sim - VETOED).astype(np.float32) if self.chance \
+                else np.minimum(sim, colour)
+        return sim
+
+    def for_chance(self) -> "PixelEmbedder":
+        """This embedder as decide/chance.py measures chance with it (with chance_draws): each
+        image's draw is its grey similarity to the most similar candidate whose colours agree,
+        or, when the colour check vetoes every candidate, to the most similar one. A vetoed
+        pair's value is no similarity the grey law knows (counting it widened the fitted law and
+        raised the threshold to 0.97-0.98 on photographs whose grey chance level is 0.90-0.94),
+        and leaving such images out left mostly the copies where colours vary (generated scenes:
+        the threshold went to 1). Without colour (grey images) it is this embedder."""
+        if not self.colour:
+            return self
+        judge = copy.copy(self)
+        judge.chance = True
+        return judge
+
+    def chance_draws(self, sim: np.ndarray) -> np.ndarray:
+        """Nearest similarities found with for_chance's similarity, as draws of chance."""
+        return np.where(sim < -1 - 1e-6, sim + VETOED, sim) if self.chance else sim
+
+    def faint_similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Two RGB images with almost no grey structure (standard deviation under faint_contrast)
+        on an absolute scale, where correlating their normalised thumbnails would magnify noise:
+        1 - (1 - default_threshold) * w^2, w the largest of the rms difference of their grey
+        thumbnails, mean removed, over faint_levels; their mean levels' relative difference over
+        faint_gain - 1; and their chroma difference (colour_difference) over the chroma a gain
+        of faint_gain gives. A near copy (re-encoded, blurred, shifted, cropped, rescaled, or
+        brightened by at most faint_gain) stands at or above the default threshold; flat fields
+        of another grey level or colour, or faint layouts of other shapes, below it."""
+        g, n = self.grey_dims, self.grey_dims
+        level = 1 / 255  # what a flat image's vector is normalised by (flat_std), in units of the range
+        ra = a[:, :g] * np.maximum(a[:, -1], level)[:, None] * math.sqrt(n)
+        rb = b[:, :g] * np.maximum(b[:, -1], level)[:, None] * math.sqrt(n)
+        structure = np.sqrt(np.mean((ra - rb) ** 2, axis=1)) / self.faint_levels
+        means = np.abs(a[:, -2] - b[:, -2]) / np.maximum(np.maximum(a[:, -2], b[:, -2]), 16 / 255)
+        gain = self.faint_gain - 1
+        chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (gain / (2 + gain))
+        worst = np.maximum(structure, np.maximum(means / gain, chroma))
+        return (1 - (1 - self.default_threshold) * worst**2).astype(np.float32)
+
+    def grey_similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
         n, s = len(a), self.size
-        a = torch.from_numpy(np.asarray(a, np.float32)).view(n, 1, s, s)
-        b = torch.from_numpy(np.asarray(b, np.float32)).view(n, 1, s, s)
+        if n == 0:
+            return np.empty(0, np.float32)
+        a = torch.from_numpy(a).view(n, 1, s, s)
+        b = torch.from_numpy(b).view(n, 1, s, s)
         flat = (a.flatten(1).norm(dim=1) < 0.999) | (b.flatten(1).norm(dim=1) < 0.999)
         zoomed = [b if z == 1 else _zoom(b, z) for z in self.zooms]
         full = torch.full((n,), -1.0)
@@ -196,10 +326,60 @@ class PixelEmbedder:
         if flip:
             grey = grey.flip(-1)
         v = grey.flatten(1)
+        tone = self.tone(v)
         v = v - v.mean(1, keepdim=True)
         # unit length, or std / flat_std < 1 for a flat image (similarity reads it as flat)
         floor = self.flat_std * math.sqrt(v.shape[1])
-        return v / v.norm(dim=1, keepdim=True).clamp_min(floor)
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(floor)
+        if self.colour:
+            if x.shape[1] != 3:
+                raise ValueError(f"the pixel+colour embedder takes RGB images, got {x.shape[1]} channels")
+            v = torch.cat([v, self.chroma(x, flip), tone], 1)
+        return v
+
+    def tone(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        """[B, size^2] grey thumbnails -> [B, 2]: their mean and standard deviation in units of
+        the full range (what normalising the thumbnail takes away)."""
+        lo, hi = self.data_range
+        t = (thumbnail - lo) / (hi - lo)
+        return torch.stack([t.mean(1), t.std(1, correction=0)], 1)
+
+    def chroma(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, 2 * colour_size^2]: the opponent colours R - G and (R + G) / 2 - B,
+        in units of the full range (0 for grey), area-averaged to colour_size x colour_size and
+        blurred by one of its pixels (so that shifts and crops of a few image pixels move little)."""
+        lo, hi = self.data_range
+        rgb = (x.to(torch.float32) - lo) / (hi - lo)
+        c = torch.stack([rgb[:, 0] - rgb[:, 1], (rgb[:, 0] + rgb[:, 1]) / 2 - rgb[:, 2]], 1)
+        c = F.interpolate(c, size=(self.colour_size, self.colour_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        c = _gaussian_blur(c.reshape(-1, 1, self.colour_size, self.colour_size), 1.0).view_as(c)
+        return (c.flip(-1) if flip else c).flatten(1)
+
+    def colour_similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The colour and tone check of RGB vectors' colour parts (chroma, then mean and std):
+        1 while the chroma differ by at most colour_tolerance (colour_difference), the means by
+        at most mean_tolerance and the contrasts by at most a factor contrast_tolerance, then
+        falling steeply (by 4 per unit of the excess, to -1): a veto at about the tolerances
+        whatever the threshold, so that a pair's similarity, the smaller of this and the grey
+        one, stays on the grey one's scale."""
+        chroma_a, chroma_b = a[:, :-2], b[:, :-2]
+        excess = colour_difference(chroma_a, chroma_b, self.chroma_floor) - self.colour_tolerance
+        excess = np.maximum(excess, np.abs(a[:, -2] - b[:, -2]) - self.mean_tolerance)
+        contrast = np.abs(np.log2(np.maximum(a[:, -1], self.contrast_floor) / np.maximum(b[:, -1], self.contrast_floor)))
+        excess = np.maximum(excess, contrast - math.log2(self.contrast_tolerance))
+        return np.clip(1 - 4 * excess, -1, 1).astype(np.float32)
+
+
+def colour_difference(a: np.ndarray, b: np.ndarray, floor: float) -> np.ndarray:
+    """|a - b| / (|a| + |b|) of two colour thumbnails (rows), each size at least `floor` rms: 0
+    for equal colours, 1 for opposite ones, k / (2 + k) for a gain of 1 + k (a brightness or
+    contrast change), sin(theta / 2) for a hue turned by theta; two nearly grey images (both
+    under `floor`) differ by their difference over twice the floor."""
+    root_n = math.sqrt(a.shape[1])
+    na = np.maximum(np.linalg.norm(a, axis=1), floor * root_n)
+    nb = np.maximum(np.linalg.norm(b, axis=1), floor * root_n)
+    return np.linalg.norm(a - b, axis=1) / (na + nb)
 
 
 def _zoom(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -273,9 +453,10 @@ class TorchScriptEmbedder(CosineSimilarity):
 
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
-    "pixel": lambda model=None, image_side=None, **kw: PixelEmbedder(
+    "pixel": lambda model=None, image_side=None, channels=1, **kw: PixelEmbedder(
         image_side=min(model.sample_size) if model else image_side,
-        data_range=tuple(model.data_range) if model else (-1.0, 1.0)),
+        data_range=tuple(model.data_range) if model else (-1.0, 1.0),
+        channels=model.channels if model else channels),
     "unet": lambda model=None, **kw: UNetEmbedder(model.score_fn, prepare=model.prepare),
     "torchscript": lambda model=None, path="", size=224, device="cpu", **kw: TorchScriptEmbedder(
         path, size, device, model.data_range if model else (-1.0, 1.0)),
@@ -283,13 +464,14 @@ EMBEDDERS: dict[str, Callable[..., Embedder]] = {
 
 
 def make_embedder(spec: str, model=None, size: int = 224, device: str | torch.device = "cpu",
-                  image_side: int | None = None) -> Embedder:
-    """'pixel', 'unet' or 'torchscript:PATH' -> an embedder; image_side: the side of the images it
-    is given when there is no model (memclean dedup)."""
+                  image_side: int | None = None, channels: int = 1) -> Embedder:
+    """'pixel', 'unet' or 'torchscript:PATH' -> an embedder; image_side and channels: those of the
+    images it is given when there is no model (memclean dedup)."""
     name, _, path = spec.partition(":")
     if name not in EMBEDDERS:
         raise ValueError(f"embedder {spec!r} is not one of pixel, unet, torchscript:PATH")
     if name == "torchscript" and not path:
         raise ValueError("the torchscript embedder needs a file: --embedder torchscript:PATH")
     device = usable_device(device)
-    return EMBEDDERS[name](model=model, path=path, size=size, device=device, image_side=image_side)
+    return EMBEDDERS[name](model=model, path=path, size=size, device=device, image_side=image_side,
+                           channels=channels)

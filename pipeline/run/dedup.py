@@ -89,7 +89,7 @@ def run_dedup(settings: DedupRunSettings, progress: Callable[[int], None] | None
         source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         spec = settings.decode.spec(settings.input)
         embedder = make_embedder(settings.dedup.embedder, None, settings.dedup.embed_size, settings.decode.device,
-                                 image_side=settings.decode.image_size)
+                                 image_side=settings.decode.image_size, channels=spec.channels)
         check_faiss()  # before any embedding: the index is searched memory-mapped
         against = check_against(settings.dedup.against, embedder.name) if settings.dedup.against else []
         scratch = run.staging / "shards"
