@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 from benchmarks.dup_threshold import RATE, digits_second, load_digits, planted_truth  # noqa: E402
-from benchmarks.near_duplicates import (KINDS, PHOTOS, copy_of, pair_stats, phash_clusters, photo_set,  # noqa: E402
-                                        recall_by_kind)
+from benchmarks.near_duplicates import (KINDS, PHOTOS, copy_of, indistinguishable, pair_stats,  # noqa: E402
+                                        phash_clusters, photo_set, recall_by_kind)
 from benchmarks.results import hardware, publish  # noqa: E402
 from pipeline.decide.chance import threshold_by_chance  # noqa: E402
 from pipeline.decide.clusters import find_clusters  # noqa: E402
@@ -58,6 +58,7 @@ COLOUR_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "china.jpg", "flo
 GRAPHICS = ("logo.png", "color.png", "chessboard_RGB.png")  # scikit-image's drawn images
 SIDE = 64
 SMOOTH = ("split", "linear", "radial", "flat")  # the smooth fields' kinds
+SUMMARY: list[tuple[str, str, str, float, float]] = []  # (set, method, threshold, precision, recall) of every row
 
 
 def hue_rotated(img: Image.Image, degrees: float) -> Image.Image:
@@ -167,7 +168,7 @@ def graphics_set(photos: Path, root: Path, seed: int, n: int = 480, twins: int =
         twin.save(root / f"{Path(name).stem}__twin.png")
         truth[f"{Path(name).stem}__twin.png"] = by_pixels.setdefault(twin.tobytes(), -10_000 - j)
     plant(images, truth, root, rng, per_kind)
-    return indistinguishable(root, finish(truth))
+    return indistinguishable(root, truth)
 
 
 def plant(images: list, truth: dict[str, int], root: Path, rng: np.random.Generator, per_kind: int) -> None:
@@ -179,13 +180,6 @@ def plant(images: list, truth: dict[str, int], root: Path, rng: np.random.Genera
         copy = f"{Path(name).stem}__{kind}.png"
         copy_of(img, kind, rng).save(root / copy)
         truth[copy] = truth[name]
-
-
-def finish(truth: dict[str, int]) -> dict[str, int]:
-    sizes: dict[int, int] = {}
-    for g in truth.values():
-        sizes[g] = sizes.get(g, 0) + 1
-    return {f: (g if sizes[g] > 1 else -1) for f, g in truth.items()}
 
 
 def recoloured_set(photos: Path, root: Path, seed: int, twins: int = 30, per_kind: int = 10) -> dict[str, int]:
@@ -216,21 +210,7 @@ def recoloured_set(photos: Path, root: Path, seed: int, twins: int = 30, per_kin
         twin.save(root / f"{Path(name).stem}__twin.png")
         truth[f"{Path(name).stem}__twin.png"] = by_pixels.setdefault(twin.tobytes(), -10_000 - j)
     plant([(n, i) for n, i in images], truth, root, rng, per_kind)
-    return indistinguishable(root, finish(truth))
-
-
-def indistinguishable(root: Path, truth: dict[str, int], levels: int = 4) -> dict[str, int]:
-    """The groups with images no person can tell apart joined: every pixel within `levels` of
-    the other's (the black corners of the retina photograph, 0-4 levels, are such tiles)."""
-    names = sorted(truth)
-    pixels = np.stack([np.asarray(Image.open(root / n).convert("RGB").resize((SIDE, SIDE)), np.int16) for n in names])
-    group = {n: truth[n] if truth[n] != -1 else -100_000 - k for k, n in enumerate(names)}
-    for a in range(len(names)):
-        close = np.flatnonzero(np.abs(pixels[a + 1:] - pixels[a]).max(axis=(1, 2, 3)) <= levels) + a + 1
-        for b in close:
-            old, new = group[names[b]], group[names[a]]
-            group = {n: (new if g == old else g) for n, g in group.items()}
-    return finish(group)
+    return indistinguishable(root, truth)
 
 
 def embed(root: Path, side: int, channels: int, emb: PixelEmbedder):
@@ -269,6 +249,7 @@ def row(label: str, method: str, how: str, truth: dict[str, int], ids: list[str]
         seconds: float | None) -> str:
     """One table row: pairwise precision and recall, false pairs, and copies joined by kind."""
     st = pair_stats(truth, ids, cluster)
+    SUMMARY.append((label.split(",")[0], method, how.split(" ")[0], st["precision"], st["recall"]))
     kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "smooth fields")
     by_kind = recall_by_kind(truth, ids, cluster) if kinds else {}
     line = (f"| {label} | {method} | {how} | {len(ids)} | {st['true_pairs']} | {st['precision']:.3f} | "
@@ -316,7 +297,7 @@ def main() -> None:
         tmp = Path(tmp)
         for seed in args.seeds:
             if "photos" in args.sets:
-                truth = indistinguishable(tmp / f"photos{seed}", photo_set(args.photos, tmp / f"photos{seed}", seed=seed))
+                truth = photo_set(args.photos, tmp / f"photos{seed}", seed=seed)
                 lines += measure(f"photos, seed {seed}", tmp / f"photos{seed}", truth, SIDE, 3, show=args.show)
             if "graphics" in args.sets:
                 truth = graphics_set(args.photos, tmp / f"graphics{seed}", seed)
@@ -336,9 +317,21 @@ def main() -> None:
     text = (f"Hardware: {hardware()}. The pixel embedder at the threshold a run judges against chance from the "
             f"dataset (false-join rate {RATE}; the digits: against their held-out images) and at a fixed 0.95, with "
             "its colour check and without it (grey only, the embedder before), and pHash (imagededup's default, "
-            "Hamming distance <= 10). Pairwise precision and recall of the planted groups.\n\n" + "\n".join(lines))
+            "Hamming distance <= 10). Pairwise precision and recall of the planted groups.\n\n"
+            + summary() + "\n\nEvery run:\n\n" + "\n".join(lines))
     publish("colour-duplicates", "Near duplicates in colour: `benchmarks/colour_duplicates.py`", text,
             write=not args.no_write)
+
+
+def summary() -> str:
+    """The worst precision and recall over the seeds, per set, method and threshold."""
+    out = ["| set | method | threshold | worst precision | worst recall | runs |", "|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((a, b, c) for a, b, c, _, _ in SUMMARY))
+    for key in keys:
+        got = [(p, r) for a, b, c, p, r in SUMMARY if (a, b, c) == key]
+        out.append(f"| {key[0]} | {key[1]} | {key[2] or 'its own'} | {min(p for p, _ in got):.3f} | "
+                   f"{min(r for _, r in got):.3f} | {len(got)} |")
+    return "\n".join(out)
 
 
 def extract_graphics(wheels: Path, folder: Path) -> None:

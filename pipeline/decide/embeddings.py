@@ -141,7 +141,7 @@ class PixelEmbedder:
     contrast_floor = 2 / 255  # standard deviations below this count as this (two levels)
     faint_contrast = 3 / 255  # RGB images whose grey std is under this (3 levels) are compared absolutely
     faint_levels = 1.5 / 255  # faint images this far apart (rms, grey structure) stand at the default threshold
-    faint_gain = 1.2  # and so do faint images one this much brighter than the other
+    faint_mean_levels = 2 / 255  # and so do faint images whose mean grey levels are this far apart
     colour_share = 0.25  # the colours' share of the index view's inner product (search_view)
     chance = False  # similarities as chance's draws (for_chance)
 
@@ -278,20 +278,20 @@ class PixelEmbedder:
         """Two RGB images with almost no grey structure (standard deviation under faint_contrast)
         on an absolute scale, where correlating their normalised thumbnails would magnify noise:
         1 - (1 - default_threshold) * w^2, w the largest of the rms difference of their grey
-        thumbnails, mean removed, over faint_levels; their mean levels' relative difference over
-        faint_gain - 1; and their chroma difference (colour_difference) over the chroma a gain
-        of faint_gain gives. A near copy (re-encoded, blurred, shifted, cropped, rescaled, or
-        brightened by at most faint_gain) stands at or above the default threshold; flat fields
-        of another grey level or colour, or faint layouts of other shapes, below it."""
+        thumbnails (mean removed) over faint_levels, the difference of their mean grey levels
+        over faint_mean_levels, and their chroma difference (colour_difference) over what a gain
+        of 1.2 gives. A re-encoded, blurred, shifted, cropped or rescaled copy stands at or above
+        the default threshold; fields of another grey level (a brightened copy among them: a
+        flat field brightened cannot be told from another field of that level) or colour, or
+        faint layouts of other shapes, below it."""
         g, n = self.grey_dims, self.grey_dims
         level = 1 / 255  # what a flat image's vector is normalised by (flat_std), in units of the range
         ra = a[:, :g] * np.maximum(a[:, -1], level)[:, None] * math.sqrt(n)
         rb = b[:, :g] * np.maximum(b[:, -1], level)[:, None] * math.sqrt(n)
         structure = np.sqrt(np.mean((ra - rb) ** 2, axis=1)) / self.faint_levels
-        means = np.abs(a[:, -2] - b[:, -2]) / np.maximum(np.maximum(a[:, -2], b[:, -2]), 16 / 255)
-        gain = self.faint_gain - 1
-        chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (gain / (2 + gain))
-        worst = np.maximum(structure, np.maximum(means / gain, chroma))
+        means = np.abs(a[:, -2] - b[:, -2]) / self.faint_mean_levels
+        chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (0.2 / 2.2)
+        worst = np.maximum(structure, np.maximum(means, chroma))
         return (1 - (1 - self.default_threshold) * worst**2).astype(np.float32)
 
     def grey_similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
