@@ -140,3 +140,37 @@ def test_a_run_that_would_empty_the_dataset_is_refused_and_its_plan_set_aside(dr
                  "--max-loss-fraction", "1"]) == 0
     assert (out / "_COMPLETE").is_file() and not plan.exists()
     assert json.loads((out / "manifest.json").read_text())["refused"] is None
+
+
+def test_colour_twins_stay_apart_and_brighter_copies_join(tmp_path):
+    """Issue 39 through the command line: `memclean dedup` (which decodes RGB) embeds with the
+    colour check (pixel+colour in the manifest); a scene's hue-turned twin (the same grey
+    layout) stays out of its cluster while its +12% brightness copy joins it. The same pictures
+    saved grey take the grey path: the twin, grey, is a copy again."""
+    import numpy as np
+    from PIL import Image, ImageEnhance
+
+    from tests.planted import scene
+
+    rng = np.random.default_rng(11)
+    pictures = {f"u{k:02d}.png": scene(rng) for k in range(12)}
+    img = scene(rng)
+    h, s, v = img.convert("HSV").split()
+    pictures["a.png"] = img
+    pictures["a_twin.png"] = Image.merge("HSV", (h.point(lambda p: (p + 85) % 256), s, v)).convert("RGB")
+    pictures["a_bright.png"] = ImageEnhance.Brightness(img).enhance(1.12)
+    clusters = {}
+    for mode in ("RGB", "L"):
+        folder, out = tmp_path / mode, tmp_path / f"out{mode}"
+        folder.mkdir()
+        for name, picture in pictures.items():
+            picture.convert(mode).save(folder / name)
+        assert main(["dedup", "--data", str(folder), "--out", str(out), "--image-size", "64"]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        rows = pq.read_table(out / "scores.parquet", columns=["id", "dup_cluster"]).to_pylist()
+        clusters[mode] = (m["dedup"]["embedder"], {r["id"]: r["dup_cluster"] for r in rows})
+    name, c = clusters["RGB"]
+    assert name == "pixel+colour"
+    assert c["a.png"] is not None and c["a_bright.png"] == c["a.png"] and c["a_twin.png"] != c["a.png"]
+    _, c = clusters["L"]
+    assert c["a.png"] is not None and c["a_twin.png"] == c["a.png"] == c["a_bright.png"]

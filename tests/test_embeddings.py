@@ -237,3 +237,17 @@ def test_chance_draws_of_vetoed_pairs_are_their_grey_similarity():
     assert drawn[1] == pytest.approx(emb.similarity(x[[0]], x[[2]])[0], abs=1e-6)
     grey_only = PixelEmbedder(image_side=64)
     assert grey_only.for_chance() is grey_only
+
+
+def test_grey_pictures_decoded_as_rgb_compare_as_grey():
+    """memclean dedup decodes RGB: grey pictures (no chroma at all) compare by the grey
+    similarity, without the faint or colour checks, to float32 rounding of 1,024-term sums
+    (1024 * 2^-24) of the grey embedder's values on the same pictures."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.uniform(-1, 1, (4, 1, 16, 16)).astype(np.float32))
+    x[3] = x[2] * 0.01  # faint: the RGB path would compare it absolutely
+    grey, rgb = PixelEmbedder(image_side=16), PixelEmbedder(image_side=16, channels=3)
+    g, c = grey(x).numpy(), rgb(x.expand(-1, 3, -1, -1)).numpy()
+    pairs = ([0, 0, 1, 2], [1, 2, 3, 3])
+    assert np.allclose(rgb.similarity(c[pairs[0]], c[pairs[1]]), grey.similarity(g[pairs[0]], g[pairs[1]]),
+                       rtol=0, atol=1024 * 2.0**-24)

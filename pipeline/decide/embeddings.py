@@ -123,7 +123,8 @@ class PixelEmbedder:
     factor contrast_tolerance apart veto it, whatever its grey layout. Two RGB images
     with almost no grey structure (flat, or nearly) are compared on an absolute scale
     (faint_similarity) instead of by normalised correlation, which magnifies their noise. The index's view holds the colours too, so that candidates are look-alikes in colour
-    as well as in layout. Grey images (channels=1) are compared exactly as they always were.
+    as well as in layout. Grey images (channels=1) are compared exactly as they always were, and
+    so are two grey pictures decoded as RGB (no chroma at all: memclean dedup decodes RGB).
     """
 
     default_threshold = 0.95
@@ -246,10 +247,12 @@ class PixelEmbedder:
         sim = self.grey_similarity(a[:, :self.grey_dims], b[:, :self.grey_dims], floor)
         if self.colour:  # RGB: faint images compared on an absolute scale, then the colour check
             ca, cb = a[:, self.grey_dims:], b[:, self.grey_dims:]
-            faint = (ca[:, -1] < self.faint_contrast) & (cb[:, -1] < self.faint_contrast)
+            # two grey pictures (no chroma at all: grey images decoded as RGB) take the grey path
+            coloured = np.any(ca[:, :-2] != 0, axis=1) | np.any(cb[:, :-2] != 0, axis=1)
+            faint = coloured & (ca[:, -1] < self.faint_contrast) & (cb[:, -1] < self.faint_contrast)
             if faint.any():
                 sim = np.where(faint, self.faint_similarity(a, b), sim)
-            colour = self.colour_similarity(ca, cb)
+            colour = np.where(coloured, self.colour_similarity(ca, cb), np.float32(1))
             # chance's draws are the pairs whose colours agree (for_chance); others are no draws
             # as chance's draws (for_chance): a vetoed pair's grey similarity, less VETOED
             sim = np.where(colour >= sim, sim, sim - VETOED).astype(np.float32) if self.chance \
