@@ -138,13 +138,14 @@ def threshold_by_chance(vectors: np.ndarray, keys: Sequence[str | None], index, 
     the threshold above it (chance_threshold). Reference images at or above it are listed as
     contaminated (with the training image they match, by `ids`) and left out of the fit."""
     floor, default = embedder.threshold_floor, embedder.default_threshold
-    # the pixel embedder's colour check vetoes pairs: chance is measured on the pairs it lets through
+    # the pixel embedder's colour check vetoes pairs: its draws are grey similarities, those of
+    # pairs whose colours agree first (embeddings.PixelEmbedder.for_chance)
     embedder = embedder.for_chance() if hasattr(embedder, "for_chance") else embedder
+    draws = getattr(embedder, "chance_draws", lambda sim: sim)
     if reference is not None and len(reference):
         rows = np.arange(min(len(reference), 5 * sample))  # every reference image, up to 5 samples' worth
         match, sim = nearest_similarity(reference[rows], None, index, vectors, None, embedder)
-        if hasattr(embedder, "chance_draws"):
-            sim = embedder.chance_draws(sim)
+        sim = draws(sim)
         t = chance_threshold(sim, rate, floor, "reference", default)
         hit = np.flatnonzero(sim >= t.value)
         if len(hit):
@@ -161,9 +162,7 @@ def threshold_by_chance(vectors: np.ndarray, keys: Sequence[str | None], index, 
     query_keys = keys.take(pa.array(rows, pa.int64())).to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) \
         else [keys[int(r)] for r in rows]
     _, sim = nearest_similarity(vectors[rows], query_keys, index, vectors, keys, embedder, query_views=views[rows])
-    if hasattr(embedder, "chance_draws"):
-        sim = embedder.chance_draws(sim)
-    return chance_threshold(sim, rate, floor, "dataset", default)
+    return chance_threshold(draws(sim), rate, floor, "dataset", default)
 
 
 def given_threshold(value: float) -> ChanceThreshold:

@@ -251,9 +251,8 @@ class PixelEmbedder:
             coloured = np.any(ca[:, :-2] != 0, axis=1) | np.any(cb[:, :-2] != 0, axis=1)
             faint = coloured & (ca[:, -1] < self.faint_contrast) & (cb[:, -1] < self.faint_contrast)
             if faint.any():
-                sim = np.where(faint, self.faint_similarity(a, b), sim)
+                sim[faint] = self.faint_similarity(a[faint], b[faint])
             colour = np.where(coloured, self.colour_similarity(ca, cb), np.float32(1))
-            # chance's draws are the pairs whose colours agree (for_chance); others are no draws
             # as chance's draws (for_chance): a vetoed pair's grey similarity, less VETOED
             sim = np.where(colour >= sim, sim, sim - VETOED).astype(np.float32) if self.chance \
                 else np.minimum(sim, colour)
@@ -287,13 +286,16 @@ class PixelEmbedder:
         the default threshold; fields of another grey level (a brightened copy among them: a
         flat field brightened cannot be told from another field of that level) or colour, or
         faint layouts of other shapes, below it."""
-        g, n = self.grey_dims, self.grey_dims
-        level = 1 / 255  # what a flat image's vector is normalised by (flat_std), in units of the range
-        ra = a[:, :g] * np.maximum(a[:, -1], level)[:, None] * math.sqrt(n)
-        rb = b[:, :g] * np.maximum(b[:, -1], level)[:, None] * math.sqrt(n)
+        g = self.grey_dims
+        # the thumbnails as they were before normalising (unit length, or flat_std rms when flat:
+        # __call__), in units of the range
+        level = self.flat_std / (self.data_range[1] - self.data_range[0])
+        ra = a[:, :g] * np.maximum(a[:, -1], level)[:, None] * math.sqrt(g)
+        rb = b[:, :g] * np.maximum(b[:, -1], level)[:, None] * math.sqrt(g)
         structure = np.sqrt(np.mean((ra - rb) ** 2, axis=1)) / self.faint_levels
         means = np.abs(a[:, -2] - b[:, -2]) / self.faint_mean_levels
-        chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (0.2 / 2.2)
+        gain = 0.2  # a gain of 1.2 turns chroma by colour_difference k / (2 + k)
+        chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (gain / (2 + gain))
         worst = np.maximum(structure, np.maximum(means, chroma))
         return (1 - (1 - self.default_threshold) * worst**2).astype(np.float32)
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.io.data import discover
-from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter
+from pipeline.io.store import SCORE_SCHEMA, AtomicParquetWriter, ok_mask
 from pipeline.run.passes import precision_record, spend
 from pipeline.run.resources import resources
 from pipeline.run.settings import ScoreSettings
@@ -57,7 +57,7 @@ def score_to_parquet(settings: ScoreSettings, progress: Callable[[int], None] | 
             writer.abort()
             raise
         run.commit()
-        return table.num_rows, table.num_rows - int(sum(s == "ok" for s in table.column("status").to_pylist()))
+        return table.num_rows, table.num_rows - int(ok_mask(table).sum())
 
 
 def count_inputs(data: str, image_column: str | None) -> int:
