@@ -23,7 +23,8 @@ SECTION_TITLES = {  # RunSettings section -> the help group its options are list
     "input": "input", "model": "model", "output": "output", "scorer": "scoring (the probability-flow ODE solve)",
     "cache": "caching and resuming", "flag": "flagging (one policy)", "dedup": "duplicates",
     "remediation": "remediation", "decode": "decoding (no model says how)", "train": "training recipe",
-    "guard": "a guard against emptying the dataset",
+    "guard": "a guard against emptying the dataset", "sample": "sampling (DDIM)",
+    "copies": "copies (the ratio test) and what they are held against",
 }
 
 
@@ -117,6 +118,30 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.run.score import count_inputs
+    from pipeline.run.settings import VerifySettings
+    from pipeline.run.verify import run_verify
+
+    settings = from_args(VerifySettings, args)
+    check_model(settings.model)
+    total = count_inputs(settings.input.data, settings.input.image_column) + settings.sample.generations
+    with progress_bar(total, "decoding, sampling") as bar:
+        m = run_verify(settings, bar.update)
+    c, s, out = m["copies"], m["similar"], Path(settings.output.out)
+    print(f"{m['generations']} generations: {c['generations']} copy a training picture ({c['rate']:.1%}, 95% interval "
+          f"{c['interval95'][0]:.1%}-{c['interval95'][1]:.1%}); {c['copied_pictures']} pictures copied "
+          f"({c['copied_images']} training images); {s['generations']} similar at {s['threshold']['value']:.4g}")
+    if m["flags"]:
+        f = m["flags"]
+        recall = "-" if f["recall"] is None else f"{f['recall']:.1%}"
+        print(f"the clean run flagged {recall} of the copied images (flag rate among the others: "
+              f"{f['flag_rate_not_copied']:.1%}); AUC copied vs not: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in f["auc"].items()))
+    print(f"-> {out}\nreport: {out / 'report.html'}")
+    return 0
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
@@ -196,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.run.settings import DedupRunSettings, RunSettings, ScoreSettings, TrainRunSettings
+    from pipeline.run.settings import DedupRunSettings, RunSettings, ScoreSettings, TrainRunSettings, VerifySettings
 
     parser = argparse.ArgumentParser(prog="memclean", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"memclean {__version__}")
@@ -216,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "deduplicated dataset (--out DIR)")
     add_sections(p, DedupRunSettings)
     p.set_defaults(func=cmd_dedup)
+
+    p = sub.add_parser("verify", help="sample the model, find the training images its generations copy, and hold a "
+                                      "clean run's flags against them (--out DIR)")
+    add_sections(p, VerifySettings)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", help="the clean flow on the bundled demo (Prefect, ephemeral; ~1 min on 2 cores)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")

@@ -146,18 +146,22 @@ def test_every_deployment_names_only_flow_parameters_with_valid_values():
 
     import inspect
 
-    from flows import clean, drops
+    from flows import clean, drops, verify
     from memclean.cli import demo_parameters
-    from pipeline.run.settings import FlowSettings, RunSettings
+    from pipeline.run.settings import FlowSettings, RunSettings, VerifySettings
 
     root = Path(__file__).resolve().parent.parent
     spec = yaml.safe_load((root / "prefect.yaml").read_text())
-    flows = {"flows/clean.py:clean": clean.clean, "flows/drops.py:clean_drops": drops.clean_drops}
+    flows = {"flows/clean.py:clean": clean.clean, "flows/drops.py:clean_drops": drops.clean_drops,
+             "flows/verify.py:verify": verify.verify}
     flow_names = {o.name for o in options(FlowSettings)}
     for d in spec["deployments"]:
         params = d["parameters"]
         names = set(inspect.signature(flows[d["entrypoint"]].fn).parameters)
         assert set(params) <= names, (d["name"], set(params) - names)
+        if d["entrypoint"] == "flows/verify.py:verify":
+            VerifySettings.from_flat(params)
+            continue
         own, per_drop = flow_names, {}
         if d["entrypoint"] == "flows/drops.py:clean_drops":  # the flow sets data and out for each drop
             assert {o.name for o in drops.PARAMETERS} <= set(params), d["name"]

@@ -176,3 +176,29 @@ def test_the_flow_refuses_a_run_that_would_empty_the_dataset(harness, setup):
     with pytest.raises(PlanRefused, match="would remove"):
         clean(data=str(data), model=str(model), out=str(tmp / "flow"), dup_threshold=-1.0, no_cache=True, **FAST)
     assert not (tmp / "flow").exists() and (tmp / "flow.plan" / "scores.parquet").is_file()
+
+
+def test_the_verify_flow_matches_memclean_verify(harness, tmp_path):
+    """The flow `verify` (to schedule after a training run) writes what the command writes."""
+    import json
+
+    from flows.verify import verify
+    from tests.exact import tiny_unet as unet_of
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "train"
+    data.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / f"t{i}.png")
+    model = save_checkpoint(unet_of(channels=3, size=8), DDPMScheduler(), tmp_path / "model")
+    common = dict(model=str(model), data=str(data), generations=6, sample_steps=3, cache_dir=str(tmp_path / "cache"))
+    flow_m = verify(**common, out=str(tmp_path / "flow"))
+    assert main(["verify", *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in common.items()), []),
+                 "--out", str(tmp_path / "cli")]) == 0
+    cli_m = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert flow_m["copies"] == cli_m["copies"] and flow_m["similar"]["generations"] == cli_m["similar"]["generations"]
+    assert cli_m["sampling"]["cached"] == 6  # the flow's generations, read back
+    gens = [pq.read_table(tmp_path / d / "generations.parquet").drop(["image"]).to_pylist() for d in ("flow", "cli")]
+    assert gens[0] == gens[1]
+    with pytest.raises(ValueError, match="copy-ratio"):
+        verify(**common, out=str(tmp_path / "bad"), copy_ratio=2.0)

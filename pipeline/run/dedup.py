@@ -38,25 +38,21 @@ SCORE = "log_volume_growth"  # the score column the shared writers read (null he
 DEDUP_ONLY = RemediationSettings(action="dedup")  # what a dedup run does with clusters and changed keepers
 
 
-def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder, folder: Path,
-                 progress: Callable[[int], None] | None = None) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
-    """One pass: a row per input, and the embeddings of the decodable ones (and of their mirror
-    images with --dedup-flip) appended to memory-mapped files in `folder`, in order."""
-    spec = settings.decode.spec(settings.input)
+def decode_to_files(source: Source, spec, batch_size: int, arrays: Callable[[torch.Tensor], dict[str, np.ndarray]],
+                    folder: Path, progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """One pass over `source`: a row per input (identity and status), and for each batch of the
+    decodable images the `arrays` they give ({name: [B, d]}), appended to float32 files in
+    `folder` and returned memory-mapped, in input order."""
     rows, counts, files = [], 0, {}
-    for batch in batched(source, spec, settings.decode.batch_size):
+    for batch in batched(source, spec, batch_size):
         rows += [base_row(d) for d in batch]
         pixels = [d.pixels for d in batch if d.pixels is not None]
         if pixels:
-            x = torch.stack(pixels).to(settings.decode.device)
             with torch.no_grad():
-                for name, flip in (("vectors", False), ("flipped", True)):
-                    if flip and not settings.dedup.dedup_flip:
-                        continue
-                    v = np.ascontiguousarray(embedder(x, flip=flip).cpu().numpy(), dtype=np.float32)
+                for name, v in arrays(torch.stack(pixels)).items():
                     if name not in files:
                         files[name] = (open(folder / f"{name}.f32", "wb"), v.shape[1])
-                    files[name][0].write(v.tobytes())
+                    files[name][0].write(np.ascontiguousarray(v, dtype=np.float32).tobytes())
             counts += len(pixels)
         if progress:
             progress(len(batch))
@@ -64,6 +60,24 @@ def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder,
     for name, (f, d) in files.items():
         f.close()
         out[name] = np.memmap(folder / f"{name}.f32", np.float32, "r", shape=(counts, d))
+    return rows, out
+
+
+def embed_source(source: Source, settings: DedupRunSettings, embedder: Embedder, folder: Path,
+                 progress: Callable[[int], None] | None = None) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
+    """One pass: a row per input, and the embeddings of the decodable ones (and of their mirror
+    images with --dedup-flip) appended to memory-mapped files in `folder`, in order."""
+    device, flip = settings.decode.device, settings.dedup.dedup_flip
+
+    def arrays(x: torch.Tensor) -> dict[str, np.ndarray]:
+        x = x.to(device)
+        out = {"vectors": embedder(x).cpu().numpy()}
+        if flip:
+            out["flipped"] = embedder(x, flip=True).cpu().numpy()
+        return out
+
+    rows, out = decode_to_files(source, settings.decode.spec(settings.input), settings.decode.batch_size, arrays,
+                                folder, progress)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCORE_SCHEMA} for r in rows], SCORE_SCHEMA)
     return table, out.get("vectors"), out.get("flipped")
 

@@ -15,11 +15,14 @@ built (pipeline/fields.py); this module assembles them into each verb's model:
     guard        GuardSettings        decide/remediate.py  --max-loss-fraction
     decode       DecodeSettings       io/data.py           --image-size, --batch-size, --device (no model)
     train        TrainSettings        tools/train.py       --sample-size, --channels, --steps, ...
+    sample       SampleSettings       score/sampling.py    --generations, --sample-steps, --sample-seed
+    copies       CopySettings         decide/copies.py     --copy-ratio, --from, --reference
 
     ScoreSettings     memclean score           input, model, output, scorer, judge
     RunSettings       memclean clean, flow     ScoreSettings + cache, flag, dedup, remediation, guard
     DedupRunSettings  memclean dedup           input, output, decode, dedup, guard
     TrainRunSettings  memclean train           input, output, train
+    VerifySettings    memclean verify, flow    input, model, output, sample, copies, dedup, cache
     FlowSettings      the flow's own           task_runner, dask_address, dask_workers
 
 Every verb's options (and the flow `clean`'s parameters) are derived from its model
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pipeline.decide.clusters import DedupSettings
+from pipeline.decide.copies import CopySettings
 from pipeline.decide.flagging import FlagSettings
 from pipeline.decide.scores import JudgeSettings
 from pipeline.decide.remediate import GuardSettings, RemediationSettings
@@ -41,6 +45,7 @@ from pipeline.io.store import OutputSettings
 from pipeline.run.gpus import parse_devices
 from pipeline.score.cache import CacheSettings
 from pipeline.score.models import ModelSettings
+from pipeline.score.sampling import SampleSettings
 from pipeline.score.volume import ScorerSettings
 from pipeline.tools.train import TrainSettings
 
@@ -62,12 +67,18 @@ class SettingsMixin:
 
 
 @dataclass(frozen=True)
-class ScoreSettings(SettingsMixin):
-    """`memclean score`: images in, one score row per image out."""
+class ModelRun(SettingsMixin):
+    """What every verb with a model starts from: its images, the model, where the output goes."""
 
     input: InputSettings = section()
     model: ModelSettings = section()
     output: OutputSettings = section()
+
+
+@dataclass(frozen=True)
+class ScoreSettings(ModelRun):
+    """`memclean score`: images in, one score row per image out."""
+
     scorer: ScorerSettings = section(ScorerSettings)
     judge: JudgeSettings = section(JudgeSettings)
 
@@ -102,6 +113,21 @@ class DedupRunSettings(SettingsMixin):
         if self.dedup.embedder == "unet":
             raise ValueError("--embedder unet uses a diffusion model's features: memclean dedup has no model "
                              "(use pixel or torchscript:PATH, or memclean clean --model)")
+
+
+@dataclass(frozen=True)
+class VerifySettings(ModelRun):
+    """`memclean verify`: a model and its training images in, the generations that copy them out."""
+
+    sample: SampleSettings = section(SampleSettings)
+    copies: CopySettings = section(CopySettings)
+    dedup: DedupSettings = section(DedupSettings)
+    cache: CacheSettings = section(CacheSettings)
+
+    def __post_init__(self) -> None:
+        if self.dedup.against is not None:
+            raise ValueError("--against drops new images that duplicate an earlier output's; memclean verify drops "
+                             "nothing (--from names the clean output whose flags it checks)")
 
 
 @dataclass(frozen=True)

@@ -117,20 +117,16 @@ def memorized(samples: np.ndarray, train: np.ndarray, ratio: float = 1 / 3,
             "copied_images": len(copied_groups), "mask": hit, "nearest": nearest_row}
 
 
-@torch.no_grad()
 def generate(unet, scheduler_config: dict, n: int, steps: int = 50, seed: int = 0,
              batch: int = 500) -> torch.Tensor:
-    """n samples with DDIM (eta 0, `steps` steps) from the model: [n, C, H, W] in [-1, 1]."""
-    from diffusers import DDIMScheduler
+    """n samples with DDIM (eta 0, `steps` steps) from the model: [n, C, H, W] in [-1, 1]; the
+    same noise and sampler as `memclean verify` (pipeline/score/sampling.py)."""
+    from pipeline.score.sampling import BLOCK, ddim_sample, ddim_scheduler, noise_blocks
 
-    sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
+    sched = ddim_scheduler(scheduler_config, steps)
     size = unet.config.sample_size
+    shape = (unet.config.in_channels, size, size)
     out = []
-    for s in range(0, n, batch):
-        x = torch.randn((min(batch, n - s), unet.config.in_channels, size, size), generator=g)
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
-        out.append(x.clamp(-1, 1))
+    for block, noise in zip(range(-(-n // BLOCK)), noise_blocks(shape, seed)):
+        out.append(ddim_sample(unet, sched, noise[:min(BLOCK, n - block * BLOCK)], batch).clamp(-1, 1))
     return torch.cat(out)

@@ -1,0 +1,299 @@
+"""`memclean verify`: which training images does the model reproduce? Sample it, find the
+training pictures its generations copy, and hold a clean run's flags against them.
+
+A staged run (run/staged.py) into OUT:
+    generations.parquet  one row per generation: the image (Hugging Face Image), its seed and
+                         index, its nearest training image (L2, pixel space), the distance to it
+                         and to the nearest other picture, their ratio, `copy` (the ratio test),
+                         and the duplicate embedder's most similar training image, the
+                         similarity and `similar` (at or above the chance-judged threshold)
+    copied.parquet       one row per training image whose picture a generation copies: how
+                         many generations copy it, the closest one, and with --from the clean
+                         run's flag, action and scores
+    manifest.json        generations, the memorization rate with its 95% interval, copied
+                         pictures and images, both tests, the flags against the copies (--from),
+                         settings, model, timings
+    report.html          each copied training picture beside the generations that copy it
+Generations are cached by model fingerprint, sampler and seed (score/sampling.py): a killed run
+resumes without sampling again what it had sampled.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.decide.chance import given_threshold, threshold_by_chance
+from pipeline.decide.clusters import duplicate_columns
+from pipeline.decide.copies import nearest_distinct, picture_groups, ratio_test, wilson_interval
+from pipeline.decide.embeddings import make_embedder
+from pipeline.decide.flagging import SCORE_CHOICES
+from pipeline.decide.index import build_index, check_faiss, search_views
+from pipeline.decide.neighbours import nearest_similarity
+from pipeline.io.data import discover
+from pipeline.io.manifest import versions
+from pipeline.io.store import IMAGE, is_complete, with_hf_features, with_metadata, write_json_atomic
+from pipeline.run.dedup import decode_to_files
+from pipeline.run.staged import StagedRun
+from pipeline.score.models import load_model
+from pipeline.score.sampling import generate
+from pipeline.score.scoring import image_spec
+from pipeline.tools.evaluate import roc_auc
+
+log = logging.getLogger(__name__)
+
+GENERATIONS_SCHEMA = pa.schema([
+    ("generation", pa.int64()),  # index within the run's seed: the same generation whatever --generations
+    ("seed", pa.int64()),  # --sample-seed
+    ("image", IMAGE),  # the generation, PNG (Hugging Face datasets Image)
+    ("nearest_id", pa.string()),  # its nearest training image (L2 in the model's pixel space)
+    ("nearest_path", pa.string()),
+    ("distance", pa.float64()),  # L2 to it, in the model's data range
+    ("other_distance", pa.float64()),  # L2 to the nearest training image of another picture (inf: none)
+    ("ratio", pa.float64()),  # distance / other_distance
+    ("copy", pa.bool_()),  # ratio < --copy-ratio (Carlini et al. 2023)
+    ("similar_id", pa.string()),  # the duplicate embedder's most similar training image
+    ("similarity", pa.float64()),
+    ("similar", pa.bool_()),  # similarity at or above the chance-judged duplicate threshold
+])
+
+COPIED_SCHEMA = pa.schema([
+    ("id", pa.string()),  # a training image whose picture some generation copies
+    ("path", pa.string()),
+    ("picture", pa.int64()),  # the picture (exact copies, and with --from a duplicate cluster, share one)
+    ("generations", pa.int64()),  # generations that copy the picture
+    ("closest_generation", pa.int64()),  # the generation nearest to this image among them
+    ("closest_distance", pa.float64()),
+    ("flagged", pa.bool_()),  # --from: the clean run's flag (null without --from)
+    ("action", pa.string()),  # --from: what the clean run did with it
+    ("judged_score", pa.float64()),  # --from: the score that run judged
+    ("judged_rank", pa.int64()),  # its rank by that score among the training images (1 = the riskiest)
+])
+
+
+def decode_training(source, spec, batch_size: int, embedder, folder: Path, device,
+                    progress: Callable[[int], None] | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """One pass over the training images: a row per input (identity and status), and for the
+    decodable ones their pixels flattened [N, D] and their embeddings, memory-mapped in `folder`."""
+    def arrays(x: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"pixels": x.flatten(1).numpy(), "vectors": embedder(x.to(device)).cpu().numpy()}
+
+    rows, out = decode_to_files(source, spec, batch_size, arrays, folder, progress)
+    if not out:
+        raise ValueError("no training image could be decoded: nothing to compare generations with")
+    return rows, out["pixels"], out["vectors"]
+
+
+def clean_run_rows(clean_output: str, ids: list[str]) -> tuple[dict[str, dict], str | None]:
+    """A clean output's scores.parquet rows by id, for the training ids, and the score it judged.
+    The output must be complete and hold every decoded training id (the same --data)."""
+    out = Path(clean_output)
+    if not is_complete(out) or not (out / "scores.parquet").is_file():
+        raise ValueError(f"--from {clean_output!r} is not a finished memclean clean output (no _COMPLETE or "
+                         "scores.parquet)")
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest.get("kind", "clean") != "clean":
+        raise ValueError(f"--from {clean_output!r} is a memclean {manifest.get('kind')} output; verify holds a clean "
+                         "run's flags against the copies")
+    table = pq.read_table(out / "scores.parquet")
+    keep = [c for c in ("id", "dup_cluster", "flagged", "action", *SCORE_CHOICES, "log_volume_growth")
+            if c in table.column_names]
+    by_id = {r["id"]: r for r in table.select(keep).to_pylist()}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"--from {clean_output!r} has no row for {len(missing)} of the {len(ids)} training images "
+                         f"(e.g. {missing[:3]}): was it run on this --data?")
+    return by_id, (manifest.get("threshold") or {}).get("score")
+
+
+def png_cell(image: np.ndarray, data_range: tuple[float, float]) -> dict[str, Any]:
+    """[C, H, W] in the data range -> a Hugging Face Image cell (PNG bytes)."""
+    from PIL import Image
+
+    lo, hi = data_range
+    arr = np.clip(np.round((image - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def duplicate_search(settings, embedder, vectors: np.ndarray, hashes: list[str], ids: list[str],
+                     reference: np.ndarray | None, reference_ids: list[str] | None, device, scratch: Path):
+    """The training images' duplicate clusters, as a clean or dedup run finds them (the same
+    index, chance-judged threshold and clustering: decide/chance.py, decide/clusters.py), and
+    the index and threshold, which the similarity test uses."""
+    views = search_views(vectors, embedder.search_view)
+    index = build_index(views, device=device, path=scratch / "train.faiss")
+    dedup = settings.dedup
+    if dedup.dup_threshold == "auto":
+        threshold = threshold_by_chance(vectors, hashes, index, views, embedder, dedup.dup_false_join_rate,
+                                        reference=reference, reference_ids=reference_ids, ids=ids)
+    else:
+        threshold = given_threshold(dedup.dup_threshold)
+    n = len(ids)
+    cols = duplicate_columns(vectors, None, ids, hashes, np.zeros(n), np.ones(n, bool), threshold.value, embedder,
+                             index, views)
+    return cols["dup_cluster"], index, threshold
+
+
+def similarity_test(embedder, gens: np.ndarray, index, vectors: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    """Each generation's most similar training image by the duplicate embedder (-1: none) and
+    the similarity."""
+    with torch.no_grad():
+        g = torch.from_numpy(gens)
+        gv = np.concatenate([embedder(g[s:s + 256].to(device)).cpu().numpy() for s in range(0, len(g), 256)])
+    return nearest_similarity(gv.astype(np.float32), None, index, vectors, None, embedder)
+
+
+def flags_against_copies(copied: np.ndarray, clean: dict[str, dict], ids: list[str], judged: str | None) -> dict:
+    """The clean run's flags held against the training images the model copies: recall (the
+    share of copied images flagged), the flag rate among the others, the share removed, and each
+    score's AUC, copied vs not (higher = riskier)."""
+    flagged = np.array([bool(clean[i].get("flagged")) for i in ids])
+    removed = np.array([clean[i].get("action") in ("dropped", "augmented") for i in ids])
+    out: dict[str, Any] = {"copied_images": int(copied.sum()), "judged": judged,
+                           "recall": float(flagged[copied].mean()) if copied.any() else None,
+                           "flag_rate_not_copied": float(flagged[~copied].mean()) if (~copied).any() else None,
+                           "removed_copied": float(removed[copied].mean()) if copied.any() else None,
+                           "auc": {}}
+    for name in (*SCORE_CHOICES, "log_volume_growth"):
+        v = np.array([clean[i].get(name) if clean[i].get(name) is not None else np.nan for i in ids], float)
+        ok = np.isfinite(v)
+        if (copied & ok).any() and (~copied & ok).any():
+            out["auc"][name] = round(roc_auc(v[copied & ok], v[~copied & ok]), 4)
+    return out
+
+
+def descending_rank(values: np.ndarray) -> np.ndarray:
+    """Each value's rank, 1 for the highest (ties share the best rank; NaN stays NaN)."""
+    from scipy.stats import rankdata
+
+    out = np.full(len(values), np.nan)
+    ok = np.isfinite(values)
+    out[ok] = rankdata(-values[ok], method="min")
+    return out
+
+
+def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """memclean verify into settings.output.out; returns the manifest."""
+    with StagedRun(settings.output.out, settings.output.overwrite) as run:
+        m = settings.model
+        model = load_model(m.model, m.allow_pickle, m.device, m.variant, m.data_range)
+        spec = image_spec(model, settings.input.max_pixels, settings.input.min_size)
+        embedder = make_embedder(settings.dedup.embedder, model, settings.dedup.embed_size, m.device,
+                                 image_side=spec.size[0], channels=spec.channels)
+        check_faiss()
+        source = discover(settings.input.data, settings.input.image_column)
+        source.skipped  # a folder's files that are not images: said now, recorded in the manifest
+        scratch = run.staging / "scratch"
+        scratch.mkdir()
+        batch = m.batch_size or 16
+        with run.stage("decode"):
+            rows, pixels, vectors = decode_training(source, spec, batch, embedder, scratch, m.device, progress)
+            ok_rows = [r for r in rows if r["status"] == "ok"]
+            ids = [r["id"] for r in ok_rows]
+            reference, reference_ids = None, None
+            if settings.copies.reference:
+                ref_dir = scratch / "reference"
+                ref_dir.mkdir()
+                ref_rows, _, reference = decode_training(discover(settings.copies.reference, settings.input.image_column),
+                                                         spec, batch, embedder, ref_dir, m.device)
+                reference_ids = [r["id"] for r in ref_rows if r["status"] == "ok"]
+        clean, judged = (clean_run_rows(settings.copies.clean_output, ids) if settings.copies.clean_output
+                         else (None, None))
+        with run.stage("generate"):
+            gens, sampling = generate(model, settings.sample, m.batch_size, settings.cache.root, progress)
+        with run.stage("search"):
+            hashes = [r["pixel_sha256"] for r in ok_rows]
+            clusters, index, threshold = duplicate_search(settings, embedder, vectors, hashes, ids, reference,
+                                                          reference_ids, m.device, scratch)
+            groups = picture_groups(hashes, [clean[i].get("dup_cluster") for i in ids] if clean else clusters)
+            _, first = np.unique(np.array(hashes, dtype=object), return_index=True)
+            d1, d2, near = nearest_distinct(gens.reshape(len(gens), -1), pixels, groups, np.sort(first))
+            copy = ratio_test(d1, d2, settings.copies.copy_ratio)
+            sim_row, sim = similarity_test(embedder, gens, index, vectors, m.device)
+            similar = sim >= threshold.value
+        with run.stage("write"):
+            result = write_outputs(run.staging, settings, model, source, gens, ok_rows, groups, d1, d2, near, copy,
+                                   sim_row, sim, similar, threshold, clean, judged, sampling,
+                                   len(rows))
+            from pipeline.io.copies_report import write_verify_report
+
+            write_verify_report(run.staging, result, gens, pixels, ok_rows, groups, near, copy, d1, model.data_range)
+        del pixels, vectors
+        shutil.rmtree(scratch)
+        result.update(run.record())
+        write_json_atomic(run.staging / "manifest.json", result)
+        run.commit()
+        return result
+
+
+def write_outputs(folder: Path, settings, model, source, gens: np.ndarray, ok_rows: list[dict], groups: np.ndarray,
+                  d1: np.ndarray, d2: np.ndarray, near: np.ndarray, copy: np.ndarray, sim_row: np.ndarray,
+                  sim: np.ndarray, similar: np.ndarray, threshold, clean: dict | None, judged: str | None,
+                  sampling: dict, inputs: int) -> dict[str, Any]:
+    """generations.parquet and copied.parquet into `folder`; returns the manifest (without timings)."""
+    ids = [r["id"] for r in ok_rows]
+    seed = settings.sample.sample_seed
+    meta = {"settings": settings.flat(), "model": model.record(), "kind": "verify"}
+    with_sim = sim_row >= 0
+    gen_table = {
+        "generation": np.arange(len(gens)), "seed": [seed] * len(gens),
+        "image": [png_cell(g, model.data_range) for g in gens],
+        "nearest_id": [ids[r] for r in near], "nearest_path": [ok_rows[r]["path"] for r in near],
+        "distance": d1, "other_distance": d2, "ratio": np.where(np.isfinite(d2), d1 / np.where(d2 > 0, d2, 1), 0.0),
+        "copy": copy, "similar_id": [ids[r] if ok else None for r, ok in zip(sim_row, with_sim)],
+        "similarity": np.where(with_sim, sim, np.nan), "similar": similar & with_sim,
+    }
+    pq.write_table(pa.Table.from_pydict(gen_table, with_hf_features(with_metadata(GENERATIONS_SCHEMA, meta))),
+                   folder / "generations.parquet")
+    # the copied pictures: every training image in a picture some generation copies
+    copied_pictures = np.unique(groups[near[copy]])
+    copied = np.isin(groups, copied_pictures)
+    per_picture = np.bincount(groups[near[copy]], minlength=groups.max() + 1)
+    judged_values = np.array([clean[i].get(judged) if clean and judged and clean[i].get(judged) is not None
+                              else np.nan for i in ids], float)
+    rank = descending_rank(judged_values)
+    rows = []
+    for r in np.flatnonzero(copied):
+        mine = np.flatnonzero(copy & (groups[near] == groups[r]))
+        rows.append({"id": ids[r], "path": ok_rows[r]["path"], "picture": int(groups[r]),
+                     "generations": int(per_picture[groups[r]]), "closest_generation": int(mine[np.argmin(d1[mine])]),
+                     "closest_distance": float(d1[mine].min()),
+                     "flagged": bool(clean[ids[r]].get("flagged")) if clean else None,
+                     "action": clean[ids[r]].get("action") if clean else None,
+                     "judged_score": None if np.isnan(judged_values[r]) else float(judged_values[r]),
+                     "judged_rank": None if np.isnan(rank[r]) else int(rank[r])})
+    pq.write_table(pa.Table.from_pylist(rows, with_metadata(COPIED_SCHEMA, meta)), folder / "copied.parquet")
+    n, k = len(gens), int(copy.sum())
+    s_k = int((similar & with_sim).sum())
+    lo, hi = wilson_interval(k, n)
+    s_lo, s_hi = wilson_interval(s_k, n)
+    return {
+        "kind": "verify",
+        "generations": n,
+        "copies": {"test": f"ratio < {settings.copies.copy_ratio:g} (L2, pixel space; Carlini et al. 2023)",
+                   "generations": k, "rate": k / n, "interval95": [lo, hi],
+                   "copied_pictures": len(copied_pictures), "copied_images": int(copied.sum())},
+        "similar": {"test": "duplicate embedder similarity at or above the threshold", "embedder": getattr(
+                        settings.dedup, "embedder"), "threshold": threshold.to_dict(), "generations": s_k,
+                    "rate": s_k / n, "interval95": [s_lo, s_hi],
+                    "similar_pictures": len(np.unique(groups[sim_row[similar & with_sim]]))},
+        "both": int((copy & similar).sum()),
+        "flags": flags_against_copies(copied, clean, ids, judged) if clean else None,
+        "training": {"input": inputs, "decoded": len(ok_rows), "pictures": int(len(np.unique(groups))),
+                     "groups": "exact copies and the duplicate clusters of --from" if clean
+                     else "exact copies and this run's duplicate clusters (the threshold above)"},
+        "sampling": {**sampling, "sampler": "ddim", "eta": 0.0, "steps": settings.sample.sample_steps,
+                     "seed": seed},
+        "model": model.record(), "data": source.record(), "settings": settings.flat(), "versions": versions(),
+        "out": str(settings.output.out),
+    }

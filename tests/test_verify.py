@@ -1,0 +1,154 @@
+"""memclean verify: the generations that copy training pictures, end to end (run/verify.py)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from memclean.cli import main
+from pipeline.score.models import load_model
+from pipeline.score.sampling import SampleSettings, sampling_key
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def verify(*args) -> int:
+    return main(["verify", *map(str, args)])
+
+
+TINY = ["--min-size", "4"]  # the 4x4 images below are the zero model's own size
+
+
+def test_the_demo_model_copies_what_the_benchmark_counts(tmp_path):
+    """On the bundled demo, verify finds the same copying generations and the same copied pictures
+    as the benchmarks' count (evaluate.memorized over evaluate.generate, with the planted groups
+    as pictures: an independent brute-force implementation), from its own duplicate clusters."""
+    from benchmarks.evidence import flat, load_pipeline, planted_groups
+    from pipeline.io.data import ImageSpec
+    from pipeline.tools.evaluate import generate, memorized
+
+    data, model = REPO / "examples" / "digits" / "train", REPO / "examples" / "model"
+    n = 60
+    assert verify("--model", model, "--data", data, "--out", tmp_path / "v", "--generations", n,
+                  "--cache-dir", tmp_path / "cache") == 0
+    gens = pq.read_table(tmp_path / "v" / "generations.parquet").to_pylist()
+    unet, scheduler = load_pipeline(model)
+    ids, x = flat(str(data), ImageSpec(1, (16, 16)))
+    truth = memorized(generate(unet, dict(scheduler.config), n).flatten(1).numpy(), x.flatten(1).numpy(),
+                      groups=planted_groups(data, ids))
+    assert truth["count"] > 5  # the demo model copies: the comparison has something to find
+    assert [g["copy"] for g in gens] == truth["mask"].tolist()
+    copied = pq.read_table(tmp_path / "v" / "copied.parquet").to_pylist()
+    assert sorted(r["id"] for r in copied) == sorted(ids[i] for i in truth["copied_train_rows"])
+    m = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert m["copies"]["generations"] == truth["count"] and m["copies"]["copied_pictures"] == truth["copied_images"]
+    lo, hi = m["copies"]["interval95"]
+    assert lo < truth["count"] / n < hi and m["flags"] is None
+    # every generation is an image datasets decodes: PNG bytes in the Hugging Face Image layout
+    assert Image.open(__import__("io").BytesIO(gens[0]["image"]["bytes"])).size == (16, 16)
+    assert b"huggingface" in pq.read_schema(tmp_path / "v" / "generations.parquet").metadata
+    assert (tmp_path / "v" / "report.html").read_text().count("generation(s)") == m["copies"]["copied_pictures"] \
+        or m["copies"]["copied_pictures"] > 48
+
+
+@pytest.fixture
+def small(tmp_path, write_images, zero_model):
+    """12 random 4x4 RGB training images, two more exact copies of the first, and the zero model."""
+    root = write_images(12, (4, 4), "RGB", "train", seed=1)
+    for k in range(2):
+        (root / f"copy{k}.png").write_bytes((root / "img000.png").read_bytes())
+    return root, zero_model
+
+
+def plant(model_path, cache: Path, generations: np.ndarray, steps: int = 50, seed: int = 0) -> None:
+    """Generations put in the cache where verify looks for what it sampled before (by the model's
+    fingerprint, steps and seed): a model whose generations are known."""
+    key = sampling_key(load_model(model_path).fingerprint, SampleSettings(generations=len(generations),
+                                                                          sample_steps=steps, sample_seed=seed))
+    folder = cache / "generations" / key
+    folder.mkdir(parents=True)
+    np.save(folder / "block-000000.npy", generations.astype(np.float32))
+
+
+def train_pixels(root: Path, name: str) -> np.ndarray:
+    return np.asarray(Image.open(root / name), np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def test_planted_copies_are_found_and_copies_of_one_picture_count_once(small, tmp_path, capsys):
+    root, model = small
+    rng = np.random.default_rng(5)
+    a, b, c = train_pixels(root, "img000.png"), train_pixels(root, "img003.png"), train_pixels(root, "img007.png")
+    generations = np.stack([a, b + 0.01 * rng.normal(size=b.shape), (b + c) / 2, rng.uniform(-1, 1, a.shape)])
+    plant(model, tmp_path / "cache", generations)
+    assert verify("--model", model, "--data", root, "--out", tmp_path / "v", "--generations", 4,
+                  "--cache-dir", tmp_path / "cache", *TINY) == 0
+    m = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    gens = pq.read_table(tmp_path / "v" / "generations.parquet").to_pylist()
+    assert [g["copy"] for g in gens] == [True, True, False, False]
+    assert gens[0]["distance"] == pytest.approx(0, abs=1e-3) and gens[1]["nearest_id"] == "img003.png"
+    # img000 and its two exact copies are one picture: copied once, three training images
+    assert m["copies"]["copied_pictures"] == 2 and m["copies"]["copied_images"] == 4
+    copied = {r["id"]: r for r in pq.read_table(tmp_path / "v" / "copied.parquet").to_pylist()}
+    assert set(copied) == {"img000.png", "copy0.png", "copy1.png", "img003.png"}
+    assert copied["copy0.png"]["picture"] == copied["img000.png"]["picture"] != copied["img003.png"]["picture"]
+    assert m["sampling"]["cached"] == 4 and m["sampling"]["fresh"] == 0  # read back, not sampled again
+    assert "2 pictures copied" in capsys.readouterr().out
+
+
+def test_a_model_that_copies_nothing_finds_nothing(small, tmp_path):
+    """A zero network's generations (noise scaled and clamped: +-1 patterns) are no training
+    image's copy: each is about as far from its nearest as from the next (ratio near 1)."""
+    root, model = small
+    assert verify("--model", model, "--data", root, "--out", tmp_path / "v", "--generations", 20,
+                  "--sample-steps", 5, "--no-cache", *TINY) == 0
+    m = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    ratios = [g["ratio"] for g in pq.read_table(tmp_path / "v" / "generations.parquet").to_pylist()]
+    assert m["copies"]["generations"] == 0 and min(ratios) > 1 / 3
+    assert pq.read_table(tmp_path / "v" / "copied.parquet").num_rows == 0
+
+
+def test_flags_of_a_clean_run_held_against_the_copies(small, tmp_path):
+    root, model = small
+    assert main(["clean", "--data", str(root), "--model", str(model), "--out", str(tmp_path / "c"), "--steps", "2",
+                 "--flag-quantile", "0.5", "--action", "none", *TINY]) == 0
+    a = train_pixels(root, "img000.png")
+    plant(model, tmp_path / "cache", np.stack([a, a + 0.01]))
+    assert verify("--model", model, "--data", root, "--out", tmp_path / "v", "--generations", 2,
+                  "--cache-dir", tmp_path / "cache", "--from", tmp_path / "c", *TINY) == 0
+    m = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    copied = pq.read_table(tmp_path / "v" / "copied.parquet").to_pylist()
+    scores = {r["id"]: r for r in pq.read_table(tmp_path / "c" / "scores.parquet").to_pylist()}
+    assert {r["id"] for r in copied} == {"img000.png", "copy0.png", "copy1.png"}
+    assert all(r["flagged"] == scores[r["id"]]["flagged"] and r["action"] == scores[r["id"]]["action"] for r in copied)
+    f = m["flags"]
+    assert f["copied_images"] == 3 and f["recall"] == pytest.approx(np.mean([r["flagged"] for r in copied]))
+    others = [r["flagged"] for i, r in scores.items() if i not in {c["id"] for c in copied}]
+    assert f["flag_rate_not_copied"] == pytest.approx(np.mean(others))
+    assert f["judged"] == json.loads((tmp_path / "c" / "manifest.json").read_text())["threshold"]["score"]
+
+
+def test_hostile_and_missing_inputs_are_clear_errors(small, tmp_path, capsys, write_images):
+    root, model = small
+    common = ["--model", model, "--generations", 2, "--sample-steps", 2, "--no-cache", *TINY]
+    assert verify(*common, "--data", root, "--out", tmp_path / "a", "--from", root) == 2
+    assert "not a finished memclean clean output" in capsys.readouterr().err
+    assert verify(*common, "--data", root, "--out", tmp_path / "a", "--copy-ratio", 0) == 2
+    assert "--copy-ratio" in capsys.readouterr().err
+    assert verify(*common, "--data", root, "--out", tmp_path / "a", "--against", root) == 2
+    assert "--against" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.png").write_bytes(b"not an image")
+    assert verify(*common, "--data", empty, "--out", tmp_path / "a") == 2
+    assert "no training image could be decoded" in capsys.readouterr().err
+    assert verify(*common, "--data", root, "--out", tmp_path / "a", "--model", tmp_path / "nowhere") == 2
+    assert not (tmp_path / "a").exists()  # nothing half-written
+    other = write_images(3, (4, 4), "RGB", "other", seed=9)
+    assert main(["clean", "--data", str(other), "--model", str(model), "--out", str(tmp_path / "c"), "--steps", "2",
+                 "--action", "none", *TINY]) == 0
+    capsys.readouterr()
+    assert verify(*common, "--data", root, "--out", tmp_path / "a", "--from", tmp_path / "c") == 2
+    assert "was it run on this --data" in capsys.readouterr().err
