@@ -83,3 +83,22 @@ def test_ve_models_and_bad_settings_are_refused():
         SampleSettings(generations=0)
     with pytest.raises(ValueError, match="sample-steps"):
         SampleSettings(sample_steps=0)
+
+
+def test_latent_pipelines_decode_through_their_autoencoder(tmp_path):
+    """A latent pipeline's generations are images: its autoencoder's decoding of the sampled
+    latent (z / scaling_factor), at the image's size and channels, clamped to the data range."""
+    from tests.exact import save_latent_pipeline
+
+    path = save_latent_pipeline(tmp_path / "ldm", "kl")
+    model = load_model(path)
+    images, _ = generate(model, SampleSettings(generations=2, sample_steps=2))
+    assert images.shape == (2, model.channels, *model.sample_size) and images.min() >= -1 and images.max() <= 1
+    z = torch.randn((BLOCK, *model.latent_shape), generator=torch.Generator().manual_seed(0))[:2]
+    from pipeline.score.sampling import ddim_sample, ddim_scheduler, to_images
+    from pipeline.score.models import load_scheduler
+
+    sched = ddim_scheduler(dict(load_scheduler(model.checkpoint).config), 2)
+    latent = ddim_sample(model.score_fn.unet, sched, z, 2)
+    decoded = model.encoder.autoencoder.decode(latent / model.encoder.scaling_factor).sample.clamp(-1, 1)
+    assert np.allclose(images, decoded.detach().numpy(), atol=1e-5)  # the same arithmetic, float32 rounding
