@@ -5,13 +5,13 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 OUT ?= demo-out
 
-.PHONY: demo test install gpu clean
+.PHONY: demo test install gpu docs screenshot clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt torch==2.13.0
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,5 +32,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# The documentation site, offline, into site/: the reference pages are generated from the code as
+# it is built (docs/hooks.py); a broken link or a missing page fails the build.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# docs/assets/report.png, the README's picture: the demo's report in headless Chromium.
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+screenshot: $(STAMP)
+	test -f $(OUT)/_COMPLETE || $(VENV)/bin/memclean demo --out $(OUT)
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,1500 \
+		--screenshot=$(CURDIR)/docs/assets/report.png file://$(abspath $(OUT))/report.html
+
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) .pytest_cache site

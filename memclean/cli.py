@@ -121,11 +121,12 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.run.score import count_inputs
     from pipeline.run.settings import VerifySettings
-    from pipeline.run.verify import run_verify
+    from pipeline.run.verify import run_verify, training_set
 
     settings = from_args(VerifySettings, args)
     check_model(settings.model)
-    total = count_inputs(settings.input.data, settings.input.image_column) + settings.sample.generations
+    data, _, _ = training_set(settings.input.data, settings.copies.clean_output)  # a clean output: its data
+    total = count_inputs(data, settings.input.image_column) + settings.sample.generations
     with progress_bar(total, "decoding, sampling") as bar:
         m = run_verify(settings, bar.update)
     c, s, out = m["copies"], m["similar"], Path(settings.output.out)

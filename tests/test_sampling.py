@@ -63,6 +63,8 @@ def test_cache_resumes_without_sampling_again(zero_model, tmp_path):
     assert np.array_equal(first, more[:4])
     again, r3 = generate(model, SampleSettings(generations=6, sample_steps=4), cache_dir=cache)
     assert r3["fresh"] == 0 and np.array_equal(again, more)
+    mapped, _ = generate(model, SampleSettings(generations=6, sample_steps=4), cache_dir=cache, out=tmp_path / "g.npy")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, more)  # written to the file, read back mapped
     _, r4 = generate(model, SampleSettings(generations=6, sample_steps=5), cache_dir=cache)  # other steps: other key
     assert r4["fresh"] == 6 and r4["key"] != r2["key"]
 

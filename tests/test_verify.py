@@ -152,3 +152,43 @@ def test_hostile_and_missing_inputs_are_clear_errors(small, tmp_path, capsys, wr
     capsys.readouterr()
     assert verify(*common, "--data", root, "--out", tmp_path / "a", "--from", tmp_path / "c") == 2
     assert "was it run on this --data" in capsys.readouterr().err
+
+
+def test_a_clean_output_as_data_stands_for_its_original_training_set(small, tmp_path):
+    """`verify --model RETRAINED --data CLEANED_OUT`: the copies are counted against the images
+    the clean run started from (the closed loop), with that run as --from."""
+    root, model = small
+    assert main(["clean", "--data", str(root), "--model", str(model), "--out", str(tmp_path / "c"), "--steps", "2",
+                 "--action", "none", *TINY]) == 0
+    a = train_pixels(root, "img003.png")
+    plant(model, tmp_path / "cache", np.stack([a, -a]))
+    runs = {"direct": ["--data", root, "--from", tmp_path / "c"], "out": ["--data", tmp_path / "c"]}
+    got = {}
+    for name, args in runs.items():
+        assert verify("--model", model, *args, "--out", tmp_path / name, "--generations", 2,
+                      "--cache-dir", tmp_path / "cache", *TINY) == 0
+        got[name] = json.loads((tmp_path / name / "manifest.json").read_text())
+    assert got["out"]["copies"] == got["direct"]["copies"] and got["out"]["flags"] == got["direct"]["flags"]
+    assert got["out"]["training"]["from_clean_output"] and not got["direct"]["training"]["from_clean_output"]
+    assert got["out"]["copies"]["copied_images"] == 1
+
+
+def test_clean_flags_what_verify_found_copied(small, tmp_path, capsys):
+    """memclean clean --flag-copied VERIFY_OUT flags the copied images whatever their score."""
+    root, model = small
+    a, b = train_pixels(root, "img000.png"), train_pixels(root, "img003.png")
+    plant(model, tmp_path / "cache", np.stack([a, b]))
+    assert verify("--model", model, "--data", root, "--out", tmp_path / "v", "--generations", 2,
+                  "--cache-dir", tmp_path / "cache", *TINY) == 0
+    clean = ["clean", "--data", str(root), "--model", str(model), "--steps", "2", "--action", "none",
+             "--flag-threshold", "1e9", *TINY]  # no score reaches the threshold: only the copies are flagged
+    assert main([*clean, "--out", str(tmp_path / "c"), "--flag-copied", str(tmp_path / "v")]) == 0
+    rows = pq.read_table(tmp_path / "c" / "scores.parquet").to_pylist()
+    flagged = {r["id"] for r in rows if r["flagged"]}
+    assert flagged == {"img000.png", "copy0.png", "copy1.png", "img003.png"}
+    assert all("copied by 1 generation(s)" in r["flag_reason"] for r in rows if r["flagged"])
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["threshold"]["details"]["flag_copied"]["flagged_by_copy_only"] == 4 and m["counts"]["flagged"] == 4
+    capsys.readouterr()
+    assert main([*clean, "--out", str(tmp_path / "c2"), "--flag-copied", str(tmp_path / "c")]) == 2
+    assert "not a finished memclean verify output" in capsys.readouterr().err

@@ -48,6 +48,26 @@ class CopySettings:
             raise ValueError(f"--copy-ratio is in (0, 1), got {self.copy_ratio}")
 
 
+def read_copied(verify_output: str) -> dict[str, int]:
+    """A memclean verify output's copied training images: {id: generations that copy its
+    picture}. The output must be a finished verify run."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from pipeline.io.store import is_complete
+
+    out = Path(verify_output)
+    manifest = out / "manifest.json"
+    kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
+    if not is_complete(out) or kind != "verify" or not (out / "copied.parquet").is_file():
+        raise ValueError(f"--flag-copied {verify_output!r} is not a finished memclean verify output "
+                         f"(kind {kind!r}; needs _COMPLETE and copied.parquet)")
+    table = pq.read_table(out / "copied.parquet", columns=["id", "generations"])
+    return dict(zip(table.column("id").to_pylist(), table.column("generations").to_pylist()))
+
+
 def picture_groups(pixel_hashes: list[str], clusters: list[int | None] | None = None) -> np.ndarray:
     """Each training row's picture: its duplicate cluster when it has one (a clean run's), else
     its pixel hash (exact copies are one picture). -> [N] integer labels."""

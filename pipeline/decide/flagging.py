@@ -156,6 +156,8 @@ class FlagSettings:
                                    name="flag_zscore")
     threshold: float | None = setting(None, "flag above this absolute score (e.g. an earlier run's manifest "
                                       "threshold)", name="flag_threshold")
+    copied: str | None = setting(None, "a memclean verify output: the training images its model's generations copy "
+                                 "are flagged too, whatever their score (beside the policy)", name="flag_copied")
 
     def __post_init__(self) -> None:
         for p in POLICIES.values():

@@ -106,3 +106,92 @@ def manifest(decided: pa.Table, *, kind: str, run: dict[str, dict[str, float]], 
         "image_bytes": image_bytes or {},  # bytes of images written into cleaned/ and flagged.parquet
         "out": out,
     }
+
+
+STAGES = "per stage (its name: score, write_cleaned, ...)"  # the keys of the timing and memory sections
+# Every key a manifest holds, by the kind of run (clean, dedup, verify), with what it means: the
+# source of the documentation's reference page (memclean/reference.py); tests/test_reference.py
+# holds real manifests against it. A nested dict documents the keys of a section; a string, a value.
+MANIFEST_KEYS: dict[str, dict[str, Any]] = {
+    "clean": {
+        "kind": "clean",
+        "counts": {"input": "inputs read", "rejected": "inputs that could not be used (reasons in reject_reasons)",
+                   "scored": "inputs scored", "flagged": "scored inputs flagged",
+                   "kept": "kept as they were", "augmented": "replaced by an accepted augmentation",
+                   "dropped": "removed (input = kept + augmented + dropped + rejected)"},
+        "reject_reasons": "{reason: inputs rejected for it}",
+        "threshold": {"policy": "the flagging policy (reference_fpr, quantile, robust_zscore, absolute)",
+                      "value": "the threshold: flagged when the judged score is strictly above it",
+                      "parameters": "the policy's parameters",
+                      "details": "the confidence interval (null ends the reference cannot bound), the accept band, "
+                                 "the complexity calibration, --flag-copied's counts",
+                      "score": "the score judged (--score)", "realised_flag_rate": "flagged / scored"},
+        "dedup": {"embedder": "the duplicate embedder's name (pixel, pixel+colour, unet, torchscript:...)",
+                  "threshold": "the similarity at or above which two images are duplicates",
+                  "threshold_chosen": "how it was chosen: auto (chance: source, rate, fitted law, draws) or given",
+                  "threshold_meaning": "what the similarity measures", "flip": "--dedup-flip",
+                  "against": "--against as given", "against_outputs": "the earlier outputs it resolved to",
+                  "index": "the FAISS index class", "index_on_gpu": "whether the search ran on a GPU",
+                  "clusters": "duplicate clusters", "in_clusters": "images in them"},
+        "reference": {"path": "--reference", "input": "held-out inputs", "scored": "held-out images scored"},
+        "model": {"path": "the checkpoint's folder", "hub": "Hub id, revision, commit and snapshot (a Hub id given)",
+                  "fingerprint": "sha256 of the loaded weights and configs", "layout": "flat, pipeline, ...",
+                  "variant": "--variant", "data_range": "the range the model sees images in",
+                  "bits_per_dim_offset": "bits/dim's dequantization offset", "score_space": "pixel or latent",
+                  "latent_shape": "the latent's C, H, W (latent pipelines)", "autoencoder": "its class",
+                  "scheduler": "the scheduler's class", "channels": "image channels", "sample_size": "image H, W"},
+        "data": {"path": "--data", "kind": "folder, image, parquet, arrow, list, webdataset, ...",
+                 "skipped_files": "a folder's files not read as images, by extension"},
+        "settings": "every setting by its option name, resolved (defaults filled in)",
+        "versions": "the versions of every package that makes the numbers",
+        "timings_s": f"seconds {STAGES}", "peak_rss_mb": f"the process's peak RSS after each stage, {STAGES}",
+        "held_mb": f"anonymous memory held after each stage, {STAGES}",
+        "scoring": {"scored_fresh": "images solved afresh (every source and pass)", "reused": "cached scores reused",
+                    "by_source": "per source and pass: fresh, reused, seconds, images_per_s",
+                    "cache_dir": "the score cache", "precision": "the passes, the judged score's noise ratio after "
+                                                                  "each, the score and the target"},
+        "image_bytes": {"cleaned": "bytes of images in cleaned/", "flagged": "bytes of images in flagged.parquet"},
+        "losses": "the pictures the decisions remove, by reason",
+        "refused": "null, or why the guard refused the run (--max-loss-fraction)",
+        "out": "the output folder",
+    },
+    "verify": {
+        "kind": "verify",
+        "generations": "generations sampled (--generations)",
+        "copies": {"test": "the ratio test applied", "generations": "generations that copy a training picture",
+                   "rate": "their share", "interval95": "its 95% Wilson interval",
+                   "copied_pictures": "training pictures copied (copies of one picture count once)",
+                   "copied_images": "training images in them"},
+        "similar": {"test": "the similarity test", "embedder": "the duplicate embedder",
+                    "threshold": "its threshold as chosen (auto: judged against chance)",
+                    "generations": "generations at or above it", "rate": "their share",
+                    "interval95": "its 95% Wilson interval", "similar_pictures": "pictures they are similar to"},
+        "both": "generations that pass both tests",
+        "flags": "with --from (else null): recall (copied images flagged), flag_rate_not_copied, removed_copied, "
+                 "copied_images, judged (the score the clean run judged) and auc (each score, copied vs not)",
+        "training": {"input": "training inputs read", "decoded": "decoded (the rest rejected)",
+                     "rejected": "inputs that could not be decoded", "reject_reasons": "{reason: inputs}",
+                     "pictures": "distinct pictures", "groups": "how pictures were grouped",
+                     "clean_output": "the clean output held against the copies (--from, or --data's)",
+                     "from_clean_output": "whether --data named a clean output (its original data was used)"},
+        "sampling": {"sampler": "ddim", "eta": "0", "steps": "--sample-steps", "seed": "--sample-seed",
+                     "key": "the generation cache's key (model fingerprint, sampler, steps, seed)",
+                     "cache": "the generation cache's folder (null: --no-cache)",
+                     "cached": "generations read back from the cache", "fresh": "generations sampled by this run",
+                     "network_passes": "forward passes this run spent sampling", "seconds": "seconds sampling",
+                     "batch_size": "generations through the network at once"},
+        "model": "as a clean run's", "data": "as a clean run's", "settings": "as a clean run's",
+        "versions": "as a clean run's", "timings_s": f"seconds {STAGES}",
+        "peak_rss_mb": f"peak RSS {STAGES}", "held_mb": f"memory held {STAGES}", "out": "the output folder",
+    },
+}
+# memclean dedup's manifest: a clean run's keys, with decode-only counts and no threshold or scoring
+MANIFEST_KEYS["dedup"] = {
+    **{k: v for k, v in MANIFEST_KEYS["clean"].items() if k not in ("counts",)},
+    "kind": "dedup",
+    "counts": {"input": "inputs read", "decoded": "inputs decoded and embedded", "kept": "kept",
+               "dropped": "dropped as duplicates", "rejected": "inputs that could not be decoded"},
+    "threshold": "null: nothing is flagged", "reference": "null", "model": "null", "scoring": "{}",
+    "decode": {"channels": "channels images were decoded to", "sample_size": "the size they were decoded at"},
+    "image_bytes": {"cleaned": "bytes of images in cleaned/"},
+}

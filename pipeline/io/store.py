@@ -33,7 +33,7 @@ SCORE_SCHEMA = pa.schema([
     ("path_bytes", pa.binary()),  # the exact file-system path (lossless for non-UTF-8 names)
     ("sidecar", pa.string()),  # WebDataset: the sample's small .json / .txt members, a JSON object {ext: text}
     ("width", pa.int64()),  # of the original image, after EXIF orientation
-    ("height", pa.int64()),
+    ("height", pa.int64()),  # of the original image, after EXIF orientation
     ("status", pa.string()),  # ok | rejected
     ("reject_reason", pa.string()),  # null when ok
     ("log_volume_growth", pa.float64()),  # V(x) = integral_eps^1 div f dt (nats)
@@ -67,7 +67,7 @@ SCORE_SCHEMA = pa.schema([
     ("data_range", pa.string()),  # the range the image was scored in: [-1, 1] (VP) or [0, 1] (VE)
     ("score_space", pa.string()),  # pixel, or latent: the score is of the latent a latent pipeline's UNet diffuses
     ("latent_shape", pa.string()),  # C x H x W of that latent (latent pipelines only)
-    ("model_fingerprint", pa.string()),
+    ("model_fingerprint", pa.string()),  # sha256 of the weights and configs that scored it
 ])
 
 JUDGED_SCHEMA = pa.schema([  # the scores computed at decision time (decide/scores.py), higher = riskier

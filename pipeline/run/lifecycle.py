@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline.decide.chance import ChanceThreshold, given_threshold, threshold_by_chance
 from pipeline.decide.clusters import THRESHOLD_MEANING, DedupSettings, duplicate_columns, mark_earlier_duplicates
+from pipeline.decide.copies import read_copied
 from pipeline.decide.embeddings import Embedder
 from pipeline.decide.flagging import Threshold, band_low, flag
 from pipeline.decide.index import build_index, check_faiss, on_gpu, search_views
@@ -68,6 +69,7 @@ class RunContext:
     precision: list[float] = field(default_factory=list)  # the judged score's noise ratio after each pass
     dup_threshold: ChanceThreshold | None = None  # the duplicate threshold decide used, and how it was set
     against: list[str] = field(default_factory=list)  # the earlier outputs --against names, resolved once
+    copied: dict[str, int] = field(default_factory=dict)  # --flag-copied: {id: generations copying it}, read once
 
     @property
     def staging(self) -> Path:
@@ -106,7 +108,8 @@ def start_run(settings: RunSettings) -> RunContext:
         embedder = resources().embedder(settings.dedup.embedder, model, settings.dedup.embed_size, settings.model.device)
         check_faiss()  # before any scoring: the index is searched memory-mapped
         against = check_against(settings.dedup.against, embedder.name) if settings.dedup.against else []
-        return RunContext(settings, source, model, embedder, run, against=against)
+        copied = read_copied(settings.flag.copied) if settings.flag.copied else {}
+        return RunContext(settings, source, model, embedder, run, against=against, copied=copied)
     except BaseException:
         run.abort()
         raise
@@ -272,8 +275,25 @@ def decide(ctx: RunContext, scored: Scored, reference: Scored | None) -> tuple[d
                                                       s.dedup, s.model.device, ctx.staging / INDEX, reference,
                                                       ctx.against)
     reasons = [threshold.reason(v, s.judge.score) if f else None for v, f in zip(j.values, flagged)]
+    if s.flag.copied:
+        threshold = flag_copied(ctx, table, ok, flagged, reasons, threshold)
     cols, augment = decision_columns(table, dup, flagged, reasons, s.remediation, j.columns, uncertain)
     return cols, threshold, augment, index, j
+
+
+def flag_copied(ctx: RunContext, table: pa.Table, ok: np.ndarray, flagged: np.ndarray, reasons: list[str | None],
+                threshold: Threshold) -> Threshold:
+    """--flag-copied: the training images a verify run found copied are flagged (in place:
+    `flagged`, `reasons`) whatever their score; the threshold's details say how many."""
+    ids = table.column("id").to_pylist()
+    hits = np.array([i in ctx.copied for i in ids]) & ok
+    only = hits & ~flagged
+    for r in np.flatnonzero(only):
+        reasons[r] = f"copied by {ctx.copied[ids[r]]} generation(s) (memclean verify {ctx.settings.flag.copied})"
+    flagged |= only
+    record = {"from": ctx.settings.flag.copied, "copied_images": len(ctx.copied), "in_this_run": int(hits.sum()),
+              "flagged_by_copy_only": int(only.sum())}
+    return replace(threshold, details={**threshold.details, "flag_copied": record})
 
 
 def remediate(ctx: RunContext, table: pa.Table, cols: dict[str, list], augment: np.ndarray,

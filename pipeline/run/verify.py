@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +66,8 @@ GENERATIONS_SCHEMA = pa.schema([
     ("similar", pa.bool_()),  # similarity at or above the chance-judged duplicate threshold
 ])
 
+ROW_GROUP = 256  # generations per row group of generations.parquet
+
 COPIED_SCHEMA = pa.schema([
     ("id", pa.string()),  # a training image whose picture some generation copies
     ("path", pa.string()),
@@ -90,6 +93,22 @@ def decode_training(source, spec, batch_size: int, embedder, folder: Path, devic
     if not out:
         raise ValueError("no training image could be decoded: nothing to compare generations with")
     return rows, out["pixels"], out["vectors"]
+
+
+def training_set(data: str, clean_output: str | None) -> tuple[str, str | None, bool]:
+    """--data as given, or, when it names a finished clean output (a retrained model checked
+    against what it was cleaned from), that run's original training data, with the output as
+    --from unless one is given. -> (data, clean output, resolved from a clean output?)"""
+    out = Path(data)
+    if out.is_dir() and is_complete(out) and (out / "manifest.json").is_file():
+        m = json.loads((out / "manifest.json").read_text())
+        if m.get("kind", "clean") == "clean":
+            log.info("--data %s is a clean output: comparing with its original training data %s", data,
+                     m["data"]["path"])
+            return m["data"]["path"], clean_output or data, True
+        raise ValueError(f"--data {data!r} is a memclean {m.get('kind')} output; give the training images, or a clean "
+                         "output (its original training data is used)")
+    return data, clean_output, False
 
 
 def clean_run_rows(clean_output: str, ids: list[str]) -> tuple[dict[str, dict], str | None]:
@@ -147,9 +166,9 @@ def duplicate_search(settings, embedder, vectors: np.ndarray, hashes: list[str],
 def similarity_test(embedder, gens: np.ndarray, index, vectors: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
     """Each generation's most similar training image by the duplicate embedder (-1: none) and
     the similarity."""
-    with torch.no_grad():
-        g = torch.from_numpy(gens)
-        gv = np.concatenate([embedder(g[s:s + 256].to(device)).cpu().numpy() for s in range(0, len(g), 256)])
+    with torch.no_grad():  # a chunk at a time: gens may be memory-mapped
+        gv = np.concatenate([embedder(torch.from_numpy(np.array(gens[s:s + 256])).to(device)).cpu().numpy()
+                             for s in range(0, len(gens), 256)])
     return nearest_similarity(gv.astype(np.float32), None, index, vectors, None, embedder)
 
 
@@ -191,7 +210,8 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
         embedder = make_embedder(settings.dedup.embedder, model, settings.dedup.embed_size, m.device,
                                  image_side=spec.size[0], channels=spec.channels)
         check_faiss()
-        source = discover(settings.input.data, settings.input.image_column)
+        data, clean_output, resolved = training_set(settings.input.data, settings.copies.clean_output)
+        source = discover(data, settings.input.image_column)
         source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         scratch = run.staging / "scratch"
         scratch.mkdir()
@@ -207,10 +227,10 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
                 ref_rows, _, reference = decode_training(discover(settings.copies.reference, settings.input.image_column),
                                                          spec, batch, embedder, ref_dir, m.device)
                 reference_ids = [r["id"] for r in ref_rows if r["status"] == "ok"]
-        clean, judged = (clean_run_rows(settings.copies.clean_output, ids) if settings.copies.clean_output
-                         else (None, None))
+        clean, judged = clean_run_rows(clean_output, ids) if clean_output else (None, None)
         with run.stage("generate"):
-            gens, sampling = generate(model, settings.sample, m.batch_size, settings.cache.root, progress)
+            gens, sampling = generate(model, settings.sample, m.batch_size, settings.cache.root, progress,
+                                      out=scratch / "generations.npy")
         with run.stage("search"):
             hashes = [r["pixel_sha256"] for r in ok_rows]
             clusters, index, threshold = duplicate_search(settings, embedder, vectors, hashes, ids, reference,
@@ -225,6 +245,9 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
             result = write_outputs(run.staging, settings, model, source, gens, ok_rows, groups, d1, d2, near, copy,
                                    sim_row, sim, similar, threshold, clean, judged, sampling,
                                    len(rows))
+            reasons = Counter(r["reject_reason"] for r in rows if r["reject_reason"])
+            result["training"].update(rejected=len(rows) - len(ok_rows), reject_reasons=dict(sorted(reasons.items())),
+                                      clean_output=clean_output, from_clean_output=resolved)
             from pipeline.io.copies_report import write_verify_report
 
             write_verify_report(run.staging, result, gens, pixels, ok_rows, groups, near, copy, d1, model.data_range)
@@ -245,16 +268,19 @@ def write_outputs(folder: Path, settings, model, source, gens: np.ndarray, ok_ro
     seed = settings.sample.sample_seed
     meta = {"settings": settings.flat(), "model": model.record(), "kind": "verify"}
     with_sim = sim_row >= 0
-    gen_table = {
-        "generation": np.arange(len(gens)), "seed": [seed] * len(gens),
-        "image": [png_cell(g, model.data_range) for g in gens],
-        "nearest_id": [ids[r] for r in near], "nearest_path": [ok_rows[r]["path"] for r in near],
-        "distance": d1, "other_distance": d2, "ratio": np.where(np.isfinite(d2), d1 / np.where(d2 > 0, d2, 1), 0.0),
-        "copy": copy, "similar_id": [ids[r] if ok else None for r, ok in zip(sim_row, with_sim)],
-        "similarity": np.where(with_sim, sim, np.nan), "similar": similar & with_sim,
-    }
-    pq.write_table(pa.Table.from_pydict(gen_table, with_hf_features(with_metadata(GENERATIONS_SCHEMA, meta))),
-                   folder / "generations.parquet")
+    ratio = np.where(np.isfinite(d2), d1 / np.where(d2 > 0, d2, 1), 0.0)
+    schema = with_hf_features(with_metadata(GENERATIONS_SCHEMA, meta))
+    with pq.ParquetWriter(folder / "generations.parquet", schema) as writer:
+        for s in range(0, len(gens), ROW_GROUP):  # a row group at a time: the images are encoded as they go
+            r = slice(s, min(s + ROW_GROUP, len(gens)))
+            writer.write_table(pa.Table.from_pydict({
+                "generation": np.arange(r.start, r.stop), "seed": [seed] * (r.stop - r.start),
+                "image": [png_cell(g, model.data_range) for g in np.asarray(gens[r])],
+                "nearest_id": [ids[k] for k in near[r]], "nearest_path": [ok_rows[k]["path"] for k in near[r]],
+                "distance": d1[r], "other_distance": d2[r], "ratio": ratio[r], "copy": copy[r],
+                "similar_id": [ids[k] if ok else None for k, ok in zip(sim_row[r], with_sim[r])],
+                "similarity": np.where(with_sim[r], sim[r], np.nan), "similar": similar[r] & with_sim[r],
+            }, schema))
     # the copied pictures: every training image in a picture some generation copies
     copied_pictures = np.unique(groups[near[copy]])
     copied = np.isin(groups, copied_pictures)

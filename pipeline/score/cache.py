@@ -41,6 +41,7 @@ class CacheSettings:
     """Where scores are cached, and the unit of caching and resuming."""
 
     cache_dir: str | None = setting(None, "score cache, by image content + model fingerprint + scorer settings "
+                                    "(memclean verify: its generations, by model fingerprint, steps and seed) "
                                     "(default $MEMCLEAN_CACHE or ~/.cache/memclean)")
     no_cache: bool = setting(False, "score everything afresh, cache nothing")
     shard_size: int = setting(256, "images per scoring shard: the unit of caching, resuming and mapping")

@@ -52,7 +52,7 @@ LIMITS = {"sample_size": 8192, "in_channels": 64, "out_channels": 128, "layers_p
 class ModelSettings:
     """Which checkpoint scores, how it is loaded, and where it runs."""
 
-    model: str = setting(help="a local diffusers checkpoint folder (any layout diffusers loads: see README, Models), "
+    model: str = setting(help="a local diffusers checkpoint folder (any layout diffusers loads: docs/guides/inputs-and-models.md), "
                          "or a Hub id ORG/NAME[@REVISION] already in the local Hugging Face cache (never downloaded)")
     allow_pickle: bool = setting(False, "also load pickle (.bin) weights; they can run code when loaded")
     variant: str | None = setting(None, "diffusers weight variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")

@@ -111,10 +111,12 @@ def to_images(model: LoadedModel, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def generate(model: LoadedModel, settings: SampleSettings, batch: int | None = None, cache_dir: str | None = None,
-             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict]:
+             progress: Callable[[int], None] | None = None, out: Path | None = None) -> tuple[np.ndarray, dict]:
     """settings.generations images from the model [N, C, H, W] float32 in its data range, and a
     record (key, cached and fresh counts, seconds). Each block's generations are cached under
-    cache_dir/generations/KEY/ (a block is written whole when done: a killed run resumes)."""
+    cache_dir/generations/KEY/ (a block is written whole when done: a killed run resumes). With
+    `out`, the images go to that file, a block at a time, and come back memory-mapped from it:
+    memory holds one block, whatever the count."""
     import time
 
     t0 = time.perf_counter()
@@ -138,9 +140,18 @@ def generate(model: LoadedModel, settings: SampleSettings, batch: int | None = N
             _write_block(folder, block, have)
         elif progress:
             progress(want)
-        parts.append(have[:want])
+        if out is not None:
+            if not parts:
+                parts.append(np.lib.format.open_memmap(out, "w+", np.float32, (n, *have.shape[1:])))
+            parts[0][block * BLOCK:block * BLOCK + want] = have[:want]
+        else:
+            parts.append(have[:want])
         cached += start
-    images = np.concatenate(parts).astype(np.float32, copy=False)
+    if out is not None:
+        parts[0].flush()
+        images = np.load(out, mmap_mode="r")
+    else:
+        images = np.concatenate(parts).astype(np.float32, copy=False)
     return images, {"key": key, "cache": str(folder) if folder else None, "cached": cached, "fresh": n - cached,
                     "seconds": round(time.perf_counter() - t0, 3), "batch_size": batch,
                     "network_passes": (n - cached) * settings.sample_steps}
