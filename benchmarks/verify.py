@@ -89,7 +89,7 @@ def measure_set(name: str, steps: list[int], generations: int, work: Path) -> tu
         auc = f["auc"]
         recall = "-" if f["recall"] is None else f"{f['recall']:.3f}"
         flags.append(f"| {name} | {k} | {c['copied_images']} | {recall} | {f['flag_rate_not_copied']:.3f} | "
-                     f"{f['removed_copied'] if f['removed_copied'] is None else round(f['removed_copied'], 3)} | "
+                     f"{'-' if f['removed_copied'] is None else format(f['removed_copied'], '.3f')} | "
                      f"{f['judged']} {auc.get(f['judged'], float('nan')):.3f} | {auc.get('log_volume_growth', float('nan')):.3f} | "
                      f"{auc.get('denoising_score', float('nan')):.3f} |")
     print(f"{name}: clean run {clean_s:.0f} s", flush=True)
