@@ -216,10 +216,10 @@ def test_faint_rgb_images_are_compared_on_an_absolute_scale():
     assert sim[0] >= emb.default_threshold and (sim[1:] < emb.threshold_floor).all()
 
 
-def test_chance_draws_of_vetoed_pairs_are_their_grey_similarity():
+def test_chance_draws_of_vetoed_pairs_are_their_similarity_before_the_colour_check():
     """decide/chance.py's draws with the colour check: an agreeing pair's draw is its
-    similarity, a vetoed pair's its grey similarity (for_chance, chance_draws); grey embedders
-    are their own judge."""
+    similarity, a vetoed pair's its similarity before the colour check (the grey one, capped by
+    the absolute check: for_chance, chance_draws); grey embedders are their own judge."""
     from PIL import Image, ImageEnhance
 
     from tests.planted import scene
@@ -233,7 +233,8 @@ def test_chance_draws_of_vetoed_pairs_are_their_grey_similarity():
     drawn = judge.chance_draws(judge.similarity(x[[0, 0]], x[[1, 2]]))
     g = emb.grey_dims
     grey = emb.grey_similarity(x[[0, 0], :g], x[[1, 2], :g])
-    assert drawn[0] == pytest.approx(grey[0], abs=1e-6)  # vetoed: its grey similarity
+    assert not emb.smooth(x[:1]).any()  # a scene has detail: its similarity before the colour check is the grey one
+    assert drawn[0] == pytest.approx(grey[0], abs=1e-6) and emb.similarity(x[[0]], x[[1]])[0] < grey[0]  # vetoed
     assert drawn[1] == pytest.approx(emb.similarity(x[[0]], x[[2]])[0], abs=1e-6)
     grey_only = PixelEmbedder(image_side=64)
     assert grey_only.for_chance() is grey_only
@@ -251,3 +252,63 @@ def test_grey_pictures_decoded_as_rgb_compare_as_grey():
     pairs = ([0, 0, 1, 2], [1, 2, 3, 3])
     assert np.allclose(rgb.similarity(c[pairs[0]], c[pairs[1]]), grey.similarity(g[pairs[0]], g[pairs[1]]),
                        rtol=0, atol=1024 * 2.0**-24)
+
+
+def _ramp(c0, c1, angle=0.3, n=64):
+    """A linear ramp from colour c0 to c1 (8-bit RGB, float: no rounding) across an n x n image."""
+    yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
+    t = np.clip(((xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)) / np.sqrt(0.5) + 0.5, 0, 1)[..., None]
+    return np.array(c0, float) * (1 - t) + np.array(c1, float) * t
+
+
+def _tensor(rgb255: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy((rgb255.transpose(2, 0, 1)[None] / 127.5 - 1).astype(np.float32))
+
+
+def test_absolute_similarity_fits_brightness_and_contrast_exactly():
+    """A brightness gain (R, G, B times 1.12) and a contrast change (each channel about the
+    mean grey, times 1.12) are a gain k and grey offset o of the 8x8 grey and colour picture,
+    which absolute_similarity fits in closed form: the residual is float32 rounding (1e-6 of
+    the range against a tolerance of 0.039), so the similarity is 1 to 1e-6."""
+    a = _ramp((200, 60, 40), (200, 210, 180))
+    m = a.mean(2, keepdims=True).mean()
+    emb = PixelEmbedder(image_side=64, channels=3)
+    x = emb(torch.cat([_tensor(a), _tensor(1.12 * a), _tensor(m + 1.12 * (a - m))])).numpy()
+    assert emb.absolute_similarity(x[[0, 0]], x[[1, 2]]) == pytest.approx([1, 1], abs=1e-6)
+
+
+def test_absolute_similarity_closed_form_for_a_colour_shift():
+    """Two flat pictures of grey level y, one with no chroma and one whose R - G is delta in every
+    cell: the best gain would be 0, clipped to 0.8, the offset 0.2 y takes the grey, and the
+    residual is 0.8 delta over the 64 of 192 values that are R - G: r = 0.8 delta / sqrt(3), so
+    the similarity is 1 - 0.05 (r / tolerance)^2 with tolerance 1.25 * 1 / 32 of the range at
+    64 px (float32 rounding: 1e-6)."""
+    emb = PixelEmbedder(image_side=64, channels=3)
+    g, y, delta = emb.grey_dims, 0.4, 0.1
+    a = np.zeros((1, g + 128 + 2), np.float32)
+    a[0, -2] = y
+    b = a.copy()
+    b[0, g:g + 64] = delta  # the R - G thumbnail (the first of the two chroma planes)
+    r, tolerance = 0.8 * delta / np.sqrt(3), 1.25 / 32
+    assert emb.absolute_similarity(a, b)[0] == pytest.approx(1 - 0.05 * (r / tolerance) ** 2, abs=1e-6)
+    far = b.copy()
+    far[0, g:g + 64] = 1.0  # far beyond the tolerance: bounded above -1, still a draw of chance
+    assert emb.absolute_similarity(a, far)[0] == pytest.approx(-1 + 1e-3)
+
+
+def test_smooth_fields_of_like_colours_are_apart_but_their_copies_join():
+    """Normalised correlation cannot tell two smooth fields of like colours apart (the ramps
+    below: grey similarity 1, and the colour check passes); the absolute check can. The same
+    ramp brightened, its contrast raised or shifted by 2 px stays at or above the default
+    threshold."""
+    emb = PixelEmbedder(image_side=64, channels=3)
+    a = _ramp((200, 60, 40), (240, 240, 200))
+    m = a.mean()
+    shifted = np.concatenate([a[:, :1].repeat(2, 1), a[:, :-2]], 1)
+    other = _ramp((200, 60, 80), (240, 240, 200))  # the dark end bluer by 40 levels
+    imgs = [np.round(i) for i in (a, np.clip(1.12 * a, 0, 255), np.clip(m + 1.12 * (a - m), 0, 255), shifted, other)]
+    x = emb(torch.cat([_tensor(i) for i in imgs])).numpy()
+    sim = emb.similarity(np.repeat(x[:1], 4, 0), x[1:])
+    g = emb.grey_dims
+    assert emb.grey_similarity(x[:1, :g], x[4:, :g])[0] > 0.999 and emb.colour_similarity(x[:1, g:], x[4:, g:])[0] == 1
+    assert (sim[:3] >= emb.default_threshold).all() and sim[3] < emb.default_threshold

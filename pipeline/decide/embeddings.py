@@ -120,7 +120,11 @@ class PixelEmbedder:
     deviation, the tone that normalising takes away. A pair's similarity is then at most its
     colour and tone check (colour_similarity): chroma that differ by more than colour_tolerance
     of their size, means more than mean_tolerance of the range apart, or contrasts more than a
-    factor contrast_tolerance apart veto it, whatever its grey layout. Two RGB images
+    factor contrast_tolerance apart veto it, whatever its grey layout. RGB pairs are also compared
+    on an absolute scale (absolute_similarity: their 8x8 grey and colour pictures, once a
+    brightness or contrast change is fitted, within what the largest shift tried moves a ramp),
+    which caps their similarity: normalised correlation cannot tell two smooth fields of like
+    colours apart. Two RGB images
     with almost no grey structure (flat, or nearly) are compared on an absolute scale
     (faint_similarity) instead of by normalised correlation, which magnifies their noise. The index's view holds the colours too, so that candidates are look-alikes in colour
     as well as in layout. Grey images (channels=1) are compared exactly as they always were, and
@@ -144,6 +148,13 @@ class PixelEmbedder:
     faint_levels = 1.5 / 255  # faint images this far apart (rms, grey structure) stand at the default threshold
     faint_mean_levels = 2 / 255  # and so do faint images whose mean grey levels are this far apart
     colour_share = 0.25  # the colours' share of the index view's inner product (search_view)
+    # the absolute check (RGB, absolute_similarity): a near copy's 8x8 grey and colour picture,
+    # once a gain and grey offset (a brightness or contrast change) are fitted, differs by at most
+    # what the largest shift tried moves a ramp across the whole range: max_shift / size of the
+    # range, with this margin
+    absolute_margin = 1.25
+    gain_range = (0.8, 1.25)  # the brightness or contrast gains fitted
+    smooth_detail = 0.1  # pictures whose detail is under this share of their structure are smooth
     chance = False  # similarities as chance's draws (for_chance)
 
     def __init__(self, size: int = 32, sigma: float = 1.0, search_sigma: float = 2.0,
@@ -252,16 +263,21 @@ class PixelEmbedder:
             faint = coloured & (ca[:, -1] < self.faint_contrast) & (cb[:, -1] < self.faint_contrast)
             if faint.any():
                 sim[faint] = self.faint_similarity(a[faint], b[faint])
+            # smooth pictures on the absolute scale too: unrelated fields of like colours are apart
+            solid = coloured & ~faint & self.smooth(a) & self.smooth(b)
+            if solid.any():
+                sim[solid] = np.minimum(sim[solid], self.absolute_similarity(a[solid], b[solid]))
             colour = np.where(coloured, self.colour_similarity(ca, cb), np.float32(1))
-            # as chance's draws (for_chance): a vetoed pair's grey similarity, less VETOED
+            # as chance's draws (for_chance): a vetoed pair's similarity before the colour check, less VETOED
             sim = np.where(colour >= sim, sim, sim - VETOED).astype(np.float32) if self.chance \
                 else np.minimum(sim, colour)
         return sim
 
     def for_chance(self) -> "PixelEmbedder":
         """This embedder as decide/chance.py measures chance with it (with chance_draws): each
-        image's draw is its grey similarity to the most similar candidate whose colours agree,
-        or, when the colour check vetoes every candidate, to the most similar one. A vetoed
+        image's draw is its similarity before the colour check (the grey one, capped by the
+        absolute check for RGB pairs with structure) to the most similar candidate whose colours
+        agree, or, when the colour check vetoes every candidate, to the most similar one. A vetoed
         pair's value is no similarity the grey law knows (counting it widened the fitted law and
         raised the threshold to 0.97-0.98 on photographs whose grey chance level is 0.90-0.94),
         and leaving such images out left mostly the copies where colours vary (generated scenes:
@@ -276,6 +292,48 @@ class PixelEmbedder:
         """Nearest similarities found with for_chance's similarity, as draws of chance."""
         return np.where(sim < -1 - 1e-6, sim + VETOED, sim) if self.chance else sim
 
+    def structure(self, v: np.ndarray) -> np.ndarray:
+        """RGB vectors -> their grey thumbnails less their means, as they were before normalising
+        (unit length, or flat_std rms when flat: __call__), in units of the range: [n, size^2]."""
+        level = self.flat_std / (self.data_range[1] - self.data_range[0])
+        return v[:, :self.grey_dims] * np.maximum(v[:, -1], level)[:, None] * math.sqrt(self.grey_dims)
+
+    def smooth(self, v: np.ndarray) -> np.ndarray:
+        """Whether each vector's grey thumbnail is smooth: its detail (the thumbnail less its blur
+        at detail_sigma) under smooth_detail of its structure, so that its normalised layout is
+        all the correlation sees."""
+        u = torch.from_numpy(np.ascontiguousarray(v[:, :self.grey_dims], np.float32)).view(-1, 1, self.size, self.size)
+        detail = (u - _gaussian_blur(u, self.detail_sigma)).flatten(1).norm(dim=1)
+        return (detail < self.smooth_detail * u.flatten(1).norm(dim=1)).numpy()
+
+    def absolute_picture(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """RGB vectors -> their 8x8 grey picture in units of the range (the thumbnail as it was
+        before normalising, pooled to the colour thumbnail's side and blurred as it is) and their
+        chroma thumbnail: ([n, 64], [n, 128])."""
+        g, c = self.grey_dims, self.colour_size
+        grey = self.structure(v) + v[:, -2:-1]
+        t = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(grey, np.float32)).view(-1, 1, self.size, self.size),
+                         self.size // c)
+        return _gaussian_blur(t, 1.0).flatten(1).numpy(), v[:, g:-2]
+
+    def absolute_similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """RGB pairs on an absolute scale: the rms difference r of their 8x8 grey and colour
+        pictures (absolute_picture) once b is mapped onto a by the gain k (in gain_range) and grey
+        offset o (within mean_tolerance) that fit best, r = rms(a_Y - k b_Y - o, a_C - k b_C): a
+        brightness change is a gain of R, G and B, a contrast change a gain about the mean grey,
+        and either is fitted exactly. 1 - (1 - default_threshold) (r / tolerance)^2, tolerance
+        absolute_margin * max_shift / size of the range: what the largest shift tried moves a
+        ramp that spans the range. Normalised correlation cannot tell two smooth fields of like
+        colours apart (two ramps 3 degrees apart correlate at 0.999); their absolute difference
+        can."""
+        ya, ca = self.absolute_picture(a)
+        yb, cb = self.absolute_picture(b)
+        k, o = _fit_gain(ya, ca, yb, cb, self.gain_range, self.mean_tolerance)
+        r = np.sqrt((((ya - k[:, None] * yb - o[:, None]) ** 2).sum(1) + ((ca - k[:, None] * cb) ** 2).sum(1))
+                    / (ya.shape[1] + ca.shape[1]))
+        tolerance = self.absolute_margin * self.max_shift / self.size
+        return _bounded(1 - (1 - self.default_threshold) * (r / tolerance) ** 2)
+
     def faint_similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Two RGB images with almost no grey structure (standard deviation under faint_contrast)
         on an absolute scale, where correlating their normalised thumbnails would magnify noise:
@@ -287,17 +345,13 @@ class PixelEmbedder:
         flat field brightened cannot be told from another field of that level) or colour, or
         faint layouts of other shapes, below it."""
         g = self.grey_dims
-        # the thumbnails as they were before normalising (unit length, or flat_std rms when flat:
-        # __call__), in units of the range
-        level = self.flat_std / (self.data_range[1] - self.data_range[0])
-        ra = a[:, :g] * np.maximum(a[:, -1], level)[:, None] * math.sqrt(g)
-        rb = b[:, :g] * np.maximum(b[:, -1], level)[:, None] * math.sqrt(g)
+        ra, rb = self.structure(a), self.structure(b)
         structure = np.sqrt(np.mean((ra - rb) ** 2, axis=1)) / self.faint_levels
         means = np.abs(a[:, -2] - b[:, -2]) / self.faint_mean_levels
         gain = 0.2  # a gain of 1.2 turns chroma by colour_difference k / (2 + k)
         chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (gain / (2 + gain))
         worst = np.maximum(structure, np.maximum(means, chroma))
-        return (1 - (1 - self.default_threshold) * worst**2).astype(np.float32)
+        return _bounded(1 - (1 - self.default_threshold) * worst**2)
 
     def grey_similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
         n, s = len(a), self.size
@@ -374,6 +428,29 @@ class PixelEmbedder:
         contrast = np.abs(np.log2(np.maximum(a[:, -1], self.contrast_floor) / np.maximum(b[:, -1], self.contrast_floor)))
         excess = np.maximum(excess, contrast - math.log2(self.contrast_tolerance))
         return np.clip(1 - 4 * excess, -1, 1).astype(np.float32)
+
+
+def _bounded(similarity: np.ndarray) -> np.ndarray:
+    """An absolute-scale similarity kept within (-1, 1]: -1 means a flat image with nothing to
+    compare (decide/chance.py takes no draw from it), and below it chance's draws of vetoed pairs
+    are encoded (VETOED); a pair this far apart is a draw of chance all the same."""
+    return np.clip(similarity, -1 + 1e-3, 1).astype(np.float32)
+
+
+def _fit_gain(ya: np.ndarray, ca: np.ndarray, yb: np.ndarray, cb: np.ndarray, gains: tuple[float, float],
+              offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares gain k and grey offset o of a ~ (k b_Y + o, k b_C), row by row, then k
+    clipped to `gains` and o (refitted for that k) to +-offset: ([n], [n])."""
+    n_y = ya.shape[1]
+    sy_b, sy_a = yb.sum(1), ya.sum(1)
+    s_bb = (yb * yb).sum(1) + (cb * cb).sum(1)
+    s_ab = (ya * yb).sum(1) + (ca * cb).sum(1)
+    # normal equations of (k, o): [s_bb, sy_b; sy_b, n_y] [k; o] = [s_ab; sy_a]
+    det = s_bb * n_y - sy_b**2
+    k = np.where(det > 1e-12, (s_ab * n_y - sy_b * sy_a) / np.where(det > 1e-12, det, 1), 1.0)
+    k = np.clip(k, *gains)
+    o = np.clip((sy_a - k * sy_b) / n_y, -offset, offset)
+    return k, o
 
 
 def colour_difference(a: np.ndarray, b: np.ndarray, floor: float) -> np.ndarray:
