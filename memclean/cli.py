@@ -133,6 +133,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{m['generations']} generations: {c['generations']} copy a training picture ({c['rate']:.1%}, 95% interval "
           f"{c['interval95'][0]:.1%}-{c['interval95'][1]:.1%}); {c['copied_pictures']} pictures copied "
           f"({c['copied_images']} training images); {s['generations']} similar at {s['threshold']['value']:.4g}")
+    held = c["held_out"]
+    if held:
+        print(f"held-out images that pass the same test (its false-copy rate here): {held['passing']} of {held['images']}")
     if m["flags"]:
         f = m["flags"]
         recall = "-" if f["recall"] is None else f"{f['recall']:.1%}"

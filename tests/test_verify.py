@@ -83,8 +83,13 @@ def test_planted_copies_are_found_and_copies_of_one_picture_count_once(small, tm
     a, b, c = train_pixels(root, "img000.png"), train_pixels(root, "img003.png"), train_pixels(root, "img007.png")
     generations = np.stack([a, b + 0.01 * rng.normal(size=b.shape), (b + c) / 2, rng.uniform(-1, 1, a.shape)])
     plant(model, tmp_path / "cache", generations)
+    held = tmp_path / "held"  # held-out images: three new ones and, by mistake, a copy of a training image
+    held.mkdir()
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(held / f"h{k}.png")
+    (held / "leak.png").write_bytes((root / "img005.png").read_bytes())
     assert verify("--model", model, "--data", root, "--out", tmp_path / "v", "--generations", 4,
-                  "--cache-dir", tmp_path / "cache", *TINY) == 0
+                  "--cache-dir", tmp_path / "cache", "--reference", held, *TINY) == 0
     m = json.loads((tmp_path / "v" / "manifest.json").read_text())
     gens = pq.read_table(tmp_path / "v" / "generations.parquet").to_pylist()
     assert [g["copy"] for g in gens] == [True, True, False, False]
@@ -95,6 +100,8 @@ def test_planted_copies_are_found_and_copies_of_one_picture_count_once(small, tm
     assert set(copied) == {"img000.png", "copy0.png", "copy1.png", "img003.png"}
     assert copied["copy0.png"]["picture"] == copied["img000.png"]["picture"] != copied["img003.png"]["picture"]
     assert m["sampling"]["cached"] == 4 and m["sampling"]["fresh"] == 0  # read back, not sampled again
+    # the test's false-copy rate on this data: only the leaked held-out image passes it
+    assert {k: m["copies"]["held_out"][k] for k in ("images", "passing")} == {"images": 4, "passing": 1}
     assert "2 pictures copied" in capsys.readouterr().out
 
 

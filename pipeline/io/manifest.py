@@ -161,9 +161,13 @@ MANIFEST_KEYS: dict[str, dict[str, Any]] = {
         "copies": {"test": "the ratio test applied", "generations": "generations that copy a training picture",
                    "rate": "their share", "interval95": "its 95% Wilson interval",
                    "copied_pictures": "training pictures copied (copies of one picture count once)",
-                   "copied_images": "training images in them"},
+                   "copied_images": "training images in them",
+                   "held_out": "with --reference (else null): the test's false-copy rate on this data, the held-out "
+                               "images that pass it against the training set: images, passing, rate, interval95"},
         "similar": {"test": "the similarity test", "embedder": "the duplicate embedder",
                     "threshold": "its threshold as chosen (auto: judged against chance)",
+                    "false_join_rate": "the chance, for a generation that copies nothing, of reaching an auto "
+                                       "threshold (--dup-false-join-rate)",
                     "generations": "generations at or above it", "rate": "their share",
                     "interval95": "its 95% Wilson interval", "similar_pictures": "pictures they are similar to"},
         "both": "generations that pass both tests",

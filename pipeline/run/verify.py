@@ -201,6 +201,18 @@ def descending_rank(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def held_out_copies(held: np.ndarray | None, pixels: np.ndarray, groups: np.ndarray, rows: np.ndarray,
+                    ratio: float) -> dict[str, Any] | None:
+    """The ratio test's false-copy rate on this data: the held-out images (--reference: never
+    trained on, so they copy nothing) that pass it against the training set, with the 95%
+    interval; one that passes duplicates a training picture. None without held-out images."""
+    if held is None:
+        return None
+    d1, d2, _ = nearest_distinct(held, pixels, groups, rows)
+    k, n = int(ratio_test(d1, d2, ratio).sum()), len(held)
+    return {"images": n, "passing": k, "rate": k / n if n else None, "interval95": list(wilson_interval(k, n))}
+
+
 def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """memclean verify into settings.output.out; returns the manifest."""
     with StagedRun(settings.output.out, settings.output.overwrite) as run:
@@ -220,11 +232,11 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
             rows, pixels, vectors = decode_training(source, spec, batch, embedder, scratch, m.device, progress)
             ok_rows = [r for r in rows if r["status"] == "ok"]
             ids = [r["id"] for r in ok_rows]
-            reference, reference_ids = None, None
+            reference, reference_ids, ref_pixels = None, None, None
             if settings.copies.reference:
                 ref_dir = scratch / "reference"
                 ref_dir.mkdir()
-                ref_rows, _, reference = decode_training(discover(settings.copies.reference, settings.input.image_column),
+                ref_rows, ref_pixels, reference = decode_training(discover(settings.copies.reference, settings.input.image_column),
                                                          spec, batch, embedder, ref_dir, m.device)
                 reference_ids = [r["id"] for r in ref_rows if r["status"] == "ok"]
         clean, judged = clean_run_rows(clean_output, ids) if clean_output else (None, None)
@@ -245,6 +257,8 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
             result = write_outputs(run.staging, settings, model, source, gens, ok_rows, groups, d1, d2, near, copy,
                                    sim_row, sim, similar, threshold, clean, judged, sampling,
                                    len(rows))
+            result["copies"]["held_out"] = held_out_copies(ref_pixels, pixels, groups, np.sort(first),
+                                                           settings.copies.copy_ratio)
             reasons = Counter(r["reject_reason"] for r in rows if r["reject_reason"])
             result["training"].update(rejected=len(rows) - len(ok_rows), reject_reasons=dict(sorted(reasons.items())),
                                       clean_output=clean_output, from_clean_output=resolved)
@@ -310,7 +324,8 @@ def write_outputs(folder: Path, settings, model, source, gens: np.ndarray, ok_ro
                    "generations": k, "rate": k / n, "interval95": [lo, hi],
                    "copied_pictures": len(copied_pictures), "copied_images": int(copied.sum())},
         "similar": {"test": "duplicate embedder similarity at or above the threshold", "embedder": getattr(
-                        settings.dedup, "embedder"), "threshold": threshold.to_dict(), "generations": s_k,
+                        settings.dedup, "embedder"), "threshold": threshold.to_dict(),
+                    "false_join_rate": settings.dedup.dup_false_join_rate, "generations": s_k,
                     "rate": s_k / n, "interval95": [s_lo, s_hi],
                     "similar_pictures": len(np.unique(groups[sim_row[similar & with_sim]]))},
         "both": int((copy & similar).sum()),
