@@ -101,6 +101,40 @@ def test_latent_pipelines_decode_through_their_autoencoder(tmp_path):
     from pipeline.score.models import load_scheduler
 
     sched = ddim_scheduler(dict(load_scheduler(model.checkpoint).config), 2)
-    latent = ddim_sample(model.score_fn.unet, sched, z, 2)
+    latent = ddim_sample(model.score_fn.network, sched, z, 2)
     decoded = model.encoder.autoencoder.decode(latent / model.encoder.scaling_factor).sample.clamp(-1, 1)
     assert np.allclose(images, decoded.detach().numpy(), atol=1e-5)  # the same arithmetic, float32 rounding
+
+
+def test_bf16_sampling_is_its_own_cache_entry_and_keeps_the_closed_form(mild_zero_model, tmp_path):
+    """--precision bf16 runs the network under bf16 autocast (as scoring does): a zero network's
+    output is exactly 0 in any precision, so the closed form holds to float32 rounding as in
+    fp32; the generations are cached apart from fp32's (another key)."""
+    model = load_model(mild_zero_model)
+    cache = str(tmp_path / "cache")
+    fp32, r32 = generate(model, SampleSettings(generations=3, sample_steps=10, sample_seed=3), cache_dir=cache)
+    bf16, r16 = generate(model, SampleSettings(generations=3, sample_steps=10, sample_seed=3, precision="bf16"),
+                         cache_dir=cache)
+    assert r16["precision"] == "bf16" and r32["precision"] == "fp32" and r16["key"] != r32["key"]
+    assert r16["fresh"] == 3 and np.allclose(bf16, zero_net_sample(mild_zero_model, 3, 10, 3).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="precision"):
+        SampleSettings(precision="fp8")
+
+
+def test_compiled_sampling_matches_eager(tmp_path):
+    """--compile on: the network runs through torch.compile (inductor on the CPU) at the batch's
+    size, the last batch padded, and the generations match eager ones to float32 rounding:
+    fused kernels reorder sums (about 1e-6 of an activation per layer, a few dozen layers), and
+    the mild schedule's DDIM steps scale an error by at most sqrt(1 / 0.58) each, so 1e-4 over
+    three steps bounds it."""
+    from diffusers import DDPMScheduler
+
+    from tests.conftest import save_checkpoint
+    from tests.exact import tiny_unet
+
+    path = save_checkpoint(tiny_unet(channels=3, size=4), DDPMScheduler(beta_start=1e-4, beta_end=1e-3,
+                                                                         clip_sample=False), tmp_path / "m")
+    settings = SampleSettings(generations=5, sample_steps=3)
+    eager, _ = generate(load_model(path), settings, batch=4)
+    compiled, record = generate(load_model(path), settings, batch=4, compile_network=True)
+    assert record["compiled"] and np.allclose(compiled, eager, atol=1e-4)

@@ -45,6 +45,7 @@ from pipeline.io.store import IMAGE, is_complete, with_hf_features, with_metadat
 from pipeline.run.dedup import decode_to_files
 from pipeline.run.staged import StagedRun
 from pipeline.score.models import load_model
+from pipeline.score.ready import use_compile
 from pipeline.score.sampling import generate
 from pipeline.score.scoring import image_spec
 from pipeline.tools.evaluate import roc_auc
@@ -242,7 +243,7 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
         clean, judged = clean_run_rows(clean_output, ids) if clean_output else (None, None)
         with run.stage("generate"):
             gens, sampling = generate(model, settings.sample, m.batch_size, settings.cache.root, progress,
-                                      out=scratch / "generations.npy")
+                                      out=scratch / "generations.npy", compile_network=use_compile(m))
         with run.stage("search"):
             hashes = [r["pixel_sha256"] for r in ok_rows]
             clusters, index, threshold = duplicate_search(settings, embedder, vectors, hashes, ids, reference,

@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.fields import setting
+from pipeline.fields import check_choices, setting
 from pipeline.score.models import LoadedModel, load_scheduler
+from pipeline.score.volume import PRECISIONS, network_precision, precision_for
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,23 @@ class SampleSettings:
                                 aliases=("steps",))
     sample_seed: int = setting(0, f"seed of the generations' starting noise (drawn {BLOCK} at a time: the same "
                                "generations whatever --generations, --batch-size or the device)")
+    precision: str | None = setting(None, "the network's arithmetic while sampling: fp32, tf32 (CUDA matmuls and "
+                                    "convolutions) or bf16 (autocast); default: bf16 on CUDA, fp32 on the CPU, as "
+                                    "scoring (--compile auto compiles on CUDA too)", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.generations < 1:
             raise ValueError(f"--generations must be at least 1, got {self.generations}")
         if not 1 <= self.sample_steps <= 1000:
             raise ValueError(f"--sample-steps must be in [1, 1000], got {self.sample_steps}")
 
 
-def sampling_key(fingerprint: str, settings: SampleSettings) -> str:
-    """The hash of everything but the count that determines the generations."""
+def sampling_key(fingerprint: str, settings: SampleSettings, precision: str = "fp32") -> str:
+    """The hash of everything but the count that determines the generations (the precision
+    resolved: precision_for)."""
     blob = json.dumps({"model": fingerprint, "sampler": "ddim", "eta": 0.0, "steps": settings.sample_steps,
-                       "seed": settings.sample_seed, "block": BLOCK}, sort_keys=True)
+                       "seed": settings.sample_seed, "block": BLOCK, "precision": precision}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -79,15 +85,17 @@ def noise_blocks(shape: tuple[int, ...], seed: int) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def ddim_sample(unet, sched, noise: torch.Tensor, batch: int, device: torch.device | str = "cpu",
+def ddim_sample(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sched, noise: torch.Tensor, batch: int,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """DDIM (eta 0) from `noise` [N, C, H, W], `batch` at a time: [N, C, H, W] on the CPU."""
+    """DDIM (eta 0) from `noise` [N, C, H, W], `batch` at a time, `net(x, t)` the network's output
+    for x (in `dtype`) at the timesteps t [N]: [N, C, H, W] on the CPU."""
     out = []
-    dtype = next(unet.parameters()).dtype
     for s in range(0, len(noise), batch):
         x = noise[s:s + batch].to(device)
         for t in sched.timesteps:
-            eps = unet(x.to(dtype), t).sample.to(x.dtype)[:, :x.shape[1]]  # a variance-predicting UNet: eps first
+            timestep = t.to(device, torch.float32).expand(len(x))  # float, as scoring calls the network
+            eps = net(x.to(dtype), timestep).to(x.dtype)[:, :x.shape[1]]  # a variance-predicting UNet: eps first
             x = sched.step(eps, t, x).prev_sample
         out.append(x.float().cpu())
         if progress:
@@ -111,12 +119,14 @@ def to_images(model: LoadedModel, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def generate(model: LoadedModel, settings: SampleSettings, batch: int | None = None, cache_dir: str | None = None,
-             progress: Callable[[int], None] | None = None, out: Path | None = None) -> tuple[np.ndarray, dict]:
+             progress: Callable[[int], None] | None = None, out: Path | None = None,
+             compile_network: bool = False) -> tuple[np.ndarray, dict]:
     """settings.generations images from the model [N, C, H, W] float32 in its data range, and a
     record (key, cached and fresh counts, seconds). Each block's generations are cached under
     cache_dir/generations/KEY/ (a block is written whole when done: a killed run resumes). With
     `out`, the images go to that file, a block at a time, and come back memory-mapped from it:
-    memory holds one block, whatever the count."""
+    memory holds one block, whatever the count. The network runs in settings.precision (resolved
+    for its device) and, with compile_network, through torch.compile at `batch` images a call."""
     import time
 
     t0 = time.perf_counter()
@@ -127,7 +137,16 @@ def generate(model: LoadedModel, settings: SampleSettings, batch: int | None = N
     c = unet.config
     size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size,) * 2
     shape = (int(c.in_channels), int(size[0]), int(size[1]))
-    key = sampling_key(model.fingerprint, settings)
+    precision = precision_for(settings.precision, device)
+    if compile_network:
+        model.score_fn.compile(batch)  # compiled on its first batch (padded to `batch` images, as scoring's)
+    key = sampling_key(model.fingerprint, settings, precision)
+    dtype = model.score_fn.dtype
+
+    def sample(noise: torch.Tensor) -> torch.Tensor:
+        with network_precision(precision, device):
+            return ddim_sample(model.score_fn.network, sched, noise, batch, device, dtype, progress)
+
     folder = Path(cache_dir) / "generations" / key if cache_dir else None
     n, parts, cached = settings.generations, [], 0
     for block, noise in zip(range(-(-n // BLOCK)), noise_blocks(shape, settings.sample_seed)):
@@ -135,7 +154,7 @@ def generate(model: LoadedModel, settings: SampleSettings, batch: int | None = N
         have = _read_block(folder, block)
         start = 0 if have is None else min(len(have), want)
         if start < want:
-            fresh = to_images(model, ddim_sample(unet, sched, noise[start:want], batch, device, progress), batch)
+            fresh = to_images(model, sample(noise[start:want]), batch)
             have = fresh.numpy() if have is None else np.concatenate([have, fresh.numpy()])
             _write_block(folder, block, have)
         elif progress:
@@ -153,7 +172,8 @@ def generate(model: LoadedModel, settings: SampleSettings, batch: int | None = N
     else:
         images = np.concatenate(parts).astype(np.float32, copy=False)
     return images, {"key": key, "cache": str(folder) if folder else None, "cached": cached, "fresh": n - cached,
-                    "seconds": round(time.perf_counter() - t0, 3), "batch_size": batch,
+                    "seconds": round(time.perf_counter() - t0, 3), "batch_size": batch, "precision": precision,
+                    "compiled": model.score_fn.compiled is not None,
                     "network_passes": (n - cached) * settings.sample_steps}
 
 

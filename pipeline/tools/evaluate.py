@@ -128,5 +128,6 @@ def generate(unet, scheduler_config: dict, n: int, steps: int = 50, seed: int = 
     shape = (unet.config.in_channels, size, size)
     out = []
     for block, noise in zip(range(-(-n // BLOCK)), noise_blocks(shape, seed)):
-        out.append(ddim_sample(unet, sched, noise[:min(BLOCK, n - block * BLOCK)], batch).clamp(-1, 1))
+        out.append(ddim_sample(lambda x, t: unet(x, t).sample, sched, noise[:min(BLOCK, n - block * BLOCK)], batch)
+                   .clamp(-1, 1))
     return torch.cat(out)
