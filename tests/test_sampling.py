@@ -97,7 +97,7 @@ def test_latent_pipelines_decode_through_their_autoencoder(tmp_path):
     images, _ = generate(model, SampleSettings(generations=2, sample_steps=2))
     assert images.shape == (2, model.channels, *model.sample_size) and images.min() >= -1 and images.max() <= 1
     z = torch.randn((BLOCK, *model.latent_shape), generator=torch.Generator().manual_seed(0))[:2]
-    from pipeline.score.sampling import ddim_sample, ddim_scheduler, to_images
+    from pipeline.score.sampling import ddim_sample, ddim_scheduler
     from pipeline.score.models import load_scheduler
 
     sched = ddim_scheduler(dict(load_scheduler(model.checkpoint).config), 2)
