@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def type_text(o: Option) -> str:
     base = o.base
     if typing.get_origin(base) is tuple:
         return f"{typing.get_args(base)[0].__name__} ..."
-    if typing.get_origin(base) in (typing.Union, __import__("types").UnionType):
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
         return " or ".join(a.__name__ for a in typing.get_args(base))
     return "switch" if base is bool else base.__name__
 

@@ -264,7 +264,8 @@ class PixelEmbedder:
             if faint.any():
                 sim[faint] = self.faint_similarity(a[faint], b[faint])
             # smooth pictures on the absolute scale too: unrelated fields of like colours are apart
-            solid = coloured & ~faint & self.smooth(a) & self.smooth(b)
+            solid = coloured & ~faint
+            solid[solid] = self.smooth(a[solid]) & self.smooth(b[solid])  # the blur only where it can matter
             if solid.any():
                 sim[solid] = np.minimum(sim[solid], self.absolute_similarity(a[solid], b[solid]))
             colour = np.where(coloured, self.colour_similarity(ca, cb), np.float32(1))

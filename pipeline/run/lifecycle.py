@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.decide.chance import ChanceThreshold, given_threshold, threshold_by_chance
 from pipeline.decide.clusters import THRESHOLD_MEANING, DedupSettings, duplicate_columns, mark_earlier_duplicates
@@ -285,11 +286,12 @@ def flag_copied(ctx: RunContext, table: pa.Table, ok: np.ndarray, flagged: np.nd
                 threshold: Threshold) -> Threshold:
     """--flag-copied: the training images a verify run found copied are flagged (in place:
     `flagged`, `reasons`) whatever their score; the threshold's details say how many."""
-    ids = table.column("id").to_pylist()
-    hits = np.array([i in ctx.copied for i in ids]) & ok
+    ids = table.column("id")
+    hits = pc.is_in(ids, value_set=pa.array(list(ctx.copied), pa.string())).to_numpy(zero_copy_only=False) & ok
     only = hits & ~flagged
     for r in np.flatnonzero(only):
-        reasons[r] = f"copied by {ctx.copied[ids[r]]} generation(s) (memclean verify {ctx.settings.flag.copied})"
+        n = ctx.copied[ids[int(r)].as_py()]
+        reasons[r] = f"copied by {n} generation(s) (memclean verify {ctx.settings.flag.copied})"
     flagged |= only
     record = {"from": ctx.settings.flag.copied, "copied_images": len(ctx.copied), "in_this_run": int(hits.sum()),
               "flagged_by_copy_only": int(only.sum())}

@@ -32,19 +32,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.decide.chance import given_threshold, threshold_by_chance
-from pipeline.decide.clusters import duplicate_columns
 from pipeline.decide.copies import nearest_distinct, picture_groups, ratio_test, wilson_interval
 from pipeline.decide.embeddings import make_embedder
 from pipeline.decide.flagging import SCORE_CHOICES
-from pipeline.decide.index import build_index, check_faiss, search_views
+from pipeline.decide.index import check_faiss
 from pipeline.decide.neighbours import nearest_similarity
 from pipeline.io.data import discover
 from pipeline.io.manifest import versions
-from pipeline.io.store import IMAGE, is_complete, with_hf_features, with_metadata, write_json_atomic
+from pipeline.io.copies_report import write_verify_report
+from pipeline.io.store import IMAGE, is_complete, ok_mask, with_hf_features, with_metadata, write_json_atomic
 from pipeline.run.dedup import decode_to_files
+from pipeline.run.lifecycle import search_duplicates
+from pipeline.run.shards import Scored
 from pipeline.run.staged import StagedRun
-from pipeline.score.models import load_model
+from pipeline.score.models import CPU_BATCH, load_model
 from pipeline.score.ready import use_compile
 from pipeline.score.sampling import generate
 from pipeline.score.scoring import image_spec
@@ -145,23 +146,20 @@ def png_cell(image: np.ndarray, data_range: tuple[float, float]) -> dict[str, An
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def duplicate_search(settings, embedder, vectors: np.ndarray, hashes: list[str], ids: list[str],
-                     reference: np.ndarray | None, reference_ids: list[str] | None, device, scratch: Path):
-    """The training images' duplicate clusters, as a clean or dedup run finds them (the same
-    index, chance-judged threshold and clustering: decide/chance.py, decide/clusters.py), and
-    the index and threshold, which the similarity test uses."""
-    views = search_views(vectors, embedder.search_view)
-    index = build_index(views, device=device, path=scratch / "train.faiss")
-    dedup = settings.dedup
-    if dedup.dup_threshold == "auto":
-        threshold = threshold_by_chance(vectors, hashes, index, views, embedder, dedup.dup_false_join_rate,
-                                        reference=reference, reference_ids=reference_ids, ids=ids)
-    else:
-        threshold = given_threshold(dedup.dup_threshold)
-    n = len(ids)
-    cols = duplicate_columns(vectors, None, ids, hashes, np.zeros(n), np.ones(n, bool), threshold.value, embedder,
-                             index, views)
-    return cols["dup_cluster"], index, threshold
+def duplicate_search(settings, embedder, rows: list[dict], vectors: np.ndarray, reference_rows: list[dict] | None,
+                     reference: np.ndarray | None, device, scratch: Path):
+    """The training images' duplicate clusters (one per ok row, None outside one), found as a
+    clean or dedup run finds them (lifecycle.search_duplicates: the same index, chance-judged
+    threshold and clustering), with the index and threshold, which the similarity test uses."""
+    def table(rs: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist([{k: r[k] for k in ("id", "pixel_sha256", "status")} for r in rs])
+
+    t = table(rows)
+    ok = ok_mask(t)
+    held = Scored(table(reference_rows), reference, None) if reference_rows is not None else None
+    cols, index, threshold = search_duplicates(vectors, None, t, ok, np.zeros(len(rows)), embedder, settings.dedup,
+                                               device, scratch / "train.faiss", held)
+    return [c for c, o in zip(cols["dup_cluster"], ok) if o], index, threshold
 
 
 def similarity_test(embedder, gens: np.ndarray, index, vectors: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
@@ -228,43 +226,40 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
         source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         scratch = run.staging / "scratch"
         scratch.mkdir()
-        batch = m.batch_size or 16
+        batch = m.batch_size or CPU_BATCH  # decoding and embedding (sampling has its own default)
         with run.stage("decode"):
             rows, pixels, vectors = decode_training(source, spec, batch, embedder, scratch, m.device, progress)
             ok_rows = [r for r in rows if r["status"] == "ok"]
             ids = [r["id"] for r in ok_rows]
-            reference, reference_ids, ref_pixels = None, None, None
+            ref_rows, ref_pixels, reference = None, None, None
             if settings.copies.reference:
                 ref_dir = scratch / "reference"
                 ref_dir.mkdir()
-                ref_rows, ref_pixels, reference = decode_training(discover(settings.copies.reference, settings.input.image_column),
-                                                         spec, batch, embedder, ref_dir, m.device)
-                reference_ids = [r["id"] for r in ref_rows if r["status"] == "ok"]
+                ref_rows, ref_pixels, reference = decode_training(
+                    discover(settings.copies.reference, settings.input.image_column), spec, batch, embedder, ref_dir,
+                    m.device)
         clean, judged = clean_run_rows(clean_output, ids) if clean_output else (None, None)
         with run.stage("generate"):
             gens, sampling = generate(model, settings.sample, m.batch_size, settings.cache.root, progress,
                                       out=scratch / "generations.npy", compile_network=use_compile(m))
         with run.stage("search"):
             hashes = [r["pixel_sha256"] for r in ok_rows]
-            clusters, index, threshold = duplicate_search(settings, embedder, vectors, hashes, ids, reference,
-                                                          reference_ids, m.device, scratch)
+            clusters, index, threshold = duplicate_search(settings, embedder, rows, vectors, ref_rows, reference,
+                                                          m.device, scratch)
             groups = picture_groups(hashes, [clean[i].get("dup_cluster") for i in ids] if clean else clusters)
-            _, first = np.unique(np.array(hashes, dtype=object), return_index=True)
-            d1, d2, near = nearest_distinct(gens.reshape(len(gens), -1), pixels, groups, np.sort(first))
+            distinct = np.sort(np.unique(np.array(hashes, dtype=object), return_index=True)[1])  # one per exact copy
+            d1, d2, near = nearest_distinct(gens.reshape(len(gens), -1), pixels, groups, distinct)
             copy = ratio_test(d1, d2, settings.copies.copy_ratio)
             sim_row, sim = similarity_test(embedder, gens, index, vectors, m.device)
             similar = sim >= threshold.value
         with run.stage("write"):
-            result = write_outputs(run.staging, settings, model, source, gens, ok_rows, groups, d1, d2, near, copy,
-                                   sim_row, sim, similar, threshold, clean, judged, sampling,
-                                   len(rows))
-            result["copies"]["held_out"] = held_out_copies(ref_pixels, pixels, groups, np.sort(first),
+            result = write_outputs(run.staging, settings, model, embedder.name, source, gens, ok_rows, groups, d1, d2,
+                                   near, copy, sim_row, sim, similar, threshold, clean, judged, sampling, len(rows))
+            result["copies"]["held_out"] = held_out_copies(ref_pixels, pixels, groups, distinct,
                                                            settings.copies.copy_ratio)
             reasons = Counter(r["reject_reason"] for r in rows if r["reject_reason"])
             result["training"].update(rejected=len(rows) - len(ok_rows), reject_reasons=dict(sorted(reasons.items())),
                                       clean_output=clean_output, from_clean_output=resolved)
-            from pipeline.io.copies_report import write_verify_report
-
             write_verify_report(run.staging, result, gens, pixels, ok_rows, groups, near, copy, d1, model.data_range)
         del pixels, vectors
         shutil.rmtree(scratch)
@@ -274,8 +269,8 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
         return result
 
 
-def write_outputs(folder: Path, settings, model, source, gens: np.ndarray, ok_rows: list[dict], groups: np.ndarray,
-                  d1: np.ndarray, d2: np.ndarray, near: np.ndarray, copy: np.ndarray, sim_row: np.ndarray,
+def write_outputs(folder: Path, settings, model, embedder_name: str, source, gens: np.ndarray, ok_rows: list[dict],
+                  groups: np.ndarray, d1: np.ndarray, d2: np.ndarray, near: np.ndarray, copy: np.ndarray, sim_row: np.ndarray,
                   sim: np.ndarray, similar: np.ndarray, threshold, clean: dict | None, judged: str | None,
                   sampling: dict, inputs: int) -> dict[str, Any]:
     """generations.parquet and copied.parquet into `folder`; returns the manifest (without timings)."""
@@ -303,12 +298,17 @@ def write_outputs(folder: Path, settings, model, source, gens: np.ndarray, ok_ro
     judged_values = np.array([clean[i].get(judged) if clean and judged and clean[i].get(judged) is not None
                               else np.nan for i in ids], float)
     rank = descending_rank(judged_values)
+    # each copied picture's closest copying generation, found once per picture
+    copying = np.flatnonzero(copy)
+    copying = copying[np.lexsort((d1[copying], groups[near[copying]]))]  # by picture, closest first
+    pictures, first = np.unique(groups[near[copying]], return_index=True)
+    closest = dict(zip(pictures.tolist(), copying[first].tolist()))
     rows = []
     for r in np.flatnonzero(copied):
-        mine = np.flatnonzero(copy & (groups[near] == groups[r]))
+        g = closest[int(groups[r])]
         rows.append({"id": ids[r], "path": ok_rows[r]["path"], "picture": int(groups[r]),
-                     "generations": int(per_picture[groups[r]]), "closest_generation": int(mine[np.argmin(d1[mine])]),
-                     "closest_distance": float(d1[mine].min()),
+                     "generations": int(per_picture[groups[r]]), "closest_generation": g,
+                     "closest_distance": float(d1[g]),
                      "flagged": bool(clean[ids[r]].get("flagged")) if clean else None,
                      "action": clean[ids[r]].get("action") if clean else None,
                      "judged_score": None if np.isnan(judged_values[r]) else float(judged_values[r]),
@@ -324,8 +324,8 @@ def write_outputs(folder: Path, settings, model, source, gens: np.ndarray, ok_ro
         "copies": {"test": f"ratio < {settings.copies.copy_ratio:g} (L2, pixel space; Carlini et al. 2023)",
                    "generations": k, "rate": k / n, "interval95": [lo, hi],
                    "copied_pictures": len(copied_pictures), "copied_images": int(copied.sum())},
-        "similar": {"test": "duplicate embedder similarity at or above the threshold", "embedder": getattr(
-                        settings.dedup, "embedder"), "threshold": threshold.to_dict(),
+        "similar": {"test": "duplicate embedder similarity at or above the threshold", "embedder": embedder_name,
+                    "threshold": threshold.to_dict(),
                     "false_join_rate": settings.dedup.dup_false_join_rate, "generations": s_k,
                     "rate": s_k / n, "interval95": [s_lo, s_hi],
                     "similar_pictures": len(np.unique(groups[sim_row[similar & with_sim]]))},
