@@ -162,3 +162,12 @@ def test_dedup_at_auto_on_planted_scenes_finds_every_group(tmp_path):
         if g >= 0:
             expected.setdefault(g, set()).add(name)
     assert sorted(map(sorted, groups.values())) == sorted(map(sorted, expected.values()))
+
+
+def test_a_threshold_read_back_from_a_manifest_is_the_one_written():
+    """ChanceThreshold.from_dict(to_dict()) (what verify --from reads of a clean run's manifest)."""
+    rng = np.random.default_rng(0)
+    t = chance_threshold(np.tanh(rng.gumbel(1.5, 0.2, 500)), 0.005, 0.9, "dataset")
+    t.contaminated = [{"reference": "r1", "dataset": "d7", "similarity": 0.99}]
+    back = json.loads(json.dumps(t.to_dict()))  # as the manifest stores it
+    assert type(t).from_dict(back).to_dict() == t.to_dict()

@@ -198,3 +198,52 @@ def test_clean_flags_what_verify_found_copied(small, tmp_path, capsys):
     capsys.readouterr()
     assert main([*clean, "--out", str(tmp_path / "c2"), "--flag-copied", str(tmp_path / "c")]) == 2
     assert "not a finished memclean verify output" in capsys.readouterr().err
+
+
+def test_a_clean_outputs_embeddings_index_and_threshold_are_reused(small, tmp_path):
+    """With --from, the similarity test takes the clean run's embeddings (the images it holds
+    unchanged; an augmented row's vector is its variant's, so that image is embedded again), its
+    index.faiss and its threshold, and gives the similarities a run that embeds everything gives.
+    Embeddings that are not this embedder's (tampered here) are caught and every image embedded."""
+    import shutil
+
+    import pyarrow as pa
+
+    root, model = small
+    assert main(["clean", "--data", str(root), "--model", str(model), "--out", str(tmp_path / "c"), "--steps", "2",
+                 "--flag-quantile", "0.5", "--action", "augment", *TINY]) == 0
+    actions = [r["action"] for r in pq.read_table(tmp_path / "c" / "embeddings.parquet").to_pylist()]
+    assert "augmented" in actions  # the case that must not be reused
+    a = train_pixels(root, "img003.png")
+    plant(model, tmp_path / "cache", np.stack([a, -a, a + 0.2]))
+    without = tmp_path / "c-no-embeddings"  # the same clean output, less what verify could reuse
+    shutil.copytree(tmp_path / "c", without)
+    (without / "embeddings.parquet").unlink()
+    tampered = tmp_path / "c-tampered"
+    shutil.copytree(tmp_path / "c", tampered)
+    t = pq.read_table(tampered / "embeddings.parquet")
+    vectors = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))[:, ::-1].copy()  # unit, but not these
+    t = t.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()),
+                                                                       vectors.shape[1]))
+    pq.write_table(t, tampered / "embeddings.parquet")
+    got = {}
+    for name, clean in {"reused": tmp_path / "c", "embedded": without, "tampered": tampered}.items():
+        assert verify("--model", model, "--data", root, "--from", clean, "--out", tmp_path / name,
+                      "--generations", 3, "--cache-dir", tmp_path / "cache", *TINY) == 0
+        got[name] = (json.loads((tmp_path / name / "manifest.json").read_text()),
+                     pq.read_table(tmp_path / name / "generations.parquet").drop_columns(["image"]).to_pylist())
+    m, gens = got["reused"]
+    clean_dedup = json.loads((tmp_path / "c" / "manifest.json").read_text())["dedup"]
+    assert m["similar"]["search"] == {"from": str(tmp_path / "c"), "embeddings_reused": 14 - actions.count("augmented"),
+                                      "embedded": actions.count("augmented"), "index": "reused", "threshold": "--from"}
+    assert m["similar"]["threshold"]["value"] == clean_dedup["threshold"]
+    assert got["embedded"][0]["similar"]["search"]["embedded"] == 14
+    assert got["tampered"][0]["similar"]["search"]["embedded"] == 14
+    assert got["tampered"][0]["similar"]["search"]["index"] == "built"
+    for name in ("embedded", "tampered"):
+        other = got[name][1]
+        assert [g["similar_id"] for g in gens] == [g["similar_id"] for g in other]
+        # the same embedder on the same pixels in batches of other sizes: unit vectors whose
+        # inner products differ by float32 rounding over a few hundred terms (<< 1e-5)
+        assert np.allclose([g["similarity"] for g in gens], [g["similarity"] for g in other], atol=1e-5, rtol=0)
+        assert [g["copy"] for g in gens] == [g["copy"] for g in other]

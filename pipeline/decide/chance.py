@@ -68,6 +68,14 @@ class ChanceThreshold:
         out["contaminated_examples"] = self.contaminated[:20]
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ChanceThreshold":
+        """The threshold as a manifest recorded it (to_dict; the contaminated examples only)."""
+        names = ("value", "mode", "source", "rate", "floor", "fitted", "sample", "draws", "mu", "beta", "quantiles",
+                 "note")
+        return cls(**{k: d[k] for k in names if d.get(k) is not None},
+                   contaminated=list(d.get("contaminated_examples") or []))
+
 
 def gumbel_fit(similarities: np.ndarray) -> tuple[float, float]:
     """(mu, beta) of the Gumbel law for maxima on z = atanh(s), from the lower quartile and the

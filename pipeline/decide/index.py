@@ -88,6 +88,14 @@ def build_index(vectors: np.ndarray, kind: str = "auto", device: str = "cpu",
         write_index(x, path, kind)
         index = read_index(path)
     del x
+    return on_device(index, device)
+
+
+def on_device(index, device: str = "cpu"):
+    """The index on the GPU when `device` is CUDA and FAISS has GPU support (else as it is, with
+    a warning)."""
+    import faiss
+
     if str(device).startswith("cuda"):
         if gpu_faiss_available():
             gpu = int(str(device).partition(":")[2] or 0)

@@ -169,7 +169,11 @@ MANIFEST_KEYS: dict[str, dict[str, Any]] = {
                     "false_join_rate": "the chance, for a generation that copies nothing, of reaching an auto "
                                        "threshold (--dup-false-join-rate)",
                     "generations": "generations at or above it", "rate": "their share",
-                    "interval95": "its 95% Wilson interval", "similar_pictures": "pictures they are similar to"},
+                    "interval95": "its 95% Wilson interval", "similar_pictures": "pictures they are similar to",
+                    "search": "what the test searched with: from (the clean output --from, when its embeddings "
+                              "serve), embeddings_reused (its embeddings of images it holds unchanged), embedded "
+                              "(embedded by this run), index (reused: its index.faiss; built) and threshold (--from: "
+                              "its threshold; this run: judged here; given: --dup-threshold)"},
         "both": "generations that pass both tests",
         "flags": "with --from (else null): recall (copied images flagged), flag_rate_not_copied, removed_copied, "
                  "copied_images, judged (the score the clean run judged) and auc (each score, copied vs not)",

@@ -40,6 +40,7 @@ from pipeline.decide.neighbours import nearest_similarity
 from pipeline.io.data import discover
 from pipeline.io.manifest import versions
 from pipeline.io.copies_report import write_verify_report
+from pipeline.io.outputs import EMBEDDINGS, INDEX
 from pipeline.io.store import IMAGE, is_complete, ok_mask, with_hf_features, with_metadata, write_json_atomic
 from pipeline.run.dedup import decode_to_files
 from pipeline.run.lifecycle import search_duplicates
@@ -87,14 +88,18 @@ COPIED_SCHEMA = pa.schema([
 def decode_training(source, spec, batch_size: int, embedder, folder: Path, device,
                     progress: Callable[[int], None] | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """One pass over the training images: a row per input (identity and status), and for the
-    decodable ones their pixels flattened [N, D] and their embeddings, memory-mapped in `folder`."""
+    decodable ones their pixels flattened [N, D] and their embeddings (None without an
+    embedder), memory-mapped in `folder`."""
     def arrays(x: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"pixels": x.flatten(1).numpy(), "vectors": embedder(x.to(device)).cpu().numpy()}
+        out = {"pixels": x.flatten(1).numpy()}
+        if embedder is not None:
+            out["vectors"] = embedder(x.to(device)).cpu().numpy()
+        return out
 
     rows, out = decode_to_files(source, spec, batch_size, arrays, folder, progress)
     if not out:
         raise ValueError("no training image could be decoded: nothing to compare generations with")
-    return rows, out["pixels"], out["vectors"]
+    return rows, out["pixels"], out.get("vectors")
 
 
 def training_set(data: str, clean_output: str | None) -> tuple[str, str | None, bool]:
@@ -125,7 +130,8 @@ def clean_run_rows(clean_output: str, ids: list[str]) -> tuple[dict[str, dict], 
         raise ValueError(f"--from {clean_output!r} is a memclean {manifest.get('kind')} output; verify holds a clean "
                          "run's flags against the copies")
     table = pq.read_table(out / "scores.parquet")
-    keep = [c for c in ("id", "dup_cluster", "flagged", "action", *SCORE_CHOICES, "log_volume_growth")
+    keep = [c for c in ("id", "status", "pixel_sha256", "dup_cluster", "flagged", "action", *SCORE_CHOICES,
+                        "log_volume_growth")
             if c in table.column_names]
     by_id = {r["id"]: r for r in table.select(keep).to_pylist()}
     missing = [i for i in ids if i not in by_id]
@@ -160,6 +166,119 @@ def duplicate_search(settings, embedder, rows: list[dict], vectors: np.ndarray, 
     cols, index, threshold = search_duplicates(vectors, None, t, ok, np.zeros(len(rows)), embedder, settings.dedup,
                                                device, scratch / "train.faiss", held)
     return [c for c, o in zip(cols["dup_cluster"], ok) if o], index, threshold
+
+
+def reusable_search(clean_output: str, embedder, dedup, model) -> dict | None:
+    """The clean output's duplicate search, where it stands for this run's: its embeddings
+    (embeddings.parquet), index (index.faiss) and threshold came from the same embedder (for
+    unet, the same model's features; for torchscript, the same input side) at the same
+    false-join rate. -> its manifest's dedup section, or None (the log says why)."""
+    out = Path(clean_output)
+    if not is_complete(out) or not (out / "manifest.json").is_file():
+        return None  # clean_run_rows says what is wrong with it
+    m = json.loads((out / "manifest.json").read_text())
+    section, ran = m.get("dedup") or {}, m.get("settings") or {}
+    why = None
+    if not (out / EMBEDDINGS).is_file() or not section.get("threshold_chosen"):
+        why = "it holds no embeddings.parquet or duplicate threshold"
+    elif section.get("embedder") != embedder.name:
+        why = f"its embedder was {section.get('embedder')!r}, this run's is {embedder.name!r}"
+    elif embedder.name == "unet" and (m.get("model") or {}).get("fingerprint") != model.fingerprint:
+        why = "its unet embeddings are another model's features"
+    elif embedder.name.startswith("torchscript") and ran.get("embed_size") != dedup.embed_size:
+        why = f"its --embed-size was {ran.get('embed_size')}, this run's is {dedup.embed_size}"
+    elif dedup.auto and ran.get("dup_false_join_rate") != dedup.dup_false_join_rate:
+        why = (f"its threshold was judged at --dup-false-join-rate {ran.get('dup_false_join_rate')}, this run asks "
+               f"{dedup.dup_false_join_rate}")
+    if why:
+        log.info("--from %s: the training set is embedded again (%s)", clean_output, why)
+        return None
+    return section
+
+
+def training_vectors(clean_output: str, embedder, ok_rows: list[dict], clean: dict[str, dict], pixels: np.ndarray,
+                     shape: tuple[int, ...], folder: Path, device, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training images' embeddings, memory-mapped in `folder`: the clean output's
+    (embeddings.parquet) for the images it holds unchanged (the same pixel hash, not augmented:
+    an augmented row holds its variant's), the rest embedded from their pixels. A sample of the
+    reused rows is embedded again and must agree, else every row is embedded.
+    -> (vectors [N, d], which rows were reused)"""
+    pos = {r["id"]: k for k, r in enumerate(ok_rows)}
+    parquet = pq.ParquetFile(Path(clean_output) / EMBEDDINGS)
+    d = parquet.schema_arrow.field("embedding").type.list_size
+    n = len(ok_rows)
+    vectors = np.memmap(folder / "vectors.f32", np.float32, "w+", shape=(max(n, 1), d))[:n]
+    reused = np.zeros(n, bool)
+    for b in parquet.iter_batches(batch_size=4096, columns=["id", "action", "embedding"]):
+        emb = b.column("embedding").flatten().to_numpy().reshape(-1, d)
+        for j, (i, action) in enumerate(zip(b.column("id").to_pylist(), b.column("action").to_pylist())):
+            k = pos.get(i)
+            if k is not None and action != "augmented" and clean[i].get("pixel_sha256") == ok_rows[k]["pixel_sha256"]:
+                vectors[k], reused[k] = emb[j], True
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(np.array(pixels[rows])).view(len(rows), *shape)
+            return embedder(x.to(device)).cpu().numpy()
+
+    check = np.flatnonzero(reused)[np.linspace(0, reused.sum() - 1, min(8, int(reused.sum()))).astype(int)]
+    if len(check):
+        again = embed(check)
+        # unit vectors from the same pixels by the same embedder: they differ by float32 rounding of
+        # the embedder's sums (~1e-7 relative a term, over at most a few thousand terms) under a
+        # batch of another size; another embedder, size or decode differs by ~1/sqrt(d) or more
+        if again.shape[1] != d or not np.allclose(again, vectors[check], atol=1e-3, rtol=0):
+            log.info("--from %s: its embeddings are not what this run's embedder gives; every image is embedded",
+                     clean_output)
+            reused[:] = False
+    todo = np.flatnonzero(~reused)
+    for start in range(0, len(todo), batch):
+        rows = todo[start:start + batch]
+        vectors[rows] = embed(rows)
+    vectors.flush()
+    return vectors, reused
+
+
+def clean_index(clean_output: str, ids: list[str], clean: dict[str, dict], vectors: np.ndarray, reused: np.ndarray,
+                embedder):
+    """The clean output's index.faiss, memory-mapped, where it indexes these training images in
+    this order (its rows: the images that run decoded, before any augmentation) and a sample of
+    its rows equals this run's search views; else None."""
+    from pipeline.decide.index import read_index, search_views
+
+    path = Path(clean_output) / INDEX
+    if not path.is_file() or [i for i, r in clean.items() if r.get("status") == "ok"] != ids:
+        return None
+    index = read_index(path)
+    check = np.flatnonzero(reused)[np.linspace(0, reused.sum() - 1, min(16, int(reused.sum()))).astype(int)]
+    if index.ntotal != len(ids) or not len(check):
+        return None
+    views = search_views(np.asarray(vectors[check]), embedder.search_view)
+    try:
+        stored = np.stack([index.reconstruct(int(k)) for k in check])
+    except RuntimeError:  # an index that cannot give its rows back is not trusted
+        return None
+    return index if stored.shape == views.shape and np.array_equal(stored, views) else None
+
+
+def reused_search(clean_output: str, section: dict, settings, embedder, ok_rows: list[dict], clean: dict[str, dict],
+                  pixels: np.ndarray, shape: tuple[int, ...], scratch: Path, device, batch: int):
+    """The similarity test's index, vectors and threshold from the clean output (what it holds
+    of them, the rest made here) -> (index, vectors, threshold, record for the manifest)."""
+    from pipeline.decide.chance import ChanceThreshold, given_threshold
+    from pipeline.decide.index import build_index, on_device
+
+    ids = [r["id"] for r in ok_rows]
+    vectors, reused = training_vectors(clean_output, embedder, ok_rows, clean, pixels, shape, scratch, device, batch)
+    index = clean_index(clean_output, ids, clean, vectors, reused, embedder)
+    built = index is None
+    index = build_index(vectors, device=device, view=embedder.search_view, path=scratch / "train.faiss") if built \
+        else on_device(index, device)
+    threshold = ChanceThreshold.from_dict(section["threshold_chosen"]) if settings.dedup.auto \
+        else given_threshold(settings.dedup.dup_threshold)
+    record = {"from": clean_output, "embeddings_reused": int(reused.sum()), "embedded": int((~reused).sum()),
+              "index": "built" if built else "reused", "threshold": "--from" if settings.dedup.auto else "given"}
+    return index, vectors, threshold, record
 
 
 def similarity_test(embedder, gens: np.ndarray, index, vectors: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
@@ -222,13 +341,15 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
                                  image_side=spec.size[0], channels=spec.channels)
         check_faiss()
         data, clean_output, resolved = training_set(settings.input.data, settings.copies.clean_output)
+        reuse = reusable_search(clean_output, embedder, settings.dedup, model) if clean_output else None
         source = discover(data, settings.input.image_column)
         source.skipped  # a folder's files that are not images: said now, recorded in the manifest
         scratch = run.staging / "scratch"
         scratch.mkdir()
         batch = m.batch_size or CPU_BATCH  # decoding and embedding (sampling has its own default)
         with run.stage("decode"):
-            rows, pixels, vectors = decode_training(source, spec, batch, embedder, scratch, m.device, progress)
+            rows, pixels, vectors = decode_training(source, spec, batch, None if reuse else embedder, scratch,
+                                                    m.device, progress)
             ok_rows = [r for r in rows if r["status"] == "ok"]
             ids = [r["id"] for r in ok_rows]
             ref_rows, ref_pixels, reference = None, None, None
@@ -244,8 +365,16 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
                                       out=scratch / "generations.npy", compile_network=use_compile(m))
         with run.stage("search"):
             hashes = [r["pixel_sha256"] for r in ok_rows]
-            clusters, index, threshold = duplicate_search(settings, embedder, rows, vectors, ref_rows, reference,
-                                                          m.device, scratch)
+            if reuse:  # the clean run's clusters are the pictures; its embeddings, index and threshold serve
+                index, vectors, threshold, searched = reused_search(clean_output, reuse, settings, embedder, ok_rows,
+                                                                    clean, pixels, (spec.channels, *spec.size),
+                                                                    scratch, m.device, batch)
+                clusters = None
+            else:
+                clusters, index, threshold = duplicate_search(settings, embedder, rows, vectors, ref_rows, reference,
+                                                              m.device, scratch)
+                searched = {"from": None, "embeddings_reused": 0, "embedded": len(ok_rows), "index": "built",
+                            "threshold": "this run" if settings.dedup.auto else "given"}
             groups = picture_groups(hashes, [clean[i].get("dup_cluster") for i in ids] if clean else clusters)
             distinct = np.sort(np.unique(np.array(hashes, dtype=object), return_index=True)[1])  # one per exact copy
             d1, d2, near = nearest_distinct(gens.reshape(len(gens), -1), pixels, groups, distinct)
@@ -255,6 +384,7 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
         with run.stage("write"):
             result = write_outputs(run.staging, settings, model, embedder.name, source, gens, ok_rows, groups, d1, d2,
                                    near, copy, sim_row, sim, similar, threshold, clean, judged, sampling, len(rows))
+            result["similar"]["search"] = searched
             result["copies"]["held_out"] = held_out_copies(ref_pixels, pixels, groups, distinct,
                                                            settings.copies.copy_ratio)
             reasons = Counter(r["reject_reason"] for r in rows if r["reject_reason"])
