@@ -1,5 +1,5 @@
 """Near duplicates in colour: the pixel embedder with its colour check, without it (grey only, as
-before), and pHash, on four colour sets with planted near copies, and on the two digits sets.
+before), and pHash, on five colour sets with planted near copies, and on the two digits sets.
 
     .venv/bin/python benchmarks/colour_duplicates.py [--photos DIR] [--seeds 0 1 2] [--no-write]
 
@@ -17,6 +17,9 @@ shift, a 5% crop), of distinct images:
   from the photos set's (other tiles); 30 twins of tiles whose colour shows (mean chroma, max -
   min of R, G, B, at least 24 levels), their hue turned by 60-300 degrees or their channels
   swapped.
+- full-size photos: 527 64x64 tiles drawn at random from the 10 colour photographs at full size
+  (1,146 tiles: 484 of them the retina's, with its black corners and smooth tissue; the Hubble
+  deep field's dark sky), the issue's 587 images with their 60 copies: tiles no other set holds.
 - smooth fields: 480 generated two-tone splits, linear and radial gradients and near-flat colour
   fields, in colours drawn uniformly in hue, and 40 recoloured twins: unrelated fields of like
   colours are look-alikes here, the case where near copies cannot be told from chance.
@@ -182,6 +185,25 @@ def plant(images: list, truth: dict[str, int], root: Path, rng: np.random.Genera
         truth[copy] = truth[name]
 
 
+def full_size_set(photos: Path, root: Path, seed: int, n: int = 527, per_kind: int = 10) -> dict[str, int]:
+    """n 64x64 tiles drawn from the colour photographs at full size, and their near copies,
+    into root; returns {file: group} (-1 = no copy)."""
+    rng = np.random.default_rng(1000 + seed)
+    root.mkdir(parents=True)
+    tiles = []
+    for name in COLOUR_PHOTOS:
+        img = Image.open(photos / name).convert("RGB")
+        tiles += [(f"{Path(name).stem}_{y:04d}_{x:04d}.png", img.crop((x, y, x + SIDE, y + SIDE)))
+                  for y in range(0, img.height - SIDE + 1, SIDE) for x in range(0, img.width - SIDE + 1, SIDE)]
+    tiles = [tiles[k] for k in sorted(rng.choice(len(tiles), n, replace=False))]
+    truth, by_pixels = {}, {}
+    for k, (name, tile) in enumerate(tiles):
+        tile.save(root / name)
+        truth[name] = by_pixels.setdefault(tile.tobytes(), -2 - k)
+    plant([(name, tile) for name, tile in tiles], truth, root, rng, per_kind)
+    return indistinguishable(root, truth)
+
+
 def recoloured_set(photos: Path, root: Path, seed: int, twins: int = 30, per_kind: int = 10) -> dict[str, int]:
     """The recoloured photos set into root; returns {file: group} (-1 = no copy)."""
     rng = np.random.default_rng(200 + seed)
@@ -250,7 +272,7 @@ def row(label: str, method: str, how: str, truth: dict[str, int], ids: list[str]
     """One table row: pairwise precision and recall, false pairs, and copies joined by kind."""
     st = pair_stats(truth, ids, cluster)
     SUMMARY.append((label.split(",")[0], method, how.split(" ")[0], st["precision"], st["recall"]))
-    kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "smooth fields")
+    kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "smooth fields", "full-size photos")
     by_kind = recall_by_kind(truth, ids, cluster) if kinds else {}
     line = (f"| {label} | {method} | {how} | {len(ids)} | {st['true_pairs']} | {st['precision']:.3f} | "
             f"{st['recall']:.3f} | {st['false_pairs']} | {' '.join(f'{k} {x}' for k, x in by_kind.items())} | "
@@ -282,7 +304,7 @@ def main() -> None:
     ap.add_argument("--photos", type=Path, default=Path.home() / ".cache/memclean-bench/photos")
     ap.add_argument("--wheels", type=Path, default=Path.home() / ".cache/memclean-bench/wheels")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sets", nargs="+", default=["photos", "graphics", "recoloured", "smooth", "digits"])
+    ap.add_argument("--sets", nargs="+", default=["photos", "graphics", "recoloured", "smooth", "full-size", "digits"])
     ap.add_argument("--show", action="store_true", help="print the false pairs")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -305,6 +327,9 @@ def main() -> None:
             if "smooth" in args.sets:
                 truth = graphics_set(args.photos, tmp / f"smooth{seed}", seed, kinds=SMOOTH)
                 lines += measure(f"smooth fields, seed {seed}", tmp / f"smooth{seed}", truth, SIDE, 3, show=args.show)
+            if "full-size" in args.sets:
+                truth = full_size_set(args.photos, tmp / f"full{seed}", seed)
+                lines += measure(f"full-size photos, seed {seed}", tmp / f"full{seed}", truth, SIDE, 3, show=args.show)
             if "recoloured" in args.sets:
                 truth = recoloured_set(args.photos, tmp / f"recoloured{seed}", seed)
                 lines += measure(f"recoloured photos, seed {seed}", tmp / f"recoloured{seed}", truth, SIDE, 3,

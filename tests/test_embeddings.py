@@ -216,6 +216,35 @@ def test_faint_rgb_images_are_compared_on_an_absolute_scale():
     assert sim[0] >= emb.default_threshold and (sim[1:] < emb.threshold_floor).all()
 
 
+def test_faint_textures_are_aligned_before_they_are_compared():
+    """Two faint RGB tiles of one colour and level whose faint textures differ (two tiles of one
+    tissue: independent smooth textures of ~1.2 grey levels, ~1.7 levels rms apart) are not
+    joined, at the floor threshold either (before: 0.96); a copy of one shifted by 2 pixels (the
+    texture moved, not changed) and its JPEG copy are, at the default threshold: the faint
+    comparison aligns the textures over the shifts and zooms the grey one tries before it
+    measures their difference."""
+    from PIL import Image
+
+    from tests.planted import jpeg
+
+    rng = np.random.default_rng(7)
+
+    def tissue() -> np.ndarray:  # a smooth texture of about 1.2 grey levels on an orange-red field
+        t = torch.nn.functional.avg_pool2d(torch.from_numpy(rng.normal(0, 1, (1, 1, 72, 72))), 9, 1, 4)[0, 0].numpy()
+        return np.clip(np.array([150, 70, 40]) + (1.2 / t.std()) * t[..., None], 0, 255)
+
+    a, b = tissue(), tissue()
+    tile = Image.fromarray(a[:64, :64].astype(np.uint8))
+    shifted = Image.fromarray(a[2:66, 2:66].astype(np.uint8))  # the same tissue, 2 pixels on
+    other = Image.fromarray(b[:64, :64].astype(np.uint8))
+    emb = PixelEmbedder(image_side=64, channels=3)
+    x = emb(torch.cat([rgb_tensor(i) for i in (tile, shifted, jpeg(tile, 70), other)])).numpy()
+    assert (x[:, -1] < emb.faint_contrast).all()  # all four take the faint path
+    sim = emb.similarity(np.repeat(x[:1], 3, 0), x[1:])
+    assert sim[0] >= emb.default_threshold and sim[1] >= emb.default_threshold
+    assert sim[2] < emb.threshold_floor
+
+
 def test_chance_draws_of_vetoed_pairs_are_their_similarity_before_the_colour_check():
     """decide/chance.py's draws with the colour check: an agreeing pair's draw is its
     similarity, a vetoed pair's its similarity before the colour check (the grey one, capped by

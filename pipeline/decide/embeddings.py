@@ -126,7 +126,8 @@ class PixelEmbedder:
     which caps their similarity: normalised correlation cannot tell two smooth fields of like
     colours apart. Two RGB images
     with almost no grey structure (flat, or nearly) are compared on an absolute scale
-    (faint_similarity) instead of by normalised correlation, which magnifies their noise. The index's view holds the colours too, so that candidates are look-alikes in colour
+    (faint_similarity: their faint textures aligned, then differenced) instead of by normalised
+    correlation, which magnifies their noise. The index's view holds the colours too, so that candidates are look-alikes in colour
     as well as in layout. Grey images (channels=1) are compared exactly as they always were, and
     so are two grey pictures decoded as RGB (no chroma at all: memclean dedup decodes RGB).
     """
@@ -145,7 +146,13 @@ class PixelEmbedder:
     contrast_tolerance = 2.0  # factor of grey standard deviation a near copy may have
     contrast_floor = 2 / 255  # standard deviations below this count as this (two levels)
     faint_contrast = 3 / 255  # RGB images whose grey std is under this (3 levels) are compared absolutely
-    faint_levels = 1.5 / 255  # faint images this far apart (rms, grey structure) stand at the default threshold
+    # faint images whose grey structures, aligned over the zooms and shifts tried, differ by this
+    # (rms) or by this at their largest difference stand at the default threshold: the worst
+    # planted copies of faint tiles (benchmarks/colour_duplicates.py, photographs at full and half
+    # size, smooth fields) reach 0.62 levels rms (JPEG) and 4.8 at a point (a 5% crop of a star
+    # field); a quarter more
+    faint_levels = 0.8 / 255
+    faint_peak_levels = 6 / 255
     faint_mean_levels = 2 / 255  # and so do faint images whose mean grey levels are this far apart
     colour_share = 0.25  # the colours' share of the index view's inner product (search_view)
     # the absolute check (RGB, absolute_similarity): a near copy's 8x8 grey and colour picture,
@@ -239,18 +246,23 @@ class PixelEmbedder:
         colour = 1 - 2 * (1.5 * self.colour_tolerance) ** 2
         return (1 - self.colour_share) * grey + self.colour_share * colour
 
-    def _shifted_correlation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """max over shifts of the correlation of a and b over their overlap: [n, s, s] -> [n]."""
+    def _overlaps(self, a: torch.Tensor, b: torch.Tensor):
+        """a and b over their overlap at each shift tried, each less its mean: [n, s, s] ->
+        ([n, m], [n, m]) per shift."""
         s = self.size
-        best = torch.full((len(a),), -1.0)
         shifts = range(-self.max_shift, self.max_shift + 1)
         for dy in shifts:
             for dx in shifts:
                 pa = a[:, max(dy, 0):s + min(dy, 0), max(dx, 0):s + min(dx, 0)].flatten(1)
                 pb = b[:, max(-dy, 0):s + min(-dy, 0), max(-dx, 0):s + min(-dx, 0)].flatten(1)
-                pa, pb = pa - pa.mean(1, keepdim=True), pb - pb.mean(1, keepdim=True)
-                r = (pa * pb).sum(1) / (pa.norm(dim=1) * pb.norm(dim=1)).clamp_min(1e-12)
-                best = torch.maximum(best, r)
+                yield pa - pa.mean(1, keepdim=True), pb - pb.mean(1, keepdim=True)
+
+    def _shifted_correlation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """max over shifts of the correlation of a and b over their overlap: [n, s, s] -> [n]."""
+        best = torch.full((len(a),), -1.0)
+        for pa, pb in self._overlaps(a, b):
+            r = (pa * pb).sum(1) / (pa.norm(dim=1) * pb.norm(dim=1)).clamp_min(1e-12)
+            best = torch.maximum(best, r)
         return best
 
     def similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
@@ -338,21 +350,41 @@ class PixelEmbedder:
     def faint_similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Two RGB images with almost no grey structure (standard deviation under faint_contrast)
         on an absolute scale, where correlating their normalised thumbnails would magnify noise:
-        1 - (1 - default_threshold) * w^2, w the largest of the rms difference of their grey
-        thumbnails (mean removed) over faint_levels, the difference of their mean grey levels
-        over faint_mean_levels, and their chroma difference (colour_difference) over what a gain
-        of 1.2 gives. A re-encoded, blurred, shifted, cropped or rescaled copy stands at or above
-        the default threshold; fields of another grey level (a brightened copy among them: a
-        flat field brightened cannot be told from another field of that level) or colour, or
-        faint layouts of other shapes, below it."""
+        1 - (1 - default_threshold) * w^2, w the largest of the difference of their grey
+        thumbnails (mean removed; aligned over the zooms and shifts tried, as the grey
+        correlation is) in rms over faint_levels and at its largest over faint_peak_levels, the
+        difference of their mean grey levels over faint_mean_levels, and their chroma difference
+        (colour_difference) over what a gain of 1.2 gives. A re-encoded, blurred, shifted,
+        cropped or rescaled copy stands at or above the default threshold; fields of another grey
+        level (a brightened copy among them: a flat field brightened cannot be told from another
+        field of that level) or colour, and faint textures or layouts that differ (two tiles of
+        one smooth tissue, a dark tile with a speck of light), below it."""
         g = self.grey_dims
-        ra, rb = self.structure(a), self.structure(b)
-        structure = np.sqrt(np.mean((ra - rb) ** 2, axis=1)) / self.faint_levels
+        rms, peak = self.aligned_difference(self.structure(a), self.structure(b))
+        structure = np.maximum(rms / self.faint_levels, peak / self.faint_peak_levels)
         means = np.abs(a[:, -2] - b[:, -2]) / self.faint_mean_levels
         gain = 0.2  # a gain of 1.2 turns chroma by colour_difference k / (2 + k)
         chroma = colour_difference(a[:, g:-2], b[:, g:-2], self.chroma_floor) / (gain / (2 + gain))
         worst = np.maximum(structure, np.maximum(means, chroma))
         return _bounded(1 - (1 - self.default_threshold) * worst**2)
+
+    def aligned_difference(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Thumbnails [n, size^2] (mean removed, absolute units) -> the rms and the largest
+        difference of a and b over their overlap, each overlap's means removed, at the zoom and
+        shift (those grey_similarity tries) where the rms is least: ([n], [n])."""
+        n, s = len(a), self.size
+        if n == 0:
+            return np.empty(0, np.float32), np.empty(0, np.float32)
+        a = torch.from_numpy(np.ascontiguousarray(a, np.float32)).view(n, s, s)
+        b = torch.from_numpy(np.ascontiguousarray(b, np.float32)).view(n, 1, s, s)
+        rms, peak = torch.full((n,), math.inf), torch.full((n,), math.inf)
+        for z in self.zooms:
+            for pa, pb in self._overlaps(a, (b if z == 1 else _zoom(b, z))[:, 0]):
+                d = pa - pb
+                r = d.pow(2).mean(1).sqrt()
+                better = r < rms
+                rms, peak = torch.where(better, r, rms), torch.where(better, d.abs().amax(1), peak)
+        return rms.numpy(), peak.numpy()
 
     def grey_similarity(self, a: np.ndarray, b: np.ndarray, floor: float | None = None) -> np.ndarray:
         n, s = len(a), self.size
