@@ -39,9 +39,9 @@ def loss_keys(keys: list[int]) -> list[int]:
 def loss_noises(x: torch.Tensor, noises: int, seed: int = 0, keys: list[int] | None = None) -> torch.Tensor:
     """The loss's seeded noises for a batch: x [B, C, H, W] -> [noises, B, C, H, W] float64 (keys:
     one per image, a latent pipeline's images' keys; by default the hash of (seed, x))."""
-    from pipeline.score.probes import image_key
+    from pipeline.score.probes import image_keys
 
-    keys = [image_key(seed, image) for image in x] if keys is None else keys
+    keys = image_keys(seed, x) if keys is None else keys
     return ProbeStream(x, seed, noises, "gaussian", fresh=False, keys=loss_keys(keys))(0)
 
 

@@ -44,9 +44,19 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 def image_key(seed: int, image: torch.Tensor) -> int:
     """A 64-bit key from (seed, the image's float32 content): [C, H, W] -> int."""
-    h = hashlib.sha256(f"memclean-probe:{seed}:".encode())
-    h.update(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little")
+    return image_keys(seed, image[None])[0]
+
+
+def image_keys(seed: int, x: torch.Tensor) -> list[int]:
+    """image_key of every image of a batch [B, C, H, W], from one copy of the batch to the host
+    (not one per image: each is a device synchronisation on a GPU)."""
+    rows = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    out = []
+    for row in rows:
+        h = hashlib.sha256(f"memclean-probe:{seed}:".encode())
+        h.update(row.tobytes())
+        out.append(int.from_bytes(h.digest()[:8], "little"))
+    return out
 
 
 class ProbeStream:
@@ -63,7 +73,7 @@ class ProbeStream:
             raise ValueError(f"probe kind {kind!r} is not one of {KINDS}")
         # one per image: given (a latent's image, whose hash does not depend on the encoder's
         # float rounding in a batch), or the hash of x itself
-        self.keys = list(keys) if keys is not None else [image_key(seed, image) for image in x]
+        self.keys = list(keys) if keys is not None else image_keys(seed, x)
         self.K, self.kind, self.fresh = probes, kind, fresh
         self.shape, self.device = tuple(x.shape[1:]), x.device
         self.D = math.prod(self.shape)

@@ -13,7 +13,7 @@ from pipeline.score.cache import SCORE_COLUMNS, ScoreCache
 from pipeline.score.complexity import codec, complexity
 from pipeline.score.loss import LossResult, denoising_loss
 from pipeline.score.models import LoadedModel
-from pipeline.score.probes import image_key
+from pipeline.score.probes import image_keys
 from pipeline.score.volume import ScorerSettings, VolumeResult, log_volume_growth
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def score_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
     standard errors. A latent pipeline's images go through its encoder first, with probes keyed
     by the images themselves (the latent's float rounding may depend on the batch; the image's
     bytes do not)."""
-    keys = None if model.encoder is None else [image_key(settings.seed, image) for image in x]
+    keys = None if model.encoder is None else image_keys(settings.seed, x)
     return log_volume_growth(model.score_fn, model.prepare(x), settings, progress, keys)
 
 
@@ -56,7 +56,7 @@ def loss_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings) -
     space the model diffuses (a latent pipeline's latent), noises keyed by the images."""
     if not settings.loss_noises:
         return None
-    keys = [image_key(settings.seed, image) for image in x]
+    keys = image_keys(settings.seed, x)
     with torch.no_grad():
         z = model.prepare(x)
     return denoising_loss(model.score_fn, z, settings.loss_t, settings.loss_noises, settings.seed, keys)
@@ -70,7 +70,8 @@ def fresh_scores(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
     nan = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
     columns["denoising_loss"] = nan if loss is None else loss.denoising_loss
     columns["denoising_loss_se"] = nan if loss is None else loss.denoising_loss_se
-    return [{c: columns[c][i].item() for c in SCORE_COLUMNS} for i in range(x.shape[0])]
+    values = {c: columns[c].cpu().tolist() for c in SCORE_COLUMNS}  # one copy to the host a column
+    return [{c: values[c][i] for c in SCORE_COLUMNS} for i in range(x.shape[0])]
 
 
 def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettings,
