@@ -245,6 +245,29 @@ def test_faint_textures_are_aligned_before_they_are_compared():
     assert sim[2] < emb.threshold_floor
 
 
+def test_a_speck_of_light_is_a_feature_not_faint_noise():
+    """A near-black tile with a speck of light at one edge (a few pixels of a bright disc's rim,
+    as the corners of a fundus photograph have) is not joined to a black tile, though its grey
+    standard deviation is under the faint level: a thumbnail point more than 10 levels from the
+    mean (what faint noise reaches over 1,024 values) makes it a picture with a feature, compared
+    by correlation, by which its JPEG and shifted copies still stand above the default threshold."""
+    from PIL import Image
+
+    from tests.planted import jpeg
+
+    rng = np.random.default_rng(3)
+    black = np.clip(rng.normal(1, 0.5, (68, 68, 3)), 0, 255)
+    speck = black.copy()
+    speck[30:32, 62:64] = [200, 130, 60]  # 4 bright pixels at the right edge (before: joined at 0.95)
+    tiles = [Image.fromarray(t[:64, :64].astype(np.uint8)) for t in (black, speck)]
+    shifted = Image.fromarray(speck[2:66, 2:66].astype(np.uint8))
+    emb = PixelEmbedder(image_side=64, channels=3)
+    x = emb(torch.cat([rgb_tensor(i) for i in (*tiles, jpeg(tiles[1], 70), shifted)])).numpy()
+    assert (x[:2, -1] < emb.faint_contrast).all() and emb.faint(x[:1])[0] and not emb.faint(x[1:2])[0]
+    assert emb.similarity(x[:1], x[1:2])[0] < emb.threshold_floor
+    assert (emb.similarity(np.repeat(x[1:2], 2, 0), x[2:]) >= emb.default_threshold).all()
+
+
 def test_chance_draws_of_vetoed_pairs_are_their_similarity_before_the_colour_check():
     """decide/chance.py's draws with the colour check: an agreeing pair's draw is its
     similarity, a vetoed pair's its similarity before the colour check (the grey one, capped by

@@ -127,7 +127,8 @@ class PixelEmbedder:
     colours apart. Two RGB images
     with almost no grey structure (flat, or nearly) are compared on an absolute scale
     (faint_similarity: their faint textures aligned, then differenced) instead of by normalised
-    correlation, which magnifies their noise. The index's view holds the colours too, so that candidates are look-alikes in colour
+    correlation, which magnifies their noise; a picture with a feature (a speck of light) is not
+    faint, whatever its standard deviation. The index's view holds the colours too, so that candidates are look-alikes in colour
     as well as in layout. Grey images (channels=1) are compared exactly as they always were, and
     so are two grey pictures decoded as RGB (no chroma at all: memclean dedup decodes RGB).
     """
@@ -145,7 +146,11 @@ class PixelEmbedder:
     mean_tolerance = 0.25  # difference of mean grey level a near copy may have (share of the range)
     contrast_tolerance = 2.0  # factor of grey standard deviation a near copy may have
     contrast_floor = 2 / 255  # standard deviations below this count as this (two levels)
-    faint_contrast = 3 / 255  # RGB images whose grey std is under this (3 levels) are compared absolutely
+    faint_contrast = 3 / 255  # RGB images whose grey std is under this (3 levels) are compared absolutely,
+    # when no point of their thumbnail is further than this from its mean: noise of faint_contrast
+    # over the thumbnail's 1,024 values peaks at about 3.3 times it (10 levels); a point beyond is
+    # a feature (a speck of light, a star), which the normalised correlation compares faithfully
+    faint_peak = 10 / 255
     # faint images whose grey structures, aligned over the zooms and shifts tried, differ by this
     # (rms) or by this at their largest difference stand at the default threshold: the worst
     # planted copies of faint tiles (benchmarks/colour_duplicates.py, photographs at full and half
@@ -272,9 +277,18 @@ class PixelEmbedder:
             ca, cb = a[:, self.grey_dims:], b[:, self.grey_dims:]
             # two grey pictures (no chroma at all: grey images decoded as RGB) take the grey path
             coloured = np.any(ca[:, :-2] != 0, axis=1) | np.any(cb[:, :-2] != 0, axis=1)
-            faint = coloured & (ca[:, -1] < self.faint_contrast) & (cb[:, -1] < self.faint_contrast)
+            faint_a, faint_b = self.faint(a), self.faint(b)
+            faint = coloured & faint_a & faint_b
             if faint.any():
                 sim[faint] = self.faint_similarity(a[faint], b[faint])
+            # a picture under flat_std of structure but with a feature (so not faint) is no flat
+            # picture: beside another that is not faint, its thumbnail, brought to unit length,
+            # correlates as any other does (a flat picture is faint: it stays unjoined to them)
+            g = self.grey_dims
+            featured = coloured & ~faint_a & ~faint_b & ((np.linalg.norm(a[:, :g], axis=1) < 0.999) |
+                                                         (np.linalg.norm(b[:, :g], axis=1) < 0.999))
+            if featured.any():
+                sim[featured] = self.grey_similarity(_unit_rows(a[featured, :g]), _unit_rows(b[featured, :g]), floor)
             # smooth pictures on the absolute scale too: unrelated fields of like colours are apart
             solid = coloured & ~faint
             solid[solid] = self.smooth(a[solid]) & self.smooth(b[solid])  # the blur only where it can matter
@@ -310,6 +324,11 @@ class PixelEmbedder:
         (unit length, or flat_std rms when flat: __call__), in units of the range: [n, size^2]."""
         level = self.flat_std / (self.data_range[1] - self.data_range[0])
         return v[:, :self.grey_dims] * np.maximum(v[:, -1], level)[:, None] * math.sqrt(self.grey_dims)
+
+    def faint(self, v: np.ndarray) -> np.ndarray:
+        """Whether each RGB vector's picture is faint: its grey standard deviation under
+        faint_contrast and no point of its thumbnail more than faint_peak from the mean."""
+        return (v[:, -1] < self.faint_contrast) & (np.abs(self.structure(v)).max(1) < self.faint_peak)
 
     def smooth(self, v: np.ndarray) -> np.ndarray:
         """Whether each vector's grey thumbnail is smooth: its detail (the thumbnail less its blur
@@ -358,7 +377,7 @@ class PixelEmbedder:
         cropped or rescaled copy stands at or above the default threshold; fields of another grey
         level (a brightened copy among them: a flat field brightened cannot be told from another
         field of that level) or colour, and faint textures or layouts that differ (two tiles of
-        one smooth tissue, a dark tile with a speck of light), below it."""
+        one smooth tissue), below it."""
         g = self.grey_dims
         rms, peak = self.aligned_difference(self.structure(a), self.structure(b))
         structure = np.maximum(rms / self.faint_levels, peak / self.faint_peak_levels)
@@ -461,6 +480,11 @@ class PixelEmbedder:
         contrast = np.abs(np.log2(np.maximum(a[:, -1], self.contrast_floor) / np.maximum(b[:, -1], self.contrast_floor)))
         excess = np.maximum(excess, contrast - math.log2(self.contrast_tolerance))
         return np.clip(1 - 4 * excess, -1, 1).astype(np.float32)
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    """Rows at unit length (zero rows stay zero)."""
+    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _bounded(similarity: np.ndarray) -> np.ndarray:
