@@ -210,10 +210,12 @@ def test_a_clean_outputs_embeddings_index_and_threshold_are_reused(small, tmp_pa
     import pyarrow as pa
 
     root, model = small
-    assert main(["clean", "--data", str(root), "--model", str(model), "--out", str(tmp_path / "c"), "--steps", "2",
-                 "--flag-quantile", "0.5", "--action", "augment", *TINY]) == 0
+    clean_args = ["clean", "--data", str(root), "--model", str(model), "--steps", "2", "--flag-quantile", "0.5",
+                  "--action", "auto", *TINY]
+    assert main([*clean_args, "--out", str(tmp_path / "c")]) == 0
     actions = [r["action"] for r in pq.read_table(tmp_path / "c" / "embeddings.parquet").to_pylist()]
     assert "augmented" in actions  # the case that must not be reused
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["dedup"]["index"]  # a search ran
     a = train_pixels(root, "img003.png")
     plant(model, tmp_path / "cache", np.stack([a, -a, a + 0.2]))
     without = tmp_path / "c-no-embeddings"  # the same clean output, less what verify could reuse
@@ -227,23 +229,42 @@ def test_a_clean_outputs_embeddings_index_and_threshold_are_reused(small, tmp_pa
                                                                        vectors.shape[1]))
     pq.write_table(t, tampered / "embeddings.parquet")
     got = {}
-    for name, clean in {"reused": tmp_path / "c", "embedded": without, "tampered": tampered}.items():
+    given = tmp_path / "c-given"  # a clean run whose threshold was given: judged by verify, not reused
+    assert main([*clean_args, "--out", str(given), "--dup-threshold", "0.9"]) == 0
+    for name, clean in {"reused": tmp_path / "c", "embedded": without, "tampered": tampered, "given": given}.items():
         assert verify("--model", model, "--data", root, "--from", clean, "--out", tmp_path / name,
                       "--generations", 3, "--cache-dir", tmp_path / "cache", *TINY) == 0
         got[name] = (json.loads((tmp_path / name / "manifest.json").read_text()),
                      pq.read_table(tmp_path / name / "generations.parquet").drop_columns(["image"]).to_pylist())
     m, gens = got["reused"]
     clean_dedup = json.loads((tmp_path / "c" / "manifest.json").read_text())["dedup"]
-    assert m["similar"]["search"] == {"from": str(tmp_path / "c"), "embeddings_reused": 14 - actions.count("augmented"),
-                                      "embedded": actions.count("augmented"), "index": "reused", "threshold": "--from"}
+    reusable = len(actions) - actions.count("augmented")  # every decoded row but the augmented ones
+    assert m["similar"]["search"] == {"from": str(tmp_path / "c"), "embeddings_reused": reusable,
+                                      "embedded": 14 - reusable, "index": "reused", "threshold": "--from"}
     assert m["similar"]["threshold"]["value"] == clean_dedup["threshold"]
     assert got["embedded"][0]["similar"]["search"]["embedded"] == 14
     assert got["tampered"][0]["similar"]["search"]["embedded"] == 14
     assert got["tampered"][0]["similar"]["search"]["index"] == "built"
-    for name in ("embedded", "tampered"):
+    judged_here = got["given"][0]["similar"]
+    assert judged_here["search"]["threshold"] == "this run"
+    assert judged_here["threshold"]["value"] == got["embedded"][0]["similar"]["threshold"]["value"]
+    for name in ("embedded", "tampered", "given"):
         other = got[name][1]
         assert [g["similar_id"] for g in gens] == [g["similar_id"] for g in other]
         # the same embedder on the same pixels in batches of other sizes: unit vectors whose
         # inner products differ by float32 rounding over a few hundred terms (<< 1e-5)
         assert np.allclose([g["similarity"] for g in gens], [g["similarity"] for g in other], atol=1e-5, rtol=0)
         assert [g["copy"] for g in gens] == [g["copy"] for g in other]
+    # at the same threshold, the same verdicts: the clean run's own (reused) against one judged
+    # the same way from the same vectors (the tampered run keeps the clean run's threshold too)
+    assert [g["similar"] for g in gens] == [g["similar"] for g in got["tampered"][1]]
+    # an image changed since the clean run: embedded again, and the index (its row is the old
+    # image's) is not reused
+    changed = next(i for i, a in zip(pq.read_table(tmp_path / "c" / "embeddings.parquet").column("id").to_pylist(),
+                                      actions) if a != "augmented")
+    pixels = np.asarray(Image.open(root / changed)).copy()
+    Image.fromarray(255 - pixels).save(root / changed)
+    assert verify("--model", model, "--data", root, "--from", tmp_path / "c", "--out", tmp_path / "changed",
+                  "--generations", 3, "--cache-dir", tmp_path / "cache", *TINY) == 0
+    search = json.loads((tmp_path / "changed" / "manifest.json").read_text())["similar"]["search"]
+    assert search["embeddings_reused"] == reusable - 1 and search["index"] == "built"

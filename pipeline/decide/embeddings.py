@@ -147,9 +147,9 @@ class PixelEmbedder:
     contrast_tolerance = 2.0  # factor of grey standard deviation a near copy may have
     contrast_floor = 2 / 255  # standard deviations below this count as this (two levels)
     faint_contrast = 3 / 255  # RGB images whose grey std is under this (3 levels) are compared absolutely,
-    # when no point of their thumbnail is further than this from its mean: noise of faint_contrast
-    # over the thumbnail's 1,024 values peaks at about 3.3 times it (10 levels); a point beyond is
-    # a feature (a speck of light, a star), which the normalised correlation compares faithfully
+    # when no point of their thumbnail is further than faint_peak from its mean: noise of
+    # faint_contrast over the thumbnail's 1,024 values peaks at about 3.3 times it (10 levels); a
+    # point beyond is a feature (a speck of light, a star), which correlation compares faithfully
     faint_peak = 10 / 255
     # faint images whose grey structures, aligned over the zooms and shifts tried, differ by this
     # (rms) or by this at their largest difference stand at the default threshold: the worst

@@ -169,31 +169,29 @@ def duplicate_search(settings, embedder, rows: list[dict], vectors: np.ndarray, 
 
 
 def reusable_search(clean_output: str, embedder, dedup, model) -> dict | None:
-    """The clean output's duplicate search, where it stands for this run's: its embeddings
-    (embeddings.parquet), index (index.faiss) and threshold came from the same embedder (for
-    unet, the same model's features; for torchscript, the same input side) at the same
-    false-join rate. -> its manifest's dedup section, or None (the log says why)."""
+    """The clean output's duplicate search, where its vectors stand for this run's: its
+    embeddings (embeddings.parquet) and index (index.faiss) came from the same embedder (for
+    unet, the same model's features; for torchscript, the same input side). -> its manifest's
+    dedup section and the false-join rate it ran at, or None (the log says why). Whether its
+    threshold serves too is reused_search's to say."""
     out = Path(clean_output)
     if not is_complete(out) or not (out / "manifest.json").is_file():
         return None  # clean_run_rows says what is wrong with it
     m = json.loads((out / "manifest.json").read_text())
     section, ran = m.get("dedup") or {}, m.get("settings") or {}
     why = None
-    if not (out / EMBEDDINGS).is_file() or not section.get("threshold_chosen"):
-        why = "it holds no embeddings.parquet or duplicate threshold"
+    if not (out / EMBEDDINGS).is_file():
+        why = "it holds no embeddings.parquet"
     elif section.get("embedder") != embedder.name:
         why = f"its embedder was {section.get('embedder')!r}, this run's is {embedder.name!r}"
     elif embedder.name == "unet" and (m.get("model") or {}).get("fingerprint") != model.fingerprint:
         why = "its unet embeddings are another model's features"
     elif embedder.name.startswith("torchscript") and ran.get("embed_size") != dedup.embed_size:
         why = f"its --embed-size was {ran.get('embed_size')}, this run's is {dedup.embed_size}"
-    elif dedup.auto and ran.get("dup_false_join_rate") != dedup.dup_false_join_rate:
-        why = (f"its threshold was judged at --dup-false-join-rate {ran.get('dup_false_join_rate')}, this run asks "
-               f"{dedup.dup_false_join_rate}")
     if why:
         log.info("--from %s: the training set is embedded again (%s)", clean_output, why)
         return None
-    return section
+    return {"dedup": section, "rate": ran.get("dup_false_join_rate")}
 
 
 def training_vectors(clean_output: str, embedder, ok_rows: list[dict], clean: dict[str, dict], pixels: np.ndarray,
@@ -239,16 +237,20 @@ def training_vectors(clean_output: str, embedder, ok_rows: list[dict], clean: di
     return vectors, reused
 
 
-def clean_index(clean_output: str, ids: list[str], clean: dict[str, dict], vectors: np.ndarray, reused: np.ndarray,
-                embedder):
+def clean_index(clean_output: str, ok_rows: list[dict], clean: dict[str, dict], vectors: np.ndarray,
+                reused: np.ndarray, embedder):
     """The clean output's index.faiss, memory-mapped, where it indexes these training images in
-    this order (its rows: the images that run decoded, before any augmentation) and a sample of
-    its rows equals this run's search views; else None."""
+    this order with the same pixels (its rows: the images that run decoded, before any
+    augmentation) and a sample of its rows equals this run's search views; else None. A flat
+    index only: an IVF one (over 100,000 images) cannot give its rows back to be checked."""
     from pipeline.decide.index import read_index, search_views
 
     path = Path(clean_output) / INDEX
+    ids = [r["id"] for r in ok_rows]
     if not path.is_file() or [i for i, r in clean.items() if r.get("status") == "ok"] != ids:
         return None
+    if any(clean[r["id"]].get("pixel_sha256") != r["pixel_sha256"] for r in ok_rows):
+        return None  # an image changed since: its row would be the old image's
     index = read_index(path)
     check = np.flatnonzero(reused)[np.linspace(0, reused.sum() - 1, min(16, int(reused.sum()))).astype(int)]
     if index.ntotal != len(ids) or not len(check):
@@ -256,28 +258,44 @@ def clean_index(clean_output: str, ids: list[str], clean: dict[str, dict], vecto
     views = search_views(np.asarray(vectors[check]), embedder.search_view)
     try:
         stored = np.stack([index.reconstruct(int(k)) for k in check])
-    except RuntimeError:  # an index that cannot give its rows back is not trusted
+    except RuntimeError:  # an index that cannot give its rows back (IVF) is not trusted
         return None
-    return index if stored.shape == views.shape and np.array_equal(stored, views) else None
+    # the same vectors through the same view: equal but for float32 rounding of the view's blur
+    # (sums of a few hundred terms of unit vectors: ~1e-6) on another machine's BLAS
+    return index if stored.shape == views.shape and np.allclose(stored, views, atol=1e-5, rtol=0) else None
 
 
-def reused_search(clean_output: str, section: dict, settings, embedder, ok_rows: list[dict], clean: dict[str, dict],
-                  pixels: np.ndarray, shape: tuple[int, ...], scratch: Path, device, batch: int):
+def reused_search(clean_output: str, found: dict, settings, embedder, ok_rows: list[dict], clean: dict[str, dict],
+                  pixels: np.ndarray, shape: tuple[int, ...], scratch: Path, device, batch: int,
+                  reference_rows: list[dict] | None, reference: np.ndarray | None):
     """The similarity test's index, vectors and threshold from the clean output (what it holds
-    of them, the rest made here) -> (index, vectors, threshold, record for the manifest)."""
-    from pipeline.decide.chance import ChanceThreshold, given_threshold
-    from pipeline.decide.index import build_index, on_device
+    of them, the rest made here): its threshold where it was judged against chance at this
+    run's false-join rate, else judged here as duplicate search judges it (--reference's images,
+    else the training set's own neighbours), or --dup-threshold as given.
+    -> (index, vectors, threshold, record for the manifest)"""
+    from pipeline.decide.chance import ChanceThreshold, given_threshold, threshold_by_chance
+    from pipeline.decide.index import build_index, on_device, search_views
 
-    ids = [r["id"] for r in ok_rows]
+    section = found["dedup"]
     vectors, reused = training_vectors(clean_output, embedder, ok_rows, clean, pixels, shape, scratch, device, batch)
-    index = clean_index(clean_output, ids, clean, vectors, reused, embedder)
+    index = clean_index(clean_output, ok_rows, clean, vectors, reused, embedder)
     built = index is None
     index = build_index(vectors, device=device, view=embedder.search_view, path=scratch / "train.faiss") if built \
         else on_device(index, device)
-    threshold = ChanceThreshold.from_dict(section["threshold_chosen"]) if settings.dedup.auto \
-        else given_threshold(settings.dedup.dup_threshold)
+    chosen = section.get("threshold_chosen") or {}
+    if not settings.dedup.auto:
+        threshold, how = given_threshold(settings.dedup.dup_threshold), "given"
+    elif chosen.get("mode") == "auto" and section.get("index") and found["rate"] == settings.dedup.dup_false_join_rate:
+        threshold, how = ChanceThreshold.from_dict(chosen), "--from"
+    else:  # the clean run gave its threshold, ran no duplicate search, or judged at another rate
+        ref_ids = [r["id"] for r in reference_rows if r["status"] == "ok"] if reference_rows is not None else None
+        threshold = threshold_by_chance(vectors, [r["pixel_sha256"] for r in ok_rows], index,
+                                        search_views(vectors, embedder.search_view), embedder,
+                                        settings.dedup.dup_false_join_rate, reference, ref_ids,
+                                        [r["id"] for r in ok_rows])
+        how = "this run"
     record = {"from": clean_output, "embeddings_reused": int(reused.sum()), "embedded": int((~reused).sum()),
-              "index": "built" if built else "reused", "threshold": "--from" if settings.dedup.auto else "given"}
+              "index": "built" if built else "reused", "threshold": how}
     return index, vectors, threshold, record
 
 
@@ -368,7 +386,7 @@ def run_verify(settings, progress: Callable[[int], None] | None = None) -> dict[
             if reuse:  # the clean run's clusters are the pictures; its embeddings, index and threshold serve
                 index, vectors, threshold, searched = reused_search(clean_output, reuse, settings, embedder, ok_rows,
                                                                     clean, pixels, (spec.channels, *spec.size),
-                                                                    scratch, m.device, batch)
+                                                                    scratch, m.device, batch, ref_rows, reference)
                 clusters = None
             else:
                 clusters, index, threshold = duplicate_search(settings, embedder, rows, vectors, ref_rows, reference,
