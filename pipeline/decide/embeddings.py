@@ -328,7 +328,10 @@ class PixelEmbedder:
     def faint(self, v: np.ndarray) -> np.ndarray:
         """Whether each RGB vector's picture is faint: its grey standard deviation under
         faint_contrast and no point of its thumbnail more than faint_peak from the mean."""
-        return (v[:, -1] < self.faint_contrast) & (np.abs(self.structure(v)).max(1) < self.faint_peak)
+        out = v[:, -1] < self.faint_contrast
+        if out.any():  # the thumbnails of the low-contrast rows only: this runs on every candidate pair
+            out[out] = np.abs(self.structure(v[out])).max(1) < self.faint_peak
+        return out
 
     def smooth(self, v: np.ndarray) -> np.ndarray:
         """Whether each vector's grey thumbnail is smooth: its detail (the thumbnail less its blur

@@ -192,6 +192,24 @@ def threshold_of(ctx: RunContext, values: np.ndarray, ok: np.ndarray, reference:
                                        "accept_band_of": "reference" if reference is not None else "dataset"})
 
 
+def judge_threshold(vectors: np.ndarray, table: pa.Table, ok: np.ndarray, index, views: np.ndarray,
+                    embedder: Embedder, dedup: DedupSettings, reference: Scored | None = None) -> ChanceThreshold:
+    """The duplicate threshold: --dup-threshold as given, or with auto the chance level measured
+    on the reference's embedded rows (else on the dataset's own: `vectors`, the ok rows of
+    `table`, searched in `index` over their `views`) and the threshold above it (decide/chance.py)."""
+    if not dedup.auto:
+        return given_threshold(dedup.dup_threshold)
+    mask = pa.array(ok)
+    ref_vectors = ref_ids = None
+    if reference is not None and reference.vectors is not None:
+        ref_vectors = reference.vectors
+        ref_ids = reference.table.column("id").filter(pa.array(ok_mask(reference.table))).to_pylist()
+    t = threshold_by_chance(vectors, table.column("pixel_sha256").filter(mask), index, views, embedder,
+                            dedup.dup_false_join_rate, ref_vectors, ref_ids, table.column("id").filter(mask))
+    log.info("duplicate threshold %.4f (auto: %s, fitted %s on %d draws)", t.value, t.source, t.fitted, t.sample)
+    return t
+
+
 def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa.Table, ok: np.ndarray,
                       risk: np.ndarray, embedder: Embedder, dedup: DedupSettings, device: str, index_path: Path,
                       reference: Scored | None = None,
@@ -208,16 +226,7 @@ def search_duplicates(vectors: np.ndarray, flipped: np.ndarray | None, table: pa
         return none, None, given or ChanceThreshold(embedder.default_threshold, "auto", note="no duplicate search ran")
     views = search_views(vectors, embedder.search_view)  # computed once: for the index and as queries
     index = build_index(views, device=device, path=index_path)
-    mask = pa.array(ok)
-    if given is None:
-        ref_vectors = ref_ids = None
-        if reference is not None and reference.vectors is not None:
-            ref_vectors = reference.vectors
-            ref_ids = reference.table.column("id").filter(pa.array(ok_mask(reference.table))).to_pylist()
-        given = threshold_by_chance(vectors, table.column("pixel_sha256").filter(mask), index, views, embedder,
-                                    dedup.dup_false_join_rate, ref_vectors, ref_ids, table.column("id").filter(mask))
-        log.info("duplicate threshold %.4f (auto: %s, fitted %s on %d draws)", given.value, given.source, given.fitted,
-                 given.sample)
+    given = judge_threshold(vectors, table, ok, index, views, embedder, dedup, reference)
     threshold = given.value
     cols = duplicate_columns(vectors, flipped, table.column("id"), table.column("pixel_sha256"), risk, ok,
                              threshold, embedder, index, views)

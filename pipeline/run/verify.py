@@ -43,7 +43,7 @@ from pipeline.io.copies_report import write_verify_report
 from pipeline.io.outputs import EMBEDDINGS, INDEX
 from pipeline.io.store import IMAGE, is_complete, ok_mask, with_hf_features, with_metadata, write_json_atomic
 from pipeline.run.dedup import decode_to_files
-from pipeline.run.lifecycle import search_duplicates
+from pipeline.run.lifecycle import judge_threshold, search_duplicates
 from pipeline.run.shards import Scored
 from pipeline.run.staged import StagedRun
 from pipeline.score.models import CPU_BATCH, load_model
@@ -152,17 +152,19 @@ def png_cell(image: np.ndarray, data_range: tuple[float, float]) -> dict[str, An
     return {"bytes": buf.getvalue(), "path": None}
 
 
+def id_table(rows: list[dict]) -> pa.Table:
+    """Decoded rows as the table duplicate search reads: id, pixel_sha256, status."""
+    return pa.Table.from_pylist([{k: r[k] for k in ("id", "pixel_sha256", "status")} for r in rows])
+
+
 def duplicate_search(settings, embedder, rows: list[dict], vectors: np.ndarray, reference_rows: list[dict] | None,
                      reference: np.ndarray | None, device, scratch: Path):
     """The training images' duplicate clusters (one per ok row, None outside one), found as a
     clean or dedup run finds them (lifecycle.search_duplicates: the same index, chance-judged
     threshold and clustering), with the index and threshold, which the similarity test uses."""
-    def table(rs: list[dict]) -> pa.Table:
-        return pa.Table.from_pylist([{k: r[k] for k in ("id", "pixel_sha256", "status")} for r in rs])
-
-    t = table(rows)
+    t = id_table(rows)
     ok = ok_mask(t)
-    held = Scored(table(reference_rows), reference, None) if reference_rows is not None else None
+    held = Scored(id_table(reference_rows), reference, None) if reference_rows is not None else None
     cols, index, threshold = search_duplicates(vectors, None, t, ok, np.zeros(len(rows)), embedder, settings.dedup,
                                                device, scratch / "train.faiss", held)
     return [c for c, o in zip(cols["dup_cluster"], ok) if o], index, threshold
@@ -273,7 +275,7 @@ def reused_search(clean_output: str, found: dict, settings, embedder, ok_rows: l
     run's false-join rate, else judged here as duplicate search judges it (--reference's images,
     else the training set's own neighbours), or --dup-threshold as given.
     -> (index, vectors, threshold, record for the manifest)"""
-    from pipeline.decide.chance import ChanceThreshold, given_threshold, threshold_by_chance
+    from pipeline.decide.chance import ChanceThreshold
     from pipeline.decide.index import build_index, on_device, search_views
 
     section = found["dedup"]
@@ -283,17 +285,14 @@ def reused_search(clean_output: str, found: dict, settings, embedder, ok_rows: l
     index = build_index(vectors, device=device, view=embedder.search_view, path=scratch / "train.faiss") if built \
         else on_device(index, device)
     chosen = section.get("threshold_chosen") or {}
-    if not settings.dedup.auto:
-        threshold, how = given_threshold(settings.dedup.dup_threshold), "given"
-    elif chosen.get("mode") == "auto" and section.get("index") and found["rate"] == settings.dedup.dup_false_join_rate:
+    if settings.dedup.auto and chosen.get("mode") == "auto" and section.get("index") \
+            and found["rate"] == settings.dedup.dup_false_join_rate:
         threshold, how = ChanceThreshold.from_dict(chosen), "--from"
-    else:  # the clean run gave its threshold, ran no duplicate search, or judged at another rate
-        ref_ids = [r["id"] for r in reference_rows if r["status"] == "ok"] if reference_rows is not None else None
-        threshold = threshold_by_chance(vectors, [r["pixel_sha256"] for r in ok_rows], index,
-                                        search_views(vectors, embedder.search_view), embedder,
-                                        settings.dedup.dup_false_join_rate, reference, ref_ids,
-                                        [r["id"] for r in ok_rows])
-        how = "this run"
+    else:  # given here; or the clean run gave its threshold, ran no duplicate search, or judged at another rate
+        held = Scored(id_table(reference_rows), reference, None) if reference_rows is not None else None
+        threshold = judge_threshold(vectors, id_table(ok_rows), np.ones(len(ok_rows), bool), index,
+                                    search_views(vectors, embedder.search_view), embedder, settings.dedup, held)
+        how = "this run" if settings.dedup.auto else "given"
     record = {"from": clean_output, "embeddings_reused": int(reused.sum()), "embedded": int((~reused).sum()),
               "index": "built" if built else "reused", "threshold": how}
     return index, vectors, threshold, record

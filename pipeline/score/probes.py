@@ -47,15 +47,18 @@ def image_key(seed: int, image: torch.Tensor) -> int:
     return image_keys(seed, image[None])[0]
 
 
+KEY_CHUNK = 16  # images copied to the host at a time: few synchronisations, bounded host memory
+
+
 def image_keys(seed: int, x: torch.Tensor) -> list[int]:
-    """image_key of every image of a batch [B, C, H, W], from one copy of the batch to the host
-    (not one per image: each is a device synchronisation on a GPU)."""
-    rows = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    """image_key of every image of a batch [B, C, H, W], copied to the host KEY_CHUNK images at
+    a time (not one by one: on a GPU each copy is a device synchronisation)."""
     out = []
-    for row in rows:
-        h = hashlib.sha256(f"memclean-probe:{seed}:".encode())
-        h.update(row.tobytes())
-        out.append(int.from_bytes(h.digest()[:8], "little"))
+    for start in range(0, x.shape[0], KEY_CHUNK):
+        for row in x[start:start + KEY_CHUNK].detach().to("cpu", torch.float32).contiguous().numpy():
+            h = hashlib.sha256(f"memclean-probe:{seed}:".encode())
+            h.update(row.tobytes())
+            out.append(int.from_bytes(h.digest()[:8], "little"))
     return out
 
 
