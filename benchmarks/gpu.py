@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,10 +145,21 @@ def flops(model: LoadedModel, x: torch.Tensor) -> tuple[float, float]:
 
 
 def scoring(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings, batch: int,
-            device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
+            device: torch.device) -> tuple[float, np.ndarray, np.ndarray, int | None]:
     """memclean's scoring of x batch by batch: images/s over all but the first batch (untimed,
-    warm-up), and V and the loss of every image."""
-    rows = fresh_scores(model, x[:batch].to(device), settings)
+    warm-up), V and the loss of every image, and (CUDA) the host synchronisations of the first
+    batch, each a point where the device drains (torch.cuda.set_sync_debug_mode's warnings)."""
+    first = x[:batch].to(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rows = fresh_scores(model, first, settings)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -155,7 +167,7 @@ def scoring(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings, batch
         rows += fresh_scores(model, x[s:s + batch].to(device), settings)
     seconds = time.perf_counter() - t0
     return ((len(x) - batch) / seconds, np.array([r["log_volume_growth"] for r in rows]),
-            np.array([r["denoising_loss"] for r in rows]))
+            np.array([r["denoising_loss"] for r in rows]), syncs)
 
 
 def network_section(args, tmp: Path, out) -> None:
@@ -171,8 +183,9 @@ def network_section(args, tmp: Path, out) -> None:
         out(f"\n### {name}: {params:.1f}M parameters, {side} px, batch {batch}, {n} images an arm "
             f"(the first batch untimed); {f_fwd / 1e9:.1f} GFLOP a forward pass, {f_vjp / 1e9:.1f} forward+VJP\n")
         out("| arm | precision | compile s | network fwd images/s | fwd+VJP images/s | limit images/s a pass "
-            "| memclean images/s a pass | share of limit | TFLOP/s | share of bf16 rate | Spearman V / loss vs eager fp32 |")
-        out("|---|---|---|---|---|---|---|---|---|---|---|")
+            "| memclean images/s a pass | share of limit | TFLOP/s | share of bf16 rate | host syncs a batch "
+            "| Spearman V / loss vs eager fp32 |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|---|")
         base, pending = None, []
         for mode, precision in ARMS[name]:
             settings = ScorerSettings(precision=precision)
@@ -186,12 +199,13 @@ def network_section(args, tmp: Path, out) -> None:
                 model.score_fn.compiled = None
             fwd, vjp = network_rates(model, xb, precision, 3 if args.quick else 10)
             limit = 1 / (PASS[0] / vjp + PASS[1] / fwd)
-            rate, V, loss = scoring(model, x, settings, batch, device)
+            rate, V, loss, syncs = scoring(model, x, settings, batch, device)
             tflops = rate * (PASS[0] * f_vjp + PASS[1] * f_fwd) / 1e12
             if (mode, precision) == ("eager", "fp32"):
                 base = (V, loss)
             row = [mode, precision, compile_s, f"{fwd:.0f}", f"{vjp:.0f}", f"{limit:.1f}", f"{rate:.1f}",
-                   f"{rate / limit:.0%}", f"{tflops:.3g}", f"{tflops * 1e12 / BF16_RATE:.1%}"]
+                   f"{rate / limit:.0%}", f"{tflops:.3g}", f"{tflops * 1e12 / BF16_RATE:.1%}",
+                   "-" if syncs is None else str(syncs)]
             pending.append((row, V, loss))
             if base is not None:  # arms before fp32 get their Spearman once it is measured
                 for r, Vr, lr in pending:

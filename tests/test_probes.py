@@ -56,6 +56,17 @@ def test_fresh_probes_change_with_the_evaluation_and_fixed_ones_do_not():
     assert abs(agree - 0.5) < 4 * 0.5 / math.sqrt(x.numel())
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_planned_probes_are_the_same(kind):
+    """plan(n) makes every evaluation's stream keys in one copy to the device; the probes are
+    those made one evaluation at a time, bit for bit, and past the plan they are made as before."""
+    x = torch.rand(3, 2, 4, 4)
+    planned, single = ProbeStream(x, 1, 3, kind, True), ProbeStream(x, 1, 3, kind, True)
+    planned.plan(4)
+    for k in range(6):
+        assert torch.equal(planned(k), single(k))
+
+
 def test_probes_depend_on_seed_and_content_only():
     x = torch.rand(4, 1, 8, 8)
     whole = ProbeStream(x, 3, 2, "gaussian", True)(2)

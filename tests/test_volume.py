@@ -374,3 +374,39 @@ def test_probe_mode_defaults_by_solver():
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError):
         ScorerSettings(**bad)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_evaluation_times_are_the_solvers_own(name, solver, monkeypatch):
+    """A fixed grid's evaluations take their times from a table made once a solve (no read of
+    sbar back to the host: on a GPU that drained the device at every evaluation). The table's
+    sbar are torchdiffeq's own, bit for bit (the same float64 operations in the same order), and
+    a solve with the table gives the same V, bit for bit, as times computed from each sbar."""
+    from torchdiffeq import odeint
+
+    from pipeline.score.volume import FIXED_GRID_SOLVERS, AugmentedDrift, stage_sbar
+
+    schedule = SCHEDULES[name]()
+    settings = ScorerSettings(solver=solver, steps=5)
+    sbar = schedule.sigma_bar(time_grid(schedule, settings))
+    seen = []
+
+    def record(s, y):
+        seen.append(s.clone())
+        return -y
+
+    odeint(record, torch.ones(2, dtype=torch.float64), sbar, method=FIXED_GRID_SOLVERS[solver])
+    assert torch.equal(torch.stack(seen), stage_sbar(sbar, solver))
+
+    score, x = gaussian(schedule)
+    tabled = log_volume_growth(score, x, settings)
+    original = AugmentedDrift.forward
+
+    def from_sbar(self, s, state):  # each evaluation's t computed from the sbar torchdiffeq passes
+        self.times = None
+        return original(self, s, state)
+    monkeypatch.setattr(AugmentedDrift, "forward", from_sbar)
+    direct = log_volume_growth(score, x, settings)
+    assert torch.equal(tabled.log_volume_growth, direct.log_volume_growth)
+    assert torch.equal(tabled.latent, direct.latent) and torch.equal(tabled.log_volume_growth_se, direct.log_volume_growth_se)

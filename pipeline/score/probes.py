@@ -81,6 +81,15 @@ class ProbeStream:
         self.shape, self.device = tuple(x.shape[1:]), x.device
         self.D = math.prod(self.shape)
         self._fixed: torch.Tensor | None = None
+        self._planned: torch.Tensor | None = None  # plan(): every evaluation's stream keys
+
+    def plan(self, evaluations: int) -> None:
+        """Make the stream keys of evaluations 0 .. evaluations - 1 at once, in one copy to the
+        images' device: on a GPU each copy from the host waits for the device, and a fresh
+        probe set at every evaluation made one copy an evaluation."""
+        if self.fresh:
+            self._planned = torch.tensor([self._stream_key_rows(k) for k in range(evaluations)],
+                                         dtype=torch.int64).to(self.device)
 
     def __call__(self, k: int) -> torch.Tensor:
         """The probes of evaluation k: [K, B, ...] float64 on the images' device."""
@@ -90,14 +99,22 @@ class ProbeStream:
             return self._fixed
         return self._draw(k)
 
-    def _stream_keys(self, k: int) -> torch.Tensor:
-        """Two 32-bit keys per (probe, image) for evaluation k: [2, K, B, 1] int64."""
+    def _stream_key_rows(self, k: int) -> list:
+        """Two 32-bit keys per (probe, image) for evaluation k, as lists: [K][2][B]."""
         keys = []
         for j in range(self.K):
             counter = splitmix64((k << 20) + j)
             row = [splitmix64(key ^ counter) for key in self.keys]
             keys.append([[r & MASK32 for r in row], [r >> 32 for r in row]])
-        return torch.tensor(keys, dtype=torch.int64, device=self.device).permute(1, 0, 2)[..., None]
+        return keys
+
+    def _stream_keys(self, k: int) -> torch.Tensor:
+        """Two 32-bit keys per (probe, image) for evaluation k: [2, K, B, 1] int64."""
+        if self._planned is not None and k < len(self._planned):
+            keys = self._planned[k]
+        else:
+            keys = torch.tensor(self._stream_key_rows(k), dtype=torch.int64, device=self.device)
+        return keys.permute(1, 0, 2)[..., None]
 
     def _bits(self, k: int, n: int) -> torch.Tensor:
         """n hashed 32-bit words per (probe, image): [K, B, n] int64 in [0, 2^32)."""

@@ -251,23 +251,43 @@ class ProbeNoise:
         return probe_variance(part, self._probes, self.kind).mean(0) / part.shape[0]
 
 
+def stage_sbar(sbar: torch.Tensor, solver: str) -> torch.Tensor:
+    """The sbar at which torchdiffeq's fixed-grid step evaluates the drift, evaluation after
+    evaluation, computed as it computes them (dt = t1 - t0, then t0 + dt c): [steps * stages].
+    euler: t0; heun2: t0, t0 + dt; rk4 (the 3/8 rule): t0, t0 + dt/3, t0 + 2 dt/3, t1."""
+    t0, t1 = sbar[:-1], sbar[1:]
+    dt = t1 - t0
+    stages = {"euler": [t0], "heun": [t0, t0 + dt * 1.0],
+              "rk4": [t0, t0 + dt * (1 / 3), t0 + dt * (2 / 3), t1]}[solver]
+    return torch.stack(stages, 1).reshape(-1)
+
+
 class AugmentedDrift(torch.nn.Module):
     """d[xbar, V]/dsbar = [g, div g] (module docstring) for torchdiffeq; counts its evaluations.
 
     Evaluation k estimates div g with the probes `probes(k)` (fresh or fixed), or exactly when
     `probes` is None; on a fixed grid, dV/dsbar at stage i of step n is scaled by weights[n, i]
-    (`stage_weights`), and `noise` (a ProbeNoise) collects what V's variance needs.
+    (`stage_weights`, on the host), and `noise` (a ProbeNoise) collects what V's variance needs.
+    `times`: a fixed grid's times of every evaluation (t of stage_sbar), on the images' device,
+    so that an evaluation never reads its sbar back to the host (on a GPU, a synchronisation
+    that drains the device at every evaluation); without them (an adaptive solver's steps)
+    t is computed from sbar on the host.
     """
 
     def __init__(self, score_fn: ScoreFunction, probes: ProbeStream | None,
-                 weights: torch.Tensor | None = None, noise: ProbeNoise | None = None):
+                 weights: torch.Tensor | None = None, noise: ProbeNoise | None = None,
+                 times: torch.Tensor | None = None):
         super().__init__()
         self.score_fn, self.probes, self.weights, self.noise = score_fn, probes, weights, noise
+        self.times = times
         self.nfe = 0
 
     def forward(self, sbar: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         k, self.nfe = self.nfe, self.nfe + 1
-        t = self.score_fn.schedule.t_of_sigma_bar(sbar.cpu()).to(sbar.device)
+        if self.times is not None:
+            t = self.times[k]
+        else:
+            t = self.score_fn.schedule.t_of_sigma_bar(sbar.cpu()).to(sbar.device)
         rate = scaled_rate(self.score_fn, t)
         with torch.enable_grad():
             if self.probes is None:
@@ -279,7 +299,7 @@ class AugmentedDrift(torch.nn.Module):
                 if self.noise is not None:
                     self.noise.add(k, rows, v)
         if self.weights is not None:
-            div = div * self.weights.view(-1)[k]
+            div = div * float(self.weights.view(-1)[k])  # a host tensor: no synchronisation
         return g, div.to(torch.float64)
 
 
@@ -316,13 +336,18 @@ def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
         noise, start = None, len(times) - 2
     else:
         times = time_grid(schedule, settings)
-        sbar = schedule.sigma_bar(times).to(x.device)
+        # the grid's weights, variance coefficients and evaluation times on the host, computed
+        # once a solve: the evaluations read them without a synchronisation
+        sbar = schedule.sigma_bar(times)
         weights = stage_weights(sbar, settings.solver)
         start = window_index(times, settings.window_start)
         noise = None if probes is None else ProbeNoise(
             quadrature(sbar, settings.solver) * (1 if weights is None else weights), probes.fresh, probes.kind, start)
-        func = AugmentedDrift(score_fn, probes, weights, noise)
-        xs, vs = odeint(func, state0, sbar, method=FIXED_GRID_SOLVERS[settings.solver])
+        evaluation_times = schedule.t_of_sigma_bar(stage_sbar(sbar, settings.solver))
+        if probes is not None:
+            probes.plan(len(evaluation_times))
+        func = AugmentedDrift(score_fn, probes, weights, noise, evaluation_times.to(x.device))
+        xs, vs = odeint(func, state0, sbar.to(x.device), method=FIXED_GRID_SOLVERS[settings.solver])
     log_alpha = schedule.log_alpha(times)
     D = x[0].numel()
     V = vs[-1] + D * float(log_alpha[-1] - log_alpha[0])  # the linear part, exactly
