@@ -1,5 +1,5 @@
 """Near duplicates in colour: the pixel embedder with its colour check, without it (grey only, as
-before), and pHash, on five colour sets with planted near copies, and on the two digits sets.
+before), and pHash, on six colour sets with planted near copies, and on the two digits sets.
 
     .venv/bin/python benchmarks/colour_duplicates.py [--photos DIR] [--seeds 0 1 2] [--no-write]
 
@@ -20,6 +20,8 @@ shift, a 5% crop), of distinct images:
 - full-size photos: 527 64x64 tiles drawn at random from the 10 colour photographs at full size
   (1,146 tiles: 484 of them the retina's, with its black corners and smooth tissue; the Hubble
   deep field's dark sky), the issue's 587 images with their 60 copies: tiles no other set holds.
+- full-size photos at 128 px: all 273 128x128 tiles of those photographs and 60 copies (the
+  embedder's thumbnail is 32x32 whatever the image's size: a 2-pixel shift is half of its pixel).
 - smooth fields: 480 generated two-tone splits, linear and radial gradients and near-flat colour
   fields, in colours drawn uniformly in hue, and 40 recoloured twins: unrelated fields of like
   colours are look-alikes here, the case where near copies cannot be told from chance.
@@ -185,17 +187,18 @@ def plant(images: list, truth: dict[str, int], root: Path, rng: np.random.Genera
         truth[copy] = truth[name]
 
 
-def full_size_set(photos: Path, root: Path, seed: int, n: int = 527, per_kind: int = 10) -> dict[str, int]:
-    """n 64x64 tiles drawn from the colour photographs at full size, and their near copies,
-    into root; returns {file: group} (-1 = no copy)."""
-    rng = np.random.default_rng(1000 + seed)
+def full_size_set(photos: Path, root: Path, seed: int, n: int = 527, per_kind: int = 10,
+                  side: int = SIDE) -> dict[str, int]:
+    """n side x side tiles drawn from the colour photographs at full size (all of them where
+    there are fewer), and their near copies, into root; returns {file: group} (-1 = no copy)."""
+    rng = np.random.default_rng(1000 + seed + (side if side != SIDE else 0))
     root.mkdir(parents=True)
     tiles = []
     for name in COLOUR_PHOTOS:
         img = Image.open(photos / name).convert("RGB")
-        tiles += [(f"{Path(name).stem}_{y:04d}_{x:04d}.png", img.crop((x, y, x + SIDE, y + SIDE)))
-                  for y in range(0, img.height - SIDE + 1, SIDE) for x in range(0, img.width - SIDE + 1, SIDE)]
-    tiles = [tiles[k] for k in sorted(rng.choice(len(tiles), n, replace=False))]
+        tiles += [(f"{Path(name).stem}_{y:04d}_{x:04d}.png", img.crop((x, y, x + side, y + side)))
+                  for y in range(0, img.height - side + 1, side) for x in range(0, img.width - side + 1, side)]
+    tiles = [tiles[k] for k in sorted(rng.choice(len(tiles), min(n, len(tiles)), replace=False))]
     truth, by_pixels = {}, {}
     for k, (name, tile) in enumerate(tiles):
         tile.save(root / name)
@@ -272,7 +275,8 @@ def row(label: str, method: str, how: str, truth: dict[str, int], ids: list[str]
     """One table row: pairwise precision and recall, false pairs, and copies joined by kind."""
     st = pair_stats(truth, ids, cluster)
     SUMMARY.append((label.split(",")[0], method, how.split(" ")[0], st["precision"], st["recall"]))
-    kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "smooth fields", "full-size photos")
+    kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "smooth fields", "full-size photos",
+                                    "full-size photos at 128 px")
     by_kind = recall_by_kind(truth, ids, cluster) if kinds else {}
     line = (f"| {label} | {method} | {how} | {len(ids)} | {st['true_pairs']} | {st['precision']:.3f} | "
             f"{st['recall']:.3f} | {st['false_pairs']} | {' '.join(f'{k} {x}' for k, x in by_kind.items())} | "
@@ -304,7 +308,8 @@ def main() -> None:
     ap.add_argument("--photos", type=Path, default=Path.home() / ".cache/memclean-bench/photos")
     ap.add_argument("--wheels", type=Path, default=Path.home() / ".cache/memclean-bench/wheels")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sets", nargs="+", default=["photos", "graphics", "recoloured", "smooth", "full-size", "digits"])
+    ap.add_argument("--sets", nargs="+",
+                    default=["photos", "graphics", "recoloured", "smooth", "full-size", "full-size-128", "digits"])
     ap.add_argument("--show", action="store_true", help="print the false pairs")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -330,6 +335,10 @@ def main() -> None:
             if "full-size" in args.sets:
                 truth = full_size_set(args.photos, tmp / f"full{seed}", seed)
                 lines += measure(f"full-size photos, seed {seed}", tmp / f"full{seed}", truth, SIDE, 3, show=args.show)
+            if "full-size-128" in args.sets:
+                truth = full_size_set(args.photos, tmp / f"full128-{seed}", seed, side=128)
+                lines += measure(f"full-size photos at 128 px, seed {seed}", tmp / f"full128-{seed}", truth, 128, 3,
+                                 show=args.show)
             if "recoloured" in args.sets:
                 truth = recoloured_set(args.photos, tmp / f"recoloured{seed}", seed)
                 lines += measure(f"recoloured photos, seed {seed}", tmp / f"recoloured{seed}", truth, SIDE, 3,
