@@ -118,6 +118,18 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def flags_line(f: dict) -> str:
+    """verify's line on the clean run's flags held against the copied images (its manifest's
+    `flags`): with no copied image there is no recall and no AUC to give, and it says so."""
+    others = "-" if f["flag_rate_not_copied"] is None else f"{f['flag_rate_not_copied']:.1%}"
+    if f["recall"] is None:
+        return ("no training image is copied, so the clean run's flags cannot be held against copies "
+                f"(it flagged {others} of the images)")
+    auc = ", ".join(f"{k} {v:.3f}" for k, v in f["auc"].items()) or "- (no image both scored and not copied)"
+    return (f"the clean run flagged {f['recall']:.1%} of the copied images (flag rate among the others: "
+            f"{others}); AUC copied vs not: {auc}")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.run.score import count_inputs
     from pipeline.run.settings import VerifySettings
@@ -137,11 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if held:
         print(f"held-out images that pass the same test (its false-copy rate here): {held['passing']} of {held['images']}")
     if m["flags"]:
-        f = m["flags"]
-        recall = "-" if f["recall"] is None else f"{f['recall']:.1%}"
-        print(f"the clean run flagged {recall} of the copied images (flag rate among the others: "
-              f"{f['flag_rate_not_copied']:.1%}); AUC copied vs not: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in f["auc"].items()))
+        print(flags_line(m["flags"]))
     print(f"-> {out}\nreport: {out / 'report.html'}")
     return 0
 

@@ -268,3 +268,17 @@ def test_a_clean_outputs_embeddings_index_and_threshold_are_reused(small, tmp_pa
                   "--generations", 3, "--cache-dir", tmp_path / "cache", *TINY) == 0
     search = json.loads((tmp_path / "changed" / "manifest.json").read_text())["similar"]["search"]
     assert search["embeddings_reused"] == reusable - 1 and search["index"] == "built"
+
+
+def test_the_flags_line_says_when_nothing_is_copied():
+    """With no copied image there is no recall and no AUC: the line says so instead of printing
+    an empty AUC list (as it did on a random-weight model whose generations copied nothing)."""
+    from memclean.cli import flags_line
+
+    none = {"recall": None, "flag_rate_not_copied": 0.379, "auc": {}}
+    assert flags_line(none) == ("no training image is copied, so the clean run's flags cannot be held against "
+                                "copies (it flagged 37.9% of the images)")
+    some = {"recall": 0.5, "flag_rate_not_copied": 0.25, "auc": {"log_volume_growth": 0.75}}
+    assert flags_line(some).endswith("(flag rate among the others: 25.0%); AUC copied vs not: log_volume_growth 0.750")
+    every = {"recall": 1.0, "flag_rate_not_copied": None, "auc": {}}
+    assert "others: -); AUC copied vs not: - (no image both scored and not copied)" in flags_line(every)

@@ -41,7 +41,7 @@ SCORE_SCHEMA = pa.schema([
     ("logp", pa.float64()),  # prior_logp + log_volume_growth (nats)
     ("bits_per_dim", pa.float64()),  # -logp / (D ln 2) + log2(255 / (hi - lo)), the data range's bins
     ("nfe", pa.int64()),  # drift evaluations spent on this image (over every pass)
-    ("passes", pa.int64()),  # scoring passes averaged (--precision-target): seeds seed .. seed + passes - 1
+    ("passes", pa.int64()),  # scoring passes averaged (--precision-target): seeds seed .. seed + passes - 1; null: rejected
     ("log_volume_growth_se", pa.float64()),  # standard error of V from its probes (null: not estimable)
     ("window_volume_growth", pa.float64()),  # V over [window_start, 1], from the same solve (nats)
     ("window_volume_growth_se", pa.float64()),  # its standard error

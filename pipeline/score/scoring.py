@@ -114,7 +114,8 @@ def score_batch(model: LoadedModel, batch: list[Decoded], settings: ScorerSettin
             if progress:
                 progress(1)
         empty = {**dict.fromkeys(SCORE_COLUMNS), "reused": None}
-        row = {**base_row(d), **scores.get(id(d), empty), **settings_cols, "passes": 1}
+        row = {**base_row(d), **scores.get(id(d), empty), **settings_cols}
+        row["passes"] = 1 if row["status"] == "ok" else None  # a rejected row averaged no score
         row["complexity"] = None if row["status"] != "ok" else \
             d.complexity if d.complexity is not None else complexity(d.pixels, model.data_range)
         for c in OPTIONAL:  # not estimated (an adaptive solver's standard error; no loss): null, not NaN
