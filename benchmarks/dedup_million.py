@@ -52,6 +52,16 @@ def fields(rng: np.random.Generator, n: int, size: int = 32) -> torch.Tensor:
     return torch.tensor(np.clip(0.3 * x, -1, 1), dtype=torch.float32)[:, None]
 
 
+def colour_fields(rng: np.random.Generator, n: int, size: int = 32) -> torch.Tensor:
+    """n RGB images: a 1/f grey field, two 1/f opponent-colour fields at a third of its contrast
+    and a mean colour drawn per image, in [-1, 1]: [n, 3, size, size]."""
+    grey = fields(rng, n, size)[:, 0].numpy()
+    c1, c2 = (0.3 * fields(rng, n, size)[:, 0].numpy() for _ in range(2))
+    mean = rng.uniform(-0.5, 0.5, (n, 3, 1, 1))
+    rgb = np.stack([grey + c1 + c2 / 3, grey - c1 + c2 / 3, grey - 2 * c2 / 3], 1) + mean
+    return torch.tensor(np.clip(rgb, -1, 1), dtype=torch.float32)
+
+
 def copies(rng: np.random.Generator, x: torch.Tensor) -> torch.Tensor:
     """Near copies: contrast x0.9-1.1, half shifted by a pixel (edges replicated), 2% noise."""
     n = len(x)
@@ -62,12 +72,14 @@ def copies(rng: np.random.Generator, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_vectors(path: Path, n: int, pairs: int, emb: PixelEmbedder, seed: int = 0) -> np.ndarray:
-    """The memory-mapped vectors: rows n - pairs .. n - 1 are near copies of rows 0 .. pairs - 1."""
+    """The memory-mapped vectors: rows n - pairs .. n - 1 are near copies of rows 0 .. pairs - 1
+    (RGB fields when the embedder takes colour)."""
     rng = np.random.default_rng(seed)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, emb.size**2))
+    dims = int(emb(torch.zeros(1, 3 if emb.colour else 1, 32, 32)).shape[1])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dims))
     originals = []
     for start in range(0, n - pairs, CHUNK):
-        x = fields(rng, min(CHUNK, n - pairs - start))
+        x = (colour_fields if emb.colour else fields)(rng, min(CHUNK, n - pairs - start))
         if start < pairs:
             originals.append(x[:pairs - start])
         out[start:start + len(x)] = emb(x).numpy()
@@ -123,9 +135,12 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=10_000)
     ap.add_argument("--exact", type=int, default=50_000, help="vectors on which flat and IVF are compared")
     ap.add_argument("--threshold", type=float, default=PixelEmbedder.default_threshold)
+    ap.add_argument("--colour", action="store_true",
+                    help="RGB fields and the colour embedder (pixel+colour), its threshold judged against chance "
+                         "too; prints, never writes (its own section is by hand)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    emb = PixelEmbedder(image_side=64)
+    emb = PixelEmbedder(image_side=64, channels=3 if args.colour else 1)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         v = make_vectors(Path(tmp) / "vectors.npy", args.n, args.pairs, emb)
@@ -141,7 +156,14 @@ def main() -> None:
         hashes = pa.nulls(args.n, pa.string())
         c = find_clusters(v, hashes, np.zeros(args.n), ids, args.threshold, emb, index=index, views=views)
         total = time.perf_counter() - t0
+        if args.colour:  # --dup-threshold auto from the dataset itself (no reference), as a run judges it
+            from pipeline.decide.chance import threshold_by_chance
+
+            t1 = time.perf_counter()
+            judged = threshold_by_chance(v, pa.array([f"{i}" for i in range(args.n)]), index, views, emb, 0.005)
+            print(f"chance-judged threshold {judged.value:.4f} in {time.perf_counter() - t1:.0f} s", flush=True)
         peak, peak_anon = peak_mb(), anon.stop()
+        view_dims = views.shape[1]
         del views
         orig, copy = np.arange(args.pairs), np.arange(args.n - args.pairs, args.n)
         truth = emb.similarity(v[orig], v[copy]) >= args.threshold
@@ -167,12 +189,13 @@ def main() -> None:
         print(f"{m:,} vectors: flat {flat_s:.1f} s, IVF {ivf_s:.1f} s, IVF recall of the flat pairs {sub_recall:.4f}")
     text = "\n".join([
         "## A million vectors: `benchmarks/dedup_million.py`", "",
-        f"{hardware()}. {args.n:,} pixel-embedder vectors (1/f random fields; {args.pairs:,} near copies: "
+        f"{hardware()}. {args.n:,} {emb.name}-embedder vectors (1/f random {'RGB ' if emb.colour else ''}fields; "
+        f"{args.pairs:,} near copies: "
         "contrast, 1-pixel shifts, 2% noise) memory-mapped from disk, made in "
         f"{made:.0f} s; then build_index and find_clusters as a run calls them, threshold {args.threshold}.", "",
         "| vectors | index | built (s) | built and clustered (s) | recall of planted duplicates | "
         "unplanted rows joined | peak RSS (MB) | peak anonymous (MB) |", "|---|---|---|---|---|---|---|---|",
-        f"| {args.n:,} | {kind} (nlist {nlist}, nprobe {nprobe}) over the 256-value search view | {built:.0f} | "
+        f"| {args.n:,} | {kind} (nlist {nlist}, nprobe {nprobe}) over the {view_dims}-value search view | {built:.0f} | "
         f"{total:.0f} | {found[truth].mean():.4f} ({int(found[truth].sum())} of {int(truth.sum())}) | {stray} | "
         f"{peak:.0f} (of which before the search {base:.0f}) | {peak_anon:.0f} |", "",
         f"Index choice, on {m:,} of them (half originals, half copies, exact answers from the flat index): "
@@ -184,7 +207,7 @@ def main() -> None:
         "the search's working set and the union-find's arrays. FAISS's index (1 KB a vector) is written to its "
         "file a chunk at a time and searched memory-mapped, so its pages are file-backed."])
     print(text)
-    if not args.no_write:
+    if not args.no_write and not args.colour:
         write_section("dedup-million", text)
 
 
