@@ -159,8 +159,13 @@ def main() -> None:
         if args.colour:  # --dup-threshold auto from the dataset itself (no reference), as a run judges it
             from pipeline.decide.chance import threshold_by_chance
 
+            import hashlib
+
             t1 = time.perf_counter()
-            judged = threshold_by_chance(v, pa.array([f"{i}" for i in range(args.n)]), index, views, emb, 0.005)
+            # distinct keys spread as pixel hashes are (the chance sample takes the smallest keys:
+            # "0", "1", "10", ... would have drawn the planted originals first)
+            keys = pa.array([hashlib.sha256(i.to_bytes(8, "little")).hexdigest() for i in range(args.n)])
+            judged = threshold_by_chance(v, keys, index, views, emb, 0.005)
             print(f"chance-judged threshold {judged.value:.4f} in {time.perf_counter() - t1:.0f} s", flush=True)
         peak, peak_anon = peak_mb(), anon.stop()
         view_dims = views.shape[1]
