@@ -1,5 +1,5 @@
 """Near duplicates in colour: the pixel embedder with its colour check, without it (grey only, as
-before), and pHash, on six colour sets with planted near copies, and on the two digits sets.
+before), and pHash, on seven colour sets with planted near copies, and on the two digits sets.
 
     .venv/bin/python benchmarks/colour_duplicates.py [--photos DIR] [--seeds 0 1 2] [--no-write]
 
@@ -17,6 +17,9 @@ shift, a 5% crop), of distinct images:
   from the photos set's (other tiles); 30 twins of tiles whose colour shows (mean chroma, max -
   min of R, G, B, at least 24 levels), their hue turned by 60-300 degrees or their channels
   swapped.
+- colourways: the recoloured photos set with a twin for every tile whose colour shows (153 of
+  its 271 tiles), as a catalogue holds a product in each of its colours: most images have a
+  look-alike in grey layout that is no copy.
 - full-size photos: 527 64x64 tiles drawn at random from the 10 colour photographs at full size
   (1,146 tiles: 484 of them the retina's, with its black corners and smooth tissue; the Hubble
   deep field's dark sky), the issue's 587 images with their 60 copies: tiles no other set holds.
@@ -207,8 +210,9 @@ def full_size_set(photos: Path, root: Path, seed: int, n: int = 527, per_kind: i
     return indistinguishable(root, truth)
 
 
-def recoloured_set(photos: Path, root: Path, seed: int, twins: int = 30, per_kind: int = 10) -> dict[str, int]:
-    """The recoloured photos set into root; returns {file: group} (-1 = no copy)."""
+def recoloured_set(photos: Path, root: Path, seed: int, twins: int | None = 30, per_kind: int = 10) -> dict[str, int]:
+    """The recoloured photos set into root (twins=None: every tile whose colour shows has a twin,
+    the colourways set); returns {file: group} (-1 = no copy)."""
     rng = np.random.default_rng(200 + seed)
     root.mkdir(parents=True)
     images = []
@@ -225,7 +229,7 @@ def recoloured_set(photos: Path, root: Path, seed: int, twins: int = 30, per_kin
     # twins of tiles whose colour shows (a mean chroma, max - min of R, G, B, of at least 24
     # levels): recolouring a nearly grey tile (the Hubble field's black) changes nothing a person sees
     coloured = [k for k, (_, img) in enumerate(images) if np.ptp(np.asarray(img, np.int16), axis=2).mean() >= 24]
-    for j, k in enumerate(rng.choice(coloured, twins, replace=False)):
+    for j, k in enumerate(rng.choice(coloured, len(coloured) if twins is None else twins, replace=False)):
         name, img = images[k]
         if j % 4 == 3:
             r, g, b = img.split()
@@ -275,8 +279,8 @@ def row(label: str, method: str, how: str, truth: dict[str, int], ids: list[str]
     """One table row: pairwise precision and recall, false pairs, and copies joined by kind."""
     st = pair_stats(truth, ids, cluster)
     SUMMARY.append((label.split(",")[0], method, how.split(" ")[0], st["precision"], st["recall"]))
-    kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "smooth fields", "full-size photos",
-                                    "full-size photos at 128 px")
+    kinds = label.split(",")[0] in ("photos", "graphics", "recoloured photos", "colourways", "smooth fields",
+                                    "full-size photos", "full-size photos at 128 px")
     by_kind = recall_by_kind(truth, ids, cluster) if kinds else {}
     line = (f"| {label} | {method} | {how} | {len(ids)} | {st['true_pairs']} | {st['precision']:.3f} | "
             f"{st['recall']:.3f} | {st['false_pairs']} | {' '.join(f'{k} {x}' for k, x in by_kind.items())} | "
@@ -309,7 +313,8 @@ def main() -> None:
     ap.add_argument("--wheels", type=Path, default=Path.home() / ".cache/memclean-bench/wheels")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sets", nargs="+",
-                    default=["photos", "graphics", "recoloured", "smooth", "full-size", "full-size-128", "digits"])
+                    default=["photos", "graphics", "recoloured", "colourways", "smooth", "full-size", "full-size-128",
+                             "digits"])
     ap.add_argument("--show", action="store_true", help="print the false pairs")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -342,6 +347,10 @@ def main() -> None:
             if "recoloured" in args.sets:
                 truth = recoloured_set(args.photos, tmp / f"recoloured{seed}", seed)
                 lines += measure(f"recoloured photos, seed {seed}", tmp / f"recoloured{seed}", truth, SIDE, 3,
+                                 show=args.show)
+            if "colourways" in args.sets:
+                truth = recoloured_set(args.photos, tmp / f"colourways{seed}", seed, twins=None)
+                lines += measure(f"colourways, seed {seed}", tmp / f"colourways{seed}", truth, SIDE, 3,
                                  show=args.show)
         if "digits" in args.sets:
             lines += measure("demo digits", REPO / "examples/digits/train", planted_truth(REPO / "examples/digits"),
