@@ -1,6 +1,7 @@
 """Batch scoring: one row per input in order, rejected rows with null scores, cached scores
 reused without a solve."""
 import numpy as np
+import torch
 import pytest
 from diffusers import DDPMScheduler
 
@@ -72,3 +73,26 @@ def test_a_non_finite_score_rejects_the_image_and_is_never_cached(model, write_i
     assert rows[1]["reject_reason"] == "non_finite_score" and all(rows[1][c] is None for c in SCORE_COLUMNS)
     assert all(np.isfinite(r["log_volume_growth"]) for r in rows if r["status"] == "ok")
     assert cache.get(rows[1]["sha256"]) is None and cache.get(rows[0]["sha256"]) is not None
+
+
+def test_a_batch_is_hashed_once_and_scores_as_before(model, monkeypatch):
+    """fresh_scores hashes a batch's images once for V's probes and the loss's noises (each hash
+    copies the batch to the host: on a GPU, a synchronisation), and gives bit for bit what V and
+    the loss give when each hashes the images itself."""
+    import pipeline.score.probes as probes
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    settings = ScorerSettings(solver="heun", steps=2, loss_noises=4)
+    v, loss = scoring.score_images(model, x, settings), scoring.loss_images(model, x, settings)
+    calls = []
+    real = probes.image_keys
+
+    def counted(seed, images):
+        calls.append(images.shape[0])
+        return real(seed, images)
+    monkeypatch.setattr(probes, "image_keys", counted)
+    monkeypatch.setattr(scoring, "image_keys", counted)
+    rows = scoring.fresh_scores(model, x, settings)
+    assert calls == [3]
+    assert [r["log_volume_growth"] for r in rows] == v.log_volume_growth.tolist()
+    assert [r["denoising_loss"] for r in rows] == loss.denoising_loss.tolist()

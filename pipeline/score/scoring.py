@@ -42,21 +42,24 @@ def base_row(d: Decoded) -> dict:
 
 
 def score_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
-                 progress: Callable[[int], None] | None = None) -> VolumeResult:
+                 progress: Callable[[int], None] | None = None, keys: list[int] | None = None) -> VolumeResult:
     """Images in the model's data range [B, C, H, W] -> their V (and log p) with its window and
     standard errors. A latent pipeline's images go through its encoder first, with probes keyed
     by the images themselves (the latent's float rounding may depend on the batch; the image's
-    bytes do not)."""
-    keys = None if model.encoder is None else image_keys(settings.seed, x)
+    bytes do not). keys: the images' image_keys, when the caller has them already."""
+    if keys is None and model.encoder is not None:
+        keys = image_keys(settings.seed, x)
     return log_volume_growth(model.score_fn, model.prepare(x), settings, progress, keys)
 
 
-def loss_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings) -> LossResult | None:
+def loss_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
+                keys: list[int] | None = None) -> LossResult | None:
     """Images [B, C, H, W] -> their denoising loss at settings.loss_t (None with no noises), in the
-    space the model diffuses (a latent pipeline's latent), noises keyed by the images."""
+    space the model diffuses (a latent pipeline's latent), noises keyed by the images (keys: their
+    image_keys, when the caller has them already)."""
     if not settings.loss_noises:
         return None
-    keys = image_keys(settings.seed, x)
+    keys = image_keys(settings.seed, x) if keys is None else keys
     with torch.no_grad():
         z = model.prepare(x)
     return denoising_loss(model.score_fn, z, settings.loss_t, settings.loss_noises, settings.seed, keys)
@@ -65,7 +68,9 @@ def loss_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings) -
 def fresh_scores(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
                  progress: Callable[[int], None] | None = None) -> list[dict]:
     """The SCORE_COLUMNS of each image of a batch, solved now: [B, C, H, W] -> B dicts."""
-    v, loss = score_images(model, x, settings, progress), loss_images(model, x, settings)
+    # the images' keys once: hashing them copies the batch to the host (on a GPU, a synchronisation)
+    keys = image_keys(settings.seed, x)
+    v, loss = score_images(model, x, settings, progress, keys), loss_images(model, x, settings, keys)
     columns = {c: getattr(v, c) for c in SCORE_COLUMNS if not c.startswith("denoising")}
     nan = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
     columns["denoising_loss"] = nan if loss is None else loss.denoising_loss
