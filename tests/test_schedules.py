@@ -103,3 +103,30 @@ def test_sigma_is_accurate_near_zero():
     t = torch.tensor(1e-5, dtype=torch.float64)
     exact = math.sqrt(-math.expm1(float(s.log_abar(t))))
     assert float(s.sigma(t)) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LinearVP(1000, 1e-4, 0.02),
+    lambda: ScaledLinearVP(1000, 8.5e-4, 0.012),
+    lambda: InterpolatedVP(DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.numpy()),
+    lambda: VESchedule(0.01, 50.0),
+])
+def test_a_schedule_evaluates_on_the_times_device_without_reading_it_back(make):
+    """What a drift evaluation asks of the schedule at a time held on the images' device (sigma,
+    log alpha, the network's timestep, abar for v- and x0-prediction, the drift's coefficients)
+    stays on that device and never reads the time back to the host: on a GPU each read is a
+    synchronisation. The "meta" device holds no values, so any read raises; the values are the
+    same as on the host (the CPU path is the one the other tests check)."""
+    s = make()
+    host = T[[1, 50, 100]]
+    for t in (host.to("meta"), host[1].to("meta")):
+        for name in ("sigma", "log_alpha", "timestep", "abar", "drift_coefficients"):
+            fn = getattr(s, name, None)
+            if fn is None:
+                continue
+            out = fn(t)
+            for o in out if isinstance(out, tuple) else (out,):
+                assert o.device.type == "meta" and o.shape == t.shape, (name, o)
+    if isinstance(s, InterpolatedVP):  # the same values through take/index_select as before
+        i, h, beyond, c = s._piece(host)
+        assert torch.equal(h, host.clamp(0, 1) - s._x[i]) and torch.equal(c, s._c[:, i])

@@ -175,19 +175,30 @@ class InterpolatedVP(VPSchedule):
         spline = PchipInterpolator(knots, values)
         self._x = torch.from_numpy(spline.x)  # [n + 1] breakpoints
         self._c = torch.from_numpy(spline.c)  # [4, n] cubic coefficients, highest power first
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the tables, copied once a device
 
-    def _piece(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Interval index, offset into it, and t clamped to [0, 1]."""
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The breakpoints and coefficients on t's device: indexing host tables with a device's
+        index reads the index back to the host (on a GPU, a synchronisation every call)."""
+        if device.type == "cpu":
+            return self._x, self._c
+        if device not in self._on:
+            self._on[device] = (self._x.to(device), self._c.to(device))
+        return self._on[device]
+
+    def _piece(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Interval index, offset into it, t clamped to [0, 1], and the interval's coefficients."""
         t = torch.as_tensor(t, dtype=torch.float64)
+        x, c = self._tables(t.device)
         inside = t.clamp(0.0, 1.0)
-        i = torch.searchsorted(self._x, inside.detach(), right=True) - 1
-        i = i.clamp(0, self._c.shape[1] - 1)
-        return i, inside - self._x[i], t - inside
+        i = torch.searchsorted(x, inside.detach(), right=True) - 1
+        i = i.clamp(0, c.shape[1] - 1)
+        # take and index_select, not x[i]: a 0-dim index tensor is read back as a Python int
+        return i, inside - x.take(i), t - inside, c.index_select(1, i.reshape(-1)).view(4, *i.shape)
 
     def log_abar(self, t):
         """The spline on [0, 1]; outside it, continued linearly (constant beta)."""
-        i, h, beyond = self._piece(t)
-        c = self._c[:, i]
+        _, h, beyond, c = self._piece(t)
         inside = ((c[0] * h + c[1]) * h + c[2]) * h + c[3]
         return inside - self._beta(c, h) * beyond
 
@@ -196,8 +207,8 @@ class InterpolatedVP(VPSchedule):
         return -((3 * c[0] * h + 2 * c[1]) * h + c[2])
 
     def beta(self, t):
-        i, h, _ = self._piece(t)
-        return self._beta(self._c[:, i], h)
+        _, h, _, c = self._piece(t)
+        return self._beta(c, h)
 
 
 class VESchedule:
