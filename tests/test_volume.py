@@ -385,7 +385,7 @@ def test_evaluation_times_are_the_solvers_own(name, solver, monkeypatch):
     a solve with the table gives the same V, bit for bit, as times computed from each sbar."""
     from torchdiffeq import odeint
 
-    from pipeline.score.volume import FIXED_GRID_SOLVERS, AugmentedDrift, stage_sbar
+    from pipeline.score.volume import FIXED_GRID_SOLVERS, HOST_GRID, AugmentedDrift, stage_sbar
 
     schedule = SCHEDULES[name]()
     settings = ScorerSettings(solver=solver, steps=5)
@@ -397,6 +397,10 @@ def test_evaluation_times_are_the_solvers_own(name, solver, monkeypatch):
         return -y
 
     odeint(record, torch.ones(2, dtype=torch.float64), sbar, method=FIXED_GRID_SOLVERS[solver])
+    assert torch.equal(torch.stack(seen), stage_sbar(sbar, solver))
+    seen.clear()  # the host-grid method memclean solves with: the same steps, stepped on the host
+    odeint(record, torch.ones(2, dtype=torch.float64), sbar, method=HOST_GRID + FIXED_GRID_SOLVERS[solver],
+           options={"host_t": sbar})
     assert torch.equal(torch.stack(seen), stage_sbar(sbar, solver))
 
     score, x = gaussian(schedule)
@@ -410,3 +414,50 @@ def test_evaluation_times_are_the_solvers_own(name, solver, monkeypatch):
     direct = log_volume_growth(score, x, settings)
     assert torch.equal(tabled.log_volume_growth, direct.log_volume_growth)
     assert torch.equal(tabled.latent, direct.latent) and torch.equal(tabled.log_volume_growth_se, direct.log_volume_growth_se)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_a_batch_is_scored_without_reading_the_device(name, solver, monkeypatch):
+    """V (the fixed-grid solve: torchdiffeq's steps, the probes, the drift, the variance) and the
+    loss of a batch on the "meta" device, which holds no values: any read of a device tensor on
+    the host (a Python bool, float or int of it, indexing with it, torchdiffeq's loop comparing
+    times held there) raises. On a GPU each such read drains the device. What a batch still copies
+    to the device (the grid, its evaluation times, the probes' keys, the loss's time: a few
+    copies, each a synchronisation) and its one copy back (the images' hash, the results) are
+    counted on a GPU by benchmarks/gpu.py. autocast takes no meta device: precision is left out."""
+    import contextlib
+
+    import pipeline.score.volume as volume
+    from pipeline.score.loss import denoising_loss
+
+    monkeypatch.setattr(volume, "network_precision", lambda precision, device: contextlib.nullcontext())
+    for prediction in ("epsilon", "v_prediction"):
+        score = DiffusersScore(tiny_unet(channels=2).to("meta"), SCHEDULES[name](), prediction_type=prediction)
+        x = torch.empty(3, 2, 8, 8, device="meta")
+        for divergence in ("rademacher", "gaussian"):
+            r = log_volume_growth(score, x, ScorerSettings(solver=solver, steps=3, divergence=divergence),
+                                  keys=[1, 2, 3])
+            assert r.log_volume_growth.device.type == "meta" and r.log_volume_growth.shape == (3,)
+        loss = denoising_loss(score, x, 0.1, 4, keys=[1, 2, 3])
+        assert loss.denoising_loss.device.type == "meta"
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
+@pytest.mark.parametrize("name", ["linear", "cosine", "ve"])
+def test_the_host_grid_solves_as_torchdiffeq_does(name, solver, monkeypatch):
+    """The host-grid methods step as torchdiffeq's own fixed-grid methods do with the grid on
+    the state's device: V, its window and profile, x_1 and the variance, bit for bit."""
+    import pipeline.score.volume as volume
+
+    schedule = SCHEDULES[name]()
+    score = DiffusersScore(tiny_unet(channels=1), schedule)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    settings = ScorerSettings(solver=solver, steps=3)
+    ours = volume._solve(score, x, settings, keys=[5, 6])
+    monkeypatch.setattr(volume, "HOST_GRID", "")  # torchdiffeq's methods (host_t: an option they ignore)
+    with pytest.warns(UserWarning, match="host_t"):
+        theirs = volume._solve(score, x, settings, keys=[5, 6])
+    for field in ("latent", "V", "window", "var", "window_var", "profile"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    assert ours.nfe == theirs.nfe

@@ -52,10 +52,11 @@ def per_noise_losses(score_fn: ScoreFunction, x: torch.Tensor, t: float, eps: to
     tt = torch.tensor(t, dtype=torch.float64)
     alpha = float(torch.exp(score_fn.schedule.log_alpha(tt)))
     sigma = float(score_fn.schedule.sigma(tt))
+    t_on = tt.to(x.device)  # once: a copy to a GPU waits for everything queued before it
     per_noise = []
     for e in eps:
         e = e.to(x.dtype)
-        eps_hat = -sigma * score_fn.score(alpha * x + sigma * e, tt.to(x.device))
+        eps_hat = -sigma * score_fn.score(alpha * x + sigma * e, t_on)
         per_noise.append(((eps_hat - e).to(torch.float64) ** 2).flatten(1).mean(1))
     return torch.stack(per_noise)
 

@@ -22,8 +22,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
+import warnings
+
 import torch
 from torchdiffeq import odeint
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_METHODS  # its table of methods: the host-grid ones join it
 
 from pipeline.fields import check_choices, setting
 from pipeline.score.models import ScoreFunction
@@ -36,6 +39,34 @@ ADAPTIVE_SOLVERS = {"dopri5": "dopri5"}
 FIXED_GRID_SOLVERS = {"euler": "euler", "heun": "heun2", "rk4": "rk4"}  # ours -> torchdiffeq
 STAGES = {"euler": 1, "heun": 2, "rk4": 4}  # drift evaluations per step
 SOLVERS = tuple(FIXED_GRID_SOLVERS) + tuple(ADAPTIVE_SOLVERS)
+HOST_GRID = "memclean-host-grid-"  # torchdiffeq's fixed-grid methods, their loop over the grid's host copy
+
+
+def _host_grid(solver: type) -> type:
+    """torchdiffeq's fixed-grid `solver`, stepping over the grid's host copy (the option host_t):
+    its loop compares each step's end with the next output time, and with the times on a GPU each
+    comparison reads them back (4 synchronisations a step, each draining the device). The steps
+    are torchdiffeq's own (t0, dt = t1 - t0, its stage arithmetic), in float64 on the host, as
+    0-dim tensors the device's arithmetic takes as scalars."""
+
+    class HostGrid(solver):
+        def __init__(self, *args, host_t: torch.Tensor, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.host_t = host_t
+
+        def integrate(self, t):
+            return super().integrate(self.host_t)
+
+    HostGrid.__name__ = f"HostGrid{solver.__name__}"
+    return HostGrid
+
+
+for _name in FIXED_GRID_SOLVERS.values():
+    TORCHDIFFEQ_METHODS.setdefault(HOST_GRID + _name, _host_grid(TORCHDIFFEQ_METHODS[_name]))
+# the grid goes to odeint on the host, so that its checks of t read no device; it moves t to the
+# state's device once, and says so
+warnings.filterwarnings("ignore", message="t is not on the same device as y0", category=UserWarning,
+                        module="torchdiffeq")
 GRIDS = ("log_snr", "uniform")
 PROBE_MODES = ("fresh", "fixed")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -347,7 +378,9 @@ def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
         if probes is not None:
             probes.plan(len(evaluation_times))
         func = AugmentedDrift(score_fn, probes, weights, noise, evaluation_times.to(x.device))
-        xs, vs = odeint(func, state0, sbar.to(x.device), method=FIXED_GRID_SOLVERS[settings.solver])
+        # the grid stays on the host: the solver's loop and odeint's checks read no device
+        xs, vs = odeint(func, state0, sbar, method=HOST_GRID + FIXED_GRID_SOLVERS[settings.solver],
+                        options={"host_t": sbar})
     log_alpha = schedule.log_alpha(times)
     D = x[0].numel()
     V = vs[-1] + D * float(log_alpha[-1] - log_alpha[0])  # the linear part, exactly
