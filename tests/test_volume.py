@@ -423,9 +423,9 @@ def test_a_batch_is_scored_without_reading_the_device(name, solver, monkeypatch)
     loss of a batch on the "meta" device, which holds no values: any read of a device tensor on
     the host (a Python bool, float or int of it, indexing with it, torchdiffeq's loop comparing
     times held there) raises. On a GPU each such read drains the device. What a batch still copies
-    to the device (the grid, its evaluation times, the probes' keys, the loss's time: a few
-    copies, each a synchronisation) and its one copy back (the images' hash, the results) are
-    counted on a GPU by benchmarks/gpu.py. autocast takes no meta device: precision is left out."""
+    to the device as its solve starts (the grid, its evaluation times, the probes' keys: each a
+    synchronisation) and back (the images' hash, the results) is counted on a GPU by
+    benchmarks/gpu.py. autocast takes no meta device: precision is left out."""
     import contextlib
 
     import pipeline.score.volume as volume

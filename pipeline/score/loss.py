@@ -52,7 +52,8 @@ def per_noise_losses(score_fn: ScoreFunction, x: torch.Tensor, t: float, eps: to
     tt = torch.tensor(t, dtype=torch.float64)
     alpha = float(torch.exp(score_fn.schedule.log_alpha(tt)))
     sigma = float(score_fn.schedule.sigma(tt))
-    t_on = tt.to(x.device)  # once: a copy to a GPU waits for everything queued before it
+    # made on the device, not copied there: a copy to a GPU waits for everything queued before it
+    t_on = torch.full((), t, dtype=torch.float64, device=x.device)
     per_noise = []
     for e in eps:
         e = e.to(x.dtype)
