@@ -1,7 +1,8 @@
 """Near duplicates in colour: the pixel embedder with its colour check, without it (grey only, as
 before), and pHash, on seven colour sets with planted near copies, and on the two digits sets.
 
-    .venv/bin/python benchmarks/colour_duplicates.py [--photos DIR] [--seeds 0 1 2] [--no-write]
+    .venv/bin/python benchmarks/colour_duplicates.py [--photos DIR] [--seeds 0 1 2] [--sets ...] [--no-write]
+        [--sweep] [--show]
 
 Sets, built here from what installed packages ship (the photographs: benchmarks/near_duplicates.py
 --wheels; scikit-image's drawn images from its wheel in --wheels). Each holds 10 near copies of
@@ -289,8 +290,43 @@ def row(label: str, method: str, how: str, truth: dict[str, int], ids: list[str]
     return line
 
 
+def sweep(label: str, root: Path, truth: dict[str, int], side: int) -> None:
+    """Prints (--sweep; RESULTS.md is not written from it) what bounds the colour check on a set:
+    the best over thresholds 0.90 to 1.0 (steps of 0.0025) of the worse of pairwise precision and
+    recall, and the quantiles of each unique image's most similar other image (every other image
+    compared) by the similarity clustering uses and as chance's draws (for_chance)."""
+    emb = PixelEmbedder(image_side=side, channels=3)
+    ids, v, hashes = embed(root, side, 3, emb)
+    views = search_views(v, emb.search_view)
+    index = build_index(views)
+    best = (-1.0, 0.0, 0.0, 0.0)
+    for t in np.arange(0.9, 1.0, 0.0025):
+        c = find_clusters(v, hashes, np.zeros(len(ids)), ids, float(t), emb, index=index, views=views)
+        st = pair_stats(truth, ids, c.cluster)
+        best = max(best, (min(st["precision"], st["recall"]), float(t), st["precision"], st["recall"]))
+    g = np.array([truth[i] for i in ids])
+    judge = emb.for_chance()
+    nearest, drawn = [], []
+    for a in range(len(ids)):
+        if g[a] != -1 and (g == g[a]).sum() > 1:
+            continue  # a planted group's member: not a draw of chance
+        others = np.delete(np.arange(len(ids)), a)
+        nearest.append(emb.similarity(np.repeat(v[[a]], len(others), 0), v[others]).max())
+        drawn.append(judge.chance_draws(judge.similarity(np.repeat(v[[a]], len(others), 0), v[others])).max())
+    q = (0.5, 0.9, 0.99, 1.0)
+    print(f"   sweep, {label}: best min(precision, recall) {best[0]:.3f} at {best[1]:.4f} (precision {best[2]:.3f}, "
+          f"recall {best[3]:.3f}); {len(nearest)} unique images' most similar other image at quantiles {q}: "
+          f"{np.round(np.quantile(nearest, q), 4).tolist()}, as chance's draws {np.round(np.quantile(drawn, q), 4).tolist()}",
+          flush=True)
+
+
+SWEEP = False  # --sweep
+
+
 def measure(label: str, root: Path, truth: dict[str, int], side: int, channels: int,
             reference: Path | None = None, show: bool = False) -> list[str]:
+    if SWEEP and channels == 3:
+        sweep(label, root, truth, side)
     lines = []
     for method, emb in (("colour check", PixelEmbedder(image_side=side, channels=channels)),
                         ("grey only (before)", PixelEmbedder(image_side=side))):
@@ -316,8 +352,12 @@ def main() -> None:
                     default=["photos", "graphics", "recoloured", "colourways", "smooth", "full-size", "full-size-128",
                              "digits"])
     ap.add_argument("--show", action="store_true", help="print the false pairs")
+    ap.add_argument("--sweep", action="store_true", help="print each colour set's best threshold and its unique "
+                    "images' nearest similarities (sweep)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    global SWEEP
+    SWEEP = args.sweep
     torch.set_num_threads(2)
     extract_graphics(args.wheels, args.photos.parent / "graphics")
     missing = [p for p in PHOTOS if not (args.photos / p).exists()]

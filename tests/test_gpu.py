@@ -48,6 +48,69 @@ def test_lower_precision_stays_within_its_rounding(scores, precision, unit):
     assert torch.allclose(low, ref, rtol=0, atol=40 * unit * 16 * float(ref.abs().max()))
 
 
+def test_a_cosine_schedule_scores_on_cuda():
+    """A schedule interpolated from a table (cosine here; trained betas alike) keeps its table on
+    the time's device: on CUDA V equals the CPU's within the float32 bound above (before
+    2026-12-08 the table stayed on the host, where torch.searchsorted refuses a device's time)."""
+    from diffusers import DDPMScheduler
+
+    from pipeline.score.schedules import schedule_from_scheduler
+
+    schedule = schedule_from_scheduler(DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    cpu = DiffusersScore(tiny_unet(channels=3, size=16), schedule)
+    gpu = DiffusersScore(tiny_unet(channels=3, size=16).cuda(), schedule)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    settings = ScorerSettings(solver="heun", steps=8)
+    a = log_volume_growth(cpu, x, settings)
+    b = log_volume_growth(gpu, x.cuda(), settings)
+    bound = 40 * F32 * int(a.nfe[0]) * float(a.log_volume_growth.abs().max())
+    assert torch.allclose(a.log_volume_growth, b.log_volume_growth.cpu(), rtol=0, atol=bound)
+
+
+def test_the_host_grid_steps_as_torchdiffeq_does_on_cuda(scores, monkeypatch):
+    """The host-grid methods against torchdiffeq's own with the grid on the device: the same
+    float64 step arithmetic, so V agrees within the network's float32 rounding (the bound
+    above: cuDNN's backward may sum in another order from one call to the next)."""
+    import pipeline.score.volume as volume
+
+    _, gpu = scores
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).cuda()
+    settings = ScorerSettings(solver="heun", steps=8)
+    ours = volume._solve(gpu, x, settings, keys=[1, 2, 3, 4])
+    monkeypatch.setattr(volume, "HOST_GRID", "")
+    with pytest.warns(UserWarning, match="host_t"):
+        theirs = volume._solve(gpu, x, settings, keys=[1, 2, 3, 4])
+    bound = 40 * F32 * ours.nfe * float(ours.V.abs().max())
+    assert torch.allclose(ours.V, theirs.V, rtol=0, atol=bound)
+
+
+def test_a_batch_waits_on_the_device_once(scores):
+    """V's fixed-grid solve and the loss of a batch whose keys are given wait on the device once:
+    where odeint moves the grid there (a plain copy from the host). What else they copy there
+    goes from pinned memory without waiting, and nothing is read back (tests/test_volume.py, on
+    the meta device). torch.cuda.set_sync_debug_mode reports each wait."""
+    import warnings
+
+    from pipeline.score.loss import denoising_loss
+
+    _, gpu = scores
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).cuda()
+    settings = ScorerSettings(solver="heun", steps=8)
+    keys = [1, 2, 3, 4]
+    log_volume_growth(gpu, x, settings, keys=keys)  # warm-up: cuDNN, the allocators
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            log_volume_growth(gpu, x, settings, keys=keys)
+            denoising_loss(gpu, x, 0.1, 4, keys=keys)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 1, waits
+
+
 def test_faiss_gpu_search_equals_cpu_search():
     """With faiss-gpu (`make gpu`) the flat index moves to the GPU and finds what the CPU index
     finds: the same neighbours, and inner products of unit vectors that differ by float32

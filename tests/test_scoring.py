@@ -96,3 +96,6 @@ def test_a_batch_is_hashed_once_and_scores_as_before(model, monkeypatch):
     assert calls == [3]
     assert [r["log_volume_growth"] for r in rows] == v.log_volume_growth.tolist()
     assert [r["denoising_loss"] for r in rows] == loss.denoising_loss.tolist()
+    calls.clear()  # no probes (exact divergence) and no loss: nothing needs the images' keys
+    scoring.fresh_scores(model, x, ScorerSettings(solver="heun", steps=2, divergence="exact", loss_noises=0))
+    assert calls == []

@@ -432,15 +432,35 @@ def test_a_batch_is_scored_without_reading_the_device(name, solver, monkeypatch)
     from pipeline.score.loss import denoising_loss
 
     monkeypatch.setattr(volume, "network_precision", lambda precision, device: contextlib.nullcontext())
-    for prediction in ("epsilon", "v_prediction"):
+    # the prediction type changes the score's last arithmetic, not the steps: each once, with Euler
+    for prediction in ("epsilon", "v_prediction", "sample") if solver == "euler" else ("epsilon",):
         score = DiffusersScore(tiny_unet(channels=2).to("meta"), SCHEDULES[name](), prediction_type=prediction)
         x = torch.empty(3, 2, 8, 8, device="meta")
-        for divergence in ("rademacher", "gaussian"):
-            r = log_volume_growth(score, x, ScorerSettings(solver=solver, steps=3, divergence=divergence),
+        # the exact divergence's path (D backward passes) is the same whatever the schedule: once
+        exact = ("exact",) if name == "linear" and prediction == "epsilon" else ()
+        for divergence in ("rademacher", "gaussian") + exact:
+            r = log_volume_growth(score, x, ScorerSettings(solver=solver, steps=2, divergence=divergence),
                                   keys=[1, 2, 3])
             assert r.log_volume_growth.device.type == "meta" and r.log_volume_growth.shape == (3,)
         loss = denoising_loss(score, x, 0.1, 4, keys=[1, 2, 3])
         assert loss.denoising_loss.device.type == "meta"
+
+
+def test_the_host_grid_takes_only_its_own_grid():
+    """The host-grid methods step over host_t, not the t odeint hands them: host_t must be an
+    increasing grid on the host, and t the same number of times (odeint's copy of it)."""
+    from torchdiffeq import odeint
+
+    from pipeline.score.volume import HOST_GRID
+
+    grid = torch.linspace(0.1, 1.0, 4, dtype=torch.float64)
+    y0 = torch.ones(2, dtype=torch.float64)
+    out = odeint(lambda s, y: -y, y0, grid, method=HOST_GRID + "euler", options={"host_t": grid})
+    assert out.shape == (4, 2)
+    with pytest.raises(ValueError, match="increasing grid on the host"):
+        odeint(lambda s, y: -y, y0, grid, method=HOST_GRID + "euler", options={"host_t": grid.flip(0)})
+    with pytest.raises(ValueError, match="4 times, host_t 3"):
+        odeint(lambda s, y: -y, y0, grid, method=HOST_GRID + "euler", options={"host_t": grid[:3]})
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])

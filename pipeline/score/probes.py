@@ -47,6 +47,16 @@ def image_key(seed: int, image: torch.Tensor) -> int:
     return image_keys(seed, image[None])[0]
 
 
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes from pinned memory without waiting: a copy
+    from ordinary host memory waits for everything queued on the device before it (a
+    synchronisation); the pinned block is not reused until the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 KEY_CHUNK = 16  # images copied to the host at a time: few synchronisations, bounded host memory
 
 
@@ -88,8 +98,8 @@ class ProbeStream:
         images' device: on a GPU each copy from the host waits for the device, and a fresh
         probe set at every evaluation made one copy an evaluation."""
         if self.fresh:
-            self._planned = torch.tensor([self._stream_key_rows(k) for k in range(evaluations)],
-                                         dtype=torch.int64).to(self.device)
+            self._planned = to_device(torch.tensor([self._stream_key_rows(k) for k in range(evaluations)],
+                                                   dtype=torch.int64), self.device)
 
     def __call__(self, k: int) -> torch.Tensor:
         """The probes of evaluation k: [K, B, ...] float64 on the images' device."""
@@ -113,7 +123,7 @@ class ProbeStream:
         if self._planned is not None and k < len(self._planned):
             keys = self._planned[k]
         else:
-            keys = torch.tensor(self._stream_key_rows(k), dtype=torch.int64, device=self.device)
+            keys = to_device(torch.tensor(self._stream_key_rows(k), dtype=torch.int64), self.device)
         return keys.permute(1, 0, 2)[..., None]
 
     def _bits(self, k: int, n: int) -> torch.Tensor:

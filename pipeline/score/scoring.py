@@ -68,8 +68,10 @@ def loss_images(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
 def fresh_scores(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings,
                  progress: Callable[[int], None] | None = None) -> list[dict]:
     """The SCORE_COLUMNS of each image of a batch, solved now: [B, C, H, W] -> B dicts."""
-    # the images' keys once: hashing them copies the batch to the host (on a GPU, a synchronisation)
-    keys = image_keys(settings.seed, x)
+    # the images' keys once, where probes, noises or a latent need them: hashing them copies the
+    # batch to the host (on a GPU, a synchronisation)
+    needed = settings.divergence != "exact" or bool(settings.loss_noises) or model.encoder is not None
+    keys = image_keys(settings.seed, x) if needed else None
     v, loss = score_images(model, x, settings, progress, keys), loss_images(model, x, settings, keys)
     columns = {c: getattr(v, c) for c in SCORE_COLUMNS if not c.startswith("denoising")}
     nan = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)

@@ -30,7 +30,7 @@ from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_METHODS  # its table
 
 from pipeline.fields import check_choices, setting
 from pipeline.score.models import ScoreFunction
-from pipeline.score.probes import ProbeStream
+from pipeline.score.probes import ProbeStream, to_device
 
 
 Field = Callable[[torch.Tensor], torch.Tensor]  # a vector field of the state: [B, ...] -> [B, ...]
@@ -52,9 +52,13 @@ def _host_grid(solver: type) -> type:
     class HostGrid(solver):
         def __init__(self, *args, host_t: torch.Tensor, **kwargs):
             super().__init__(*args, **kwargs)
+            if host_t.device.type != "cpu" or host_t.dim() != 1 or not bool((host_t[1:] > host_t[:-1]).all()):
+                raise ValueError("host_t must be an increasing grid on the host")
             self.host_t = host_t
 
         def integrate(self, t):
+            if len(t) != len(self.host_t):  # t: the same grid, moved to the state's device (its shape: no read)
+                raise ValueError(f"the grid has {len(t)} times, host_t {len(self.host_t)}")
             return super().integrate(self.host_t)
 
     HostGrid.__name__ = f"HostGrid{solver.__name__}"
@@ -209,10 +213,11 @@ def exact_divergence(fn: Field, y: torch.Tensor, chunk: int = 64) -> tuple[torch
     div = torch.zeros(B, dtype=torch.float64, device=y.device)
     for start in range(0, D, chunk):
         d = torch.arange(start, min(start + chunk, D), device=y.device)
+        k = torch.arange(len(d), device=y.device)  # on the device too: a host index is copied there
         basis = torch.zeros(len(d), B, D, dtype=y.dtype, device=y.device)
-        basis[torch.arange(len(d)), :, d] = 1
+        basis[k, :, d] = 1
         out, rows = field_and_vjps(fn, y, basis.view(len(d), *y.shape))
-        div += rows.flatten(2)[torch.arange(len(d)), :, d].sum(0).to(torch.float64)
+        div += rows.flatten(2)[k, :, d].sum(0).to(torch.float64)
     return out, div
 
 
@@ -377,14 +382,14 @@ def _solve(score_fn: ScoreFunction, x: torch.Tensor, settings: ScorerSettings,
         evaluation_times = schedule.t_of_sigma_bar(stage_sbar(sbar, settings.solver))
         if probes is not None:
             probes.plan(len(evaluation_times))
-        func = AugmentedDrift(score_fn, probes, weights, noise, evaluation_times.to(x.device))
+        func = AugmentedDrift(score_fn, probes, weights, noise, to_device(evaluation_times, x.device))
         # the grid stays on the host: the solver's loop and odeint's checks read no device
         xs, vs = odeint(func, state0, sbar, method=HOST_GRID + FIXED_GRID_SOLVERS[settings.solver],
                         options={"host_t": sbar})
     log_alpha = schedule.log_alpha(times)
     D = x[0].numel()
     V = vs[-1] + D * float(log_alpha[-1] - log_alpha[0])  # the linear part, exactly
-    profile = vs[-1][None] - vs + D * (log_alpha[-1] - log_alpha)[:, None].to(vs)
+    profile = vs[-1][None] - vs + D * to_device((log_alpha[-1] - log_alpha)[:, None].to(vs.dtype), vs.device)
     window = profile[start]
     exact = probes is None
     var = torch.zeros_like(V) if exact else (noise.variance("whole") if noise else None)
