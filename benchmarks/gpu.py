@@ -11,7 +11,9 @@ network: for google/ddpm-cifar10-32's UNet configuration (35.7M parameters) at 6
     evaluations of V and 16 loss noises), memclean's scoring (score.scoring.fresh_scores, batch
     after batch, the first batch untimed) images/s and its share of that limit, the FLOP/s it
     reaches against the chip's measured bf16 rate, each arm's Spearman with eager fp32 for V and
-    the loss, and each compiled arm's compile seconds.
+    the loss, and each compiled arm's compile seconds; then one batch of the compiled bf16 arm at
+    64 px (the largest gap to the limit) under torch.profiler: the device's busy share and the
+    operations that take most device and host time (profile_batch).
 precision: the evidence models (the demo digits, the photo tiles) scored with seeds 0 and 1 in
     each precision: the judged score's and V's seed-to-seed Spearman, their Spearman with fp32 at
     the same seed (rounding alone), and the AUCs (members vs held-out, duplicated vs unique).
@@ -170,6 +172,45 @@ def scoring(model: LoadedModel, x: torch.Tensor, settings: ScorerSettings, batch
             np.array([r["denoising_loss"] for r in rows]), syncs)
 
 
+PROFILED = {("cifar10@64", "compiled", "bf16")}  # arms whose batch is profiled: the largest gap to the limit
+
+
+def profile_batch(model: LoadedModel, xb: torch.Tensor, settings: ScorerSettings, batch_seconds: float,
+                  top: int = 8) -> list[str]:
+    """One batch of memclean's scoring under torch.profiler, as gpu.md lines: the device's kernel
+    time against the batch's unprofiled time (the share the device is busy), and the operations
+    that take most device time and most host time (a wait on the device shows as host time in
+    cudaStreamSynchronize, cudaMemcpyAsync or aten::_local_scalar_dense)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = xb.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fresh_scores(model, xb, settings)  # warm: the profiler's first batch carries set-up
+    if cuda:
+        torch.cuda.synchronize(xb.device)
+    with profile(activities=activities) as prof:
+        fresh_scores(model, xb, settings)
+        if cuda:
+            torch.cuda.synchronize(xb.device)
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+    kernels = sum(device_us(e) for e in events) / 1e6
+    lines = [f"\nOne batch of {xb.shape[0]} profiled: device kernels {kernels:.2f} s against the batch's "
+             f"unprofiled {batch_seconds:.2f} s (busy {kernels / batch_seconds:.0%})" if cuda else
+             f"\nOne batch of {xb.shape[0]} profiled (no device: host times only; unprofiled {batch_seconds:.2f} s)",
+             "", "| by | operation | self ms | share |", "|---|---|---|---|"]
+    total_host = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = [("device", e, device_us(e), kernels * 1e6 or 1.0) for e in sorted(events, key=device_us, reverse=True)
+              [:top] if cuda and device_us(e) > 0]
+    ranked += [("host", e, e.self_cpu_time_total, total_host)
+               for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
+    for by, e, us, whole in ranked:
+        lines.append(f"| {by} | {e.key[:70].replace('|', '/')} | {us / 1e3:.1f} | {us / whole:.1%} |")
+    return lines
+
+
 def network_section(args, tmp: Path, out) -> None:
     device = torch.device(args.device)
     for name in args.configs:
@@ -186,7 +227,7 @@ def network_section(args, tmp: Path, out) -> None:
             "| memclean images/s a pass | share of limit | TFLOP/s | share of bf16 rate | host syncs a batch "
             "| Spearman V / loss vs eager fp32 |")
         out("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        base, pending = None, []
+        base, pending, profiled = None, [], []
         for mode, precision in ARMS[name]:
             settings = ScorerSettings(precision=precision)
             compile_s = ""
@@ -207,6 +248,8 @@ def network_section(args, tmp: Path, out) -> None:
                    f"{rate / limit:.0%}", f"{tflops:.3g}", f"{tflops * 1e12 / BF16_RATE:.1%}",
                    "-" if syncs is None else str(syncs)]
             pending.append((row, V, loss))
+            if (name, mode, precision) in PROFILED:
+                profiled = profile_batch(model, xb, settings, batch / rate)
             if base is not None:  # arms before fp32 get their Spearman once it is measured
                 for r, Vr, lr in pending:
                     out("| " + " | ".join(r + [f"{spearmanr(base[0], Vr)[0]:.4f} / {spearmanr(base[1], lr)[0]:.4f}"])
@@ -214,6 +257,8 @@ def network_section(args, tmp: Path, out) -> None:
                 pending = []
         for r, _, _ in pending:
             out("| " + " | ".join(r + ["-"]) + " |")
+        for line in profiled:
+            out(line)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
