@@ -20,6 +20,7 @@ n * nprobe * n / nlist. Writes its section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import sys
@@ -158,8 +159,6 @@ def main() -> None:
         total = time.perf_counter() - t0
         if args.colour:  # --dup-threshold auto from the dataset itself (no reference), as a run judges it
             from pipeline.decide.chance import threshold_by_chance
-
-            import hashlib
 
             t1 = time.perf_counter()
             # distinct keys spread as pixel hashes are (the chance sample takes the smallest keys:

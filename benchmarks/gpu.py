@@ -202,10 +202,12 @@ def profile_batch(model: LoadedModel, xb: torch.Tensor, settings: ScorerSettings
              f"\nOne batch of {xb.shape[0]} profiled (no device: host times only; unprofiled {batch_seconds:.2f} s)",
              "", "| by | operation | self ms | share |", "|---|---|---|---|"]
     total_host = sum(e.self_cpu_time_total for e in events) or 1.0
-    ranked = [("device", e, device_us(e), kernels * 1e6 or 1.0) for e in sorted(events, key=device_us, reverse=True)
-              [:top] if cuda and device_us(e) > 0]
-    ranked += [("host", e, e.self_cpu_time_total, total_host)
-               for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
+    ranked = []
+    if cuda:
+        by_device = [e for e in sorted(events, key=device_us, reverse=True)[:top] if device_us(e) > 0]
+        ranked += [("device", e, device_us(e), kernels * 1e6) for e in by_device]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    ranked += [("host", e, e.self_cpu_time_total, total_host) for e in by_host]
     for by, e, us, whole in ranked:
         lines.append(f"| {by} | {e.key[:70].replace('|', '/')} | {us / 1e3:.1f} | {us / whole:.1%} |")
     return lines

@@ -67,23 +67,6 @@ def test_a_cosine_schedule_scores_on_cuda():
     assert torch.allclose(a.log_volume_growth, b.log_volume_growth.cpu(), rtol=0, atol=bound)
 
 
-def test_the_host_grid_steps_as_torchdiffeq_does_on_cuda(scores, monkeypatch):
-    """The host-grid methods against torchdiffeq's own with the grid on the device: the same
-    float64 step arithmetic, so V agrees within the network's float32 rounding (the bound
-    above: cuDNN's backward may sum in another order from one call to the next)."""
-    import pipeline.score.volume as volume
-
-    _, gpu = scores
-    x = (torch.rand(4, 3, 16, 16) * 2 - 1).cuda()
-    settings = ScorerSettings(solver="heun", steps=8)
-    ours = volume._solve(gpu, x, settings, keys=[1, 2, 3, 4])
-    monkeypatch.setattr(volume, "HOST_GRID", "")
-    with pytest.warns(UserWarning, match="host_t"):
-        theirs = volume._solve(gpu, x, settings, keys=[1, 2, 3, 4])
-    bound = 40 * F32 * ours.nfe * float(ours.V.abs().max())
-    assert torch.allclose(ours.V, theirs.V, rtol=0, atol=bound)
-
-
 def test_a_batch_waits_on_the_device_once(scores):
     """V's fixed-grid solve and the loss of a batch whose keys are given wait on the device once:
     where odeint moves the grid there (a plain copy from the host). What else they copy there

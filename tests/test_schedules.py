@@ -116,7 +116,7 @@ def test_a_schedule_evaluates_on_the_times_device_without_reading_it_back(make):
     log alpha, the network's timestep, abar for v- and x0-prediction, the drift's coefficients)
     stays on that device and never reads the time back to the host: on a GPU each read is a
     synchronisation. The "meta" device holds no values, so any read raises; the values are the
-    same as on the host (the CPU path is the one the other tests check)."""
+    host's, which the tests above hold to the scheduler's table and to finite differences."""
     s = make()
     host = T[[1, 50, 100]]
     for t in (host.to("meta"), host[1].to("meta")):
@@ -127,6 +127,3 @@ def test_a_schedule_evaluates_on_the_times_device_without_reading_it_back(make):
             out = fn(t)
             for o in out if isinstance(out, tuple) else (out,):
                 assert o.device.type == "meta" and o.shape == t.shape, (name, o)
-    if isinstance(s, InterpolatedVP):  # the same values through take/index_select as before
-        i, h, beyond, c = s._piece(host)
-        assert torch.equal(h, host.clamp(0, 1) - s._x[i]) and torch.equal(c, s._c[:, i])

@@ -461,23 +461,3 @@ def test_the_host_grid_takes_only_its_own_grid():
         odeint(lambda s, y: -y, y0, grid, method=HOST_GRID + "euler", options={"host_t": grid.flip(0)})
     with pytest.raises(ValueError, match="4 times, host_t 3"):
         odeint(lambda s, y: -y, y0, grid, method=HOST_GRID + "euler", options={"host_t": grid[:3]})
-
-
-@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
-@pytest.mark.parametrize("name", ["linear", "cosine", "ve"])
-def test_the_host_grid_solves_as_torchdiffeq_does(name, solver, monkeypatch):
-    """The host-grid methods step as torchdiffeq's own fixed-grid methods do with the grid on
-    the state's device: V, its window and profile, x_1 and the variance, bit for bit."""
-    import pipeline.score.volume as volume
-
-    schedule = SCHEDULES[name]()
-    score = DiffusersScore(tiny_unet(channels=1), schedule)
-    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    settings = ScorerSettings(solver=solver, steps=3)
-    ours = volume._solve(score, x, settings, keys=[5, 6])
-    monkeypatch.setattr(volume, "HOST_GRID", "")  # torchdiffeq's methods (host_t: an option they ignore)
-    with pytest.warns(UserWarning, match="host_t"):
-        theirs = volume._solve(score, x, settings, keys=[5, 6])
-    for field in ("latent", "V", "window", "var", "window_var", "profile"):
-        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
-    assert ours.nfe == theirs.nfe

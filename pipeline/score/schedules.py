@@ -180,25 +180,23 @@ class InterpolatedVP(VPSchedule):
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The breakpoints and coefficients on t's device: indexing host tables with a device's
         index reads the index back to the host (on a GPU, a synchronisation every call)."""
-        if device.type == "cpu":
-            return self._x, self._c
-        if device not in self._on:
+        if device not in self._on:  # on the host, .to returns the tables themselves
             self._on[device] = (self._x.to(device), self._c.to(device))
         return self._on[device]
 
-    def _piece(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Interval index, offset into it, t clamped to [0, 1], and the interval's coefficients."""
+    def _piece(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The offset into t's interval, t beyond [0, 1], and the interval's coefficients."""
         t = torch.as_tensor(t, dtype=torch.float64)
         x, c = self._tables(t.device)
         inside = t.clamp(0.0, 1.0)
         i = torch.searchsorted(x, inside.detach(), right=True) - 1
         i = i.clamp(0, c.shape[1] - 1)
         # take and index_select, not x[i]: a 0-dim index tensor is read back as a Python int
-        return i, inside - x.take(i), t - inside, c.index_select(1, i.reshape(-1)).view(4, *i.shape)
+        return inside - x.take(i), t - inside, c.index_select(1, i.reshape(-1)).view(4, *i.shape)
 
     def log_abar(self, t):
         """The spline on [0, 1]; outside it, continued linearly (constant beta)."""
-        _, h, beyond, c = self._piece(t)
+        h, beyond, c = self._piece(t)
         inside = ((c[0] * h + c[1]) * h + c[2]) * h + c[3]
         return inside - self._beta(c, h) * beyond
 
@@ -207,7 +205,7 @@ class InterpolatedVP(VPSchedule):
         return -((3 * c[0] * h + 2 * c[1]) * h + c[2])
 
     def beta(self, t):
-        _, h, _, c = self._piece(t)
+        h, _, c = self._piece(t)
         return self._beta(c, h)
 
 

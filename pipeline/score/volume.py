@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
-
-import warnings
 
 import torch
 from torchdiffeq import odeint
@@ -39,6 +38,15 @@ ADAPTIVE_SOLVERS = {"dopri5": "dopri5"}
 FIXED_GRID_SOLVERS = {"euler": "euler", "heun": "heun2", "rk4": "rk4"}  # ours -> torchdiffeq
 STAGES = {"euler": 1, "heun": 2, "rk4": 4}  # drift evaluations per step
 SOLVERS = tuple(FIXED_GRID_SOLVERS) + tuple(ADAPTIVE_SOLVERS)
+GRIDS = ("log_snr", "uniform")
+PROBE_MODES = ("fresh", "fixed")
+PRECISIONS = ("fp32", "tf32", "bf16")
+SCORER_VERSION = 3  # bumped when the same settings would give a different number (cache keys)
+# measured by benchmarks/evidence.py on the digits and the photo tiles (RESULTS.md)
+DEFAULT_WINDOW_START = 0.02
+DEFAULT_LOSS_T = 0.1
+
+
 HOST_GRID = "memclean-host-grid-"  # torchdiffeq's fixed-grid methods, their loop over the grid's host copy
 
 
@@ -71,13 +79,6 @@ for _name in FIXED_GRID_SOLVERS.values():
 # state's device once, and says so
 warnings.filterwarnings("ignore", message="t is not on the same device as y0", category=UserWarning,
                         module="torchdiffeq")
-GRIDS = ("log_snr", "uniform")
-PROBE_MODES = ("fresh", "fixed")
-PRECISIONS = ("fp32", "tf32", "bf16")
-SCORER_VERSION = 3  # bumped when the same settings would give a different number (cache keys)
-# measured by benchmarks/evidence.py on the digits and the photo tiles (RESULTS.md)
-DEFAULT_WINDOW_START = 0.02
-DEFAULT_LOSS_T = 0.1
 DEFAULT_LOSS_NOISES = 16
 
 
